@@ -1,0 +1,17 @@
+"""moe-testbed: a DeepSeek-V3-style MoE transformer, its training, and scaling-law fits.
+
+Heavy dependencies (deepspeed, megatron-core, triton) are imported lazily by the modules
+that need them, so ``import moe`` costs only torch.
+"""
+
+from .accounting import ParamCounts, count_params
+from .config import (Config, ConfigError, DataConfig, ModelConfig, MoEConfig, MTPConfig,
+                     ParallelConfig, TrainConfig, load_config)
+from .model import Transformer, build_model
+from .router import route
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "MTPConfig",
+    "ParallelConfig", "TrainConfig", "load_config", "count_params", "ParamCounts",
+    "Transformer", "build_model", "route",
+]

@@ -1,0 +1,80 @@
+"""``moe-testbed`` command line.
+
+    moe-testbed params CONFIG [key=value ...]     parameter / FLOP accounting of a config
+    moe-testbed train CONFIG [key=value ...]      train (DeepSpeed engine), see moe/train
+    moe-testbed plot-run RUN_DIR                  loss curves and per-layer MaxVio PNG
+    moe-testbed fit RESULTS [--out DIR]           scaling-law fits + report from a results table
+    moe-testbed ladder CONFIG [--dry-run]         run / plan a scaling ladder
+
+Bad configs fail here, before any compute, with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_params(argv: list[str]) -> int:
+    from .accounting import count_params
+    from .config import load_config
+
+    p = argparse.ArgumentParser(prog="moe-testbed params", description="Parameter and FLOP accounting.")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    c = count_params(cfg)
+    print(f"{cfg.name}: seq_len {c.seq_len}")
+    for k, v in c.as_dict().items():
+        if k == "seq_len":
+            continue
+        print(f"  {k:22s} {v:>20,.0f}" if isinstance(v, (int, float)) else f"  {k:22s} {v}")
+    return 0
+
+
+COMMANDS = {
+    "params": ("_cmd_params", "parameter / FLOP accounting of a config"),
+    "train": ("moe.train.cli:train_main", "train a model"),
+    "plot-run": ("moe.train.plots:plot_run_main", "plot a run directory"),
+    "fit": ("moe.scaling:fit_main", "fit scaling laws to a results table and write a report"),
+    "ladder": ("moe.scaling.ladder:ladder_main", "run or plan a scaling ladder"),
+}
+
+
+def _resolve(target: str):
+    if ":" not in target:
+        return globals()[target]
+    import importlib
+
+    mod, fn = target.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: moe-testbed COMMAND [args]\n\ncommands:")
+        for name, (_, desc) in COMMANDS.items():
+            print(f"  {name:10s} {desc}")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"error: unknown command {cmd!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        fn = _resolve(COMMANDS[cmd][0])
+    except (ImportError, AttributeError) as exc:
+        print(f"error: command {cmd!r} is not available in this build ({exc})", file=sys.stderr)
+        return 2
+    try:
+        return int(fn(rest) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

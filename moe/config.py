@@ -1,0 +1,446 @@
+"""Typed configuration: the one source of truth for model, MoE, MTP, data, training and
+parallel layout.
+
+YAML files in ``configs/`` fill these dataclasses (a file may name a ``base:`` file it
+extends), ``key.sub=value`` overrides are applied on top, and :meth:`Config.validate`
+refuses every impossible combination with a :class:`ConfigError` that names the field,
+the bad value and what is allowed -- before any tensor is allocated.
+
+Everything downstream (model, DeepSpeed JSON, ladders, accounting) reads these objects;
+nothing is kept twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration is impossible. The message names the field, the value and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Transformer backbone. Attention is standard GQA/MHA with RoPE (DeepSeek-V3's MLA is
+    not modelled; presets use MHA of the same width so FFN/MoE shapes are exact)."""
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: = n_heads (MHA); fewer: GQA
+    head_dim: Optional[int] = None  # None: d_model // n_heads
+    ffn_dim: int = 1024  # SwiGLU hidden size of the dense FFN layers
+    first_k_dense: int = 1  # the first k layers use the dense FFN (DeepSeek-V3: 3)
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def hdim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+
+@dataclass
+class MoEConfig:
+    """Routed + shared experts (DeepSeek-V3 style). ``n_routed = 0`` makes a dense model."""
+
+    n_routed: int = 8
+    n_shared: int = 1
+    expert_ffn_dim: int = 256
+    top_k: int = 2
+    score_fn: Literal["sigmoid", "softmax"] = "sigmoid"
+    n_groups: int = 1
+    topk_groups: int = 1
+    route_scale: float = 1.0
+    balancing: Literal["none", "aux_loss", "aux_free", "aux_free+seq_aux"] = "aux_free"
+    gamma: float = 1e-3  # expert-bias update speed (sign update), SPEC.md
+    alpha: float = 1e-4  # sequence-wise balance loss coefficient
+    aux_loss_coef: float = 1e-2  # classic Switch/GShard aux loss coefficient (balancing=aux_loss)
+    z_loss_coef: float = 0.0  # router z-loss coefficient (any balancing)
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    # torch backend expert path: torch._grouped_mm over contiguous segments, or a per-expert
+    # loop (the reference).
+    dispatch: Literal["grouped_mm", "loop"] = "grouped_mm"
+    # Debug/benchmark switch: ignore the router's choice and send tokens round-robin to
+    # experts (torchtitan _debug_force_load_balance). Gates stay the router's.
+    force_uniform: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.n_routed > 0
+
+
+@dataclass
+class MTPConfig:
+    """Multi-token prediction (DeepSeek-V3 section 2.2). depth = 0 disables it."""
+
+    depth: int = 0
+    weight: float = 0.3  # lambda
+    weight_schedule: Literal["constant", "step"] = "constant"
+    weight_late: float = 0.1  # lambda after switch_at (step schedule)
+    switch_at: float = 0.7  # fraction of training after which weight_late applies
+
+    def weight_at(self, progress: float) -> float:
+        """lambda at a training progress in [0, 1]."""
+        if self.weight_schedule == "step" and progress >= self.switch_at:
+            return self.weight_late
+        return self.weight
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "stdlib"  # "stdlib" (embedded), a folder, a .jsonl file, or a .bin/.idx prefix
+    tokenizer: Literal["bpe", "bytes"] = "bpe"
+    val_fraction: float = 0.02
+    cache_dir: Optional[str] = None  # None: $MOE_TESTBED_CACHE or ~/.cache/moe-testbed
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: Optional[int] = 200
+    token_budget: Optional[int] = None  # stop once this many training tokens are seen
+    flop_budget: Optional[float] = None  # stop once this many training FLOPs are spent
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    ckpt_every: int = 100
+    peak_flops: Optional[float] = None  # FLOP/s for MFU; None: measured matmul peak
+    tensorboard: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    ep: int = 1
+    timeout_s: int = 120  # collective timeout: a dead rank fails the job instead of hanging
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    name: str = "run"
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> "Config":
+        """Raise :class:`ConfigError` for the first impossible setting; return self."""
+        m, e, t, p = self.model, self.moe, self.train, self.parallel
+
+        def positive(section: str, obj: Any, *names: str) -> None:
+            for n in names:
+                v = getattr(obj, n)
+                if v is not None and v <= 0:
+                    _fail(f"{section}.{n}", v, "a value > 0")
+
+        def non_negative(section: str, obj: Any, *names: str) -> None:
+            for n in names:
+                v = getattr(obj, n)
+                if v is not None and v < 0:
+                    _fail(f"{section}.{n}", v, "a value >= 0")
+
+        positive("model", m, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                 "head_dim", "ffn_dim", "norm_eps", "rope_theta", "init_std")
+        non_negative("model", m, "first_k_dense")
+        if m.head_dim is None and m.d_model % m.n_heads:
+            _fail("model.n_heads", m.n_heads,
+                  f"a divisor of model.d_model={m.d_model} (or set model.head_dim)")
+        if m.kv_heads > m.n_heads or m.n_heads % m.kv_heads:
+            _fail("model.n_kv_heads", m.n_kv_heads,
+                  f"a divisor of model.n_heads={m.n_heads} (GQA groups)")
+        if m.hdim % 2:
+            _fail("model.head_dim", m.hdim, "an even head dimension (RoPE rotates pairs)")
+        if m.first_k_dense > m.n_layers:
+            _fail("model.first_k_dense", m.first_k_dense, f"<= model.n_layers={m.n_layers}")
+
+        non_negative("moe", e, "n_routed", "n_shared", "route_scale", "gamma", "alpha",
+                     "aux_loss_coef", "z_loss_coef")
+        if e.enabled:
+            positive("moe", e, "expert_ffn_dim", "top_k", "n_groups", "topk_groups", "route_scale")
+            if e.top_k > e.n_routed:
+                _fail("moe.top_k", e.top_k, f"<= moe.n_routed={e.n_routed}")
+            if e.n_routed % e.n_groups:
+                _fail("moe.n_groups", e.n_groups, f"a divisor of moe.n_routed={e.n_routed}")
+            if e.topk_groups > e.n_groups:
+                _fail("moe.topk_groups", e.topk_groups, f"<= moe.n_groups={e.n_groups}")
+            per_group = e.n_routed // e.n_groups
+            if e.top_k > e.topk_groups * per_group:
+                _fail("moe.top_k", e.top_k,
+                      f"<= moe.topk_groups * experts per group = {e.topk_groups}*{per_group}")
+            if m.first_k_dense == m.n_layers and self.mtp.depth == 0:
+                _fail("model.first_k_dense", m.first_k_dense,
+                      f"< model.n_layers={m.n_layers} when moe.n_routed > 0 "
+                      "(set moe.n_routed=0 for a dense model)")
+        non_negative("mtp", self.mtp, "depth", "weight", "weight_late")
+        if not 0.0 <= self.mtp.switch_at <= 1.0:
+            _fail("mtp.switch_at", self.mtp.switch_at, "a fraction in [0, 1]")
+
+        if not 0.0 < self.data.val_fraction < 1.0:
+            _fail("data.val_fraction", self.data.val_fraction, "a fraction in (0, 1)")
+        if self.data.tokenizer == "bytes" and m.vocab_size < 257:
+            _fail("model.vocab_size", m.vocab_size, ">= 257 with data.tokenizer=bytes")
+        if self.data.tokenizer == "bpe" and m.vocab_size < 300:
+            _fail("model.vocab_size", m.vocab_size, ">= 300 with data.tokenizer=bpe "
+                  "(256 byte symbols + merges + special tokens)")
+
+        positive("train", t, "seq_len", "micro_batch_size", "grad_accum", "max_steps",
+                 "token_budget", "flop_budget", "lr", "log_every", "eval_every",
+                 "eval_batches", "ckpt_every", "peak_flops", "eps")
+        non_negative("train", t, "warmup_steps", "weight_decay", "grad_clip", "seed")
+        if t.max_steps is None and t.token_budget is None and t.flop_budget is None:
+            _fail("train.max_steps", None, "a stopping rule: set train.max_steps, "
+                  "train.token_budget or train.flop_budget")
+        if not 0.0 <= t.min_lr_ratio <= 1.0:
+            _fail("train.min_lr_ratio", t.min_lr_ratio, "a fraction in [0, 1]")
+        for i, b in enumerate(t.betas):
+            if not 0.0 <= b < 1.0:
+                _fail(f"train.betas[{i}]", b, "a value in [0, 1)")
+        if t.zero_stage not in (0, 1, 2):
+            _fail("train.zero_stage", t.zero_stage, "one of 0, 1, 2")
+
+        positive("parallel", p, "tp", "ep", "timeout_s")
+        if p.tp > 1:
+            if m.n_heads % p.tp or m.kv_heads % p.tp:
+                _fail("parallel.tp", p.tp, f"a divisor of model.n_heads={m.n_heads} "
+                      f"and model.n_kv_heads={m.kv_heads}")
+            if m.ffn_dim % p.tp:
+                _fail("parallel.tp", p.tp, f"a divisor of model.ffn_dim={m.ffn_dim}")
+        if p.ep > 1:
+            if not e.enabled:
+                _fail("parallel.ep", p.ep, "1 for a dense model (moe.n_routed=0)")
+            if e.n_routed % p.ep:
+                _fail("parallel.ep", p.ep, f"a divisor of moe.n_routed={e.n_routed}")
+        return self
+
+    # ---------------------------------------------------------------- io
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        d = self.to_dict()
+        d["train"]["betas"] = list(d["train"]["betas"])
+        return yaml.safe_dump(d, sort_keys=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe.enabled
+
+
+def _fail(field_name: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"{field_name}={value!r} is invalid: allowed {allowed}")
+
+
+# --------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin in (tuple, list):
+        return f"a list of {', '.join(_type_name(a) for a in typing.get_args(tp) if a is not ...)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(path, value, a)
+            except ConfigError:
+                continue
+        _fail(path, value, _type_name(tp))
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            _fail(path, value, _type_name(tp))
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            _fail(path, value, f"a list of {len(args)} numbers")
+        return tuple(_coerce(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(path, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            # 1e6 in YAML is a string/float; accept integral floats written in e-notation
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                try:
+                    f = float(value)
+                    if f.is_integer():
+                        return int(f)
+                except ValueError:
+                    pass
+            _fail(path, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            _fail(path, value, "a number")
+        if isinstance(value, (int, float)):
+            if not math.isfinite(float(value)):
+                _fail(path, value, "a finite number")
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-3" as a string (YAML 1.1)
+            try:
+                f = float(value)
+            except ValueError:
+                _fail(path, value, "a number")
+            if not math.isfinite(f):
+                _fail(path, value, "a finite number")
+            return f
+        _fail(path, value, "a number")
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(path, value, "a string")
+        return value
+    raise TypeError(f"unsupported annotation {tp} at {path}")  # programming error
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        _fail(prefix.rstrip("."), data, "a mapping of fields")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{prefix}{key} is not a known field{hint}; "
+                              f"allowed: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a :class:`Config` from nested plain data."""
+    return _build(Config, data, "").validate()
+
+
+# --------------------------------------------------------------------------------------
+# YAML loading and overrides
+# --------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {str(path)!r}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
+        data = _deep_merge(_read_yaml(base_path, seen + (path.resolve(),)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"moe.top_k=4"`` -> (["moe", "top_k"], 4). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: {k} is not a section")
+            node[k] = dict(nxt)
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (following ``base:``), apply ``key.sub=value`` overrides, validate."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    return config_from_dict(data)

@@ -1,0 +1,198 @@
+"""Router math (pure torch): scoring, group-limited top-k, balance losses and metrics.
+
+Shape legend: T tokens, E routed experts, K top_k, B batch, S sequence length,
+G expert groups.
+
+Semantics follow ../shared/SPEC.md ("Gating"):
+
+    scores_TE  = sigmoid(logits) | softmax(logits)           fp32 always
+    select_TE  = scores + expert_bias                         bias for SELECTION only
+    group score = sum of the top-2 of select in the group     DeepSeek-V3 rule (see below)
+    other groups masked with -inf                             never 0.0: biased scores go negative
+    indices_TK = top-k of select, ties -> lowest expert id
+    gates_TK   = scores[indices]  (unbiased), / sum if K > 1
+    weights_TK = route_scale * gates
+
+Group rule: we score a group by the sum of its top-2 biased scores (DeepSeek-V3's
+released inference code). megatron-core sums the top (K / topk_groups) instead; the two
+agree exactly when K / topk_groups == 2 (true for V3: 8 / 4). Tests check both regimes.
+
+Ties: torch.topk does not promise which index wins. We select with a *stable* descending
+sort, so among equal values the lowest expert id wins; the Triton kernel uses the same
+rule. Sigmoid saturates to exactly 1.0 in fp32 for logits above ~17, so ties are real.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest along the last dim; ties go to the lowest index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def compute_scores(logits_TE: torch.Tensor, score_fn: str) -> torch.Tensor:
+    logits = logits_TE.float()
+    if score_fn == "sigmoid":
+        return torch.sigmoid(logits)
+    if score_fn == "softmax":
+        return torch.softmax(logits, dim=-1)
+    raise ValueError(f"score_fn={score_fn!r} is invalid: allowed 'sigmoid' or 'softmax'")
+
+
+def group_limited_mask(select_TE: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
+    """Set experts outside the best ``topk_groups`` groups to -inf (group score: top-2 sum)."""
+    if n_groups <= 1:
+        return select_TE
+    T, E = select_TE.shape
+    grouped_TGe = select_TE.view(T, n_groups, E // n_groups)
+    top = min(2, E // n_groups)
+    group_score_TG = grouped_TGe.topk(top, dim=-1).values.sum(-1)
+    keep_groups_TG = _stable_topk(group_score_TG, topk_groups)
+    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, keep_groups_TG, True)
+    keep_TE = keep_TG.unsqueeze(-1).expand_as(grouped_TGe).reshape(T, E)
+    return select_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+def route(
+    logits_TE: torch.Tensor,
+    *,
+    top_k: int,
+    score_fn: str = "sigmoid",
+    expert_bias: Optional[torch.Tensor] = None,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    route_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route tokens to experts.
+
+    Args:
+        logits_TE: router logits (any float dtype; scored in fp32).
+        top_k: experts per token.
+        score_fn: "sigmoid" (DeepSeek-V3) or "softmax" (Mixtral, Qwen, OLMoE).
+        expert_bias: (E,) fp32 bias added for selection only (aux-loss-free balancing).
+        n_groups, topk_groups: group-limited routing (keep the best topk_groups groups).
+        route_scale: multiplies the (normalised) gates.
+
+    Returns:
+        weights_TK (fp32, differentiable w.r.t. logits) and indices_TK (int64).
+    """
+    if logits_TE.dim() != 2:
+        raise ValueError(f"logits_TE must be 2-D (tokens, experts), got shape {tuple(logits_TE.shape)}")
+    T, E = logits_TE.shape
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k={top_k} is invalid: allowed 1..{E} (number of experts)")
+    if n_groups < 1 or E % n_groups:
+        raise ValueError(f"n_groups={n_groups} is invalid: allowed a divisor of {E} experts")
+    if not 1 <= topk_groups <= n_groups:
+        raise ValueError(f"topk_groups={topk_groups} is invalid: allowed 1..{n_groups}")
+    if top_k > topk_groups * (E // n_groups):
+        raise ValueError(f"top_k={top_k} is invalid: at most topk_groups * experts per group "
+                         f"= {topk_groups * (E // n_groups)}")
+    scores_TE = compute_scores(logits_TE, score_fn)
+    with torch.no_grad():
+        select_TE = scores_TE.detach()
+        if expert_bias is not None:
+            if expert_bias.shape != (E,):
+                raise ValueError(f"expert_bias must have shape ({E},), got {tuple(expert_bias.shape)}")
+            select_TE = select_TE + expert_bias.float()
+        select_TE = group_limited_mask(select_TE, n_groups, topk_groups)
+        indices_TK = _stable_topk(select_TE, top_k)
+    gates_TK = scores_TE.gather(1, indices_TK)
+    if top_k > 1:  # with K = 1 normalising makes every gate 1.0: no router gradient (SPEC.md)
+        gates_TK = gates_TK / (gates_TK.sum(-1, keepdim=True) + 1e-20)
+    return gates_TK * route_scale, indices_TK
+
+
+def route_loop_reference(logits_TE, *, top_k, score_fn="sigmoid", expert_bias=None,
+                         n_groups=1, topk_groups=1, route_scale=1.0):
+    """Token-by-token Python reference of :func:`route` (slow; for tests)."""
+    T, E = logits_TE.shape
+    per = E // n_groups
+    weights, indices = [], []
+    for t in range(T):
+        s = compute_scores(logits_TE[t:t + 1], score_fn)[0].tolist()
+        b = expert_bias.tolist() if expert_bias is not None else [0.0] * E
+        sel = [s[i] + b[i] for i in range(E)]
+        if n_groups > 1:
+            gscore = []
+            for g in range(n_groups):
+                vals = sorted(sel[g * per:(g + 1) * per], reverse=True)
+                gscore.append(sum(vals[:2]))
+            order = sorted(range(n_groups), key=lambda g: (-gscore[g], g))
+            keep = set(order[:topk_groups])
+            sel = [sel[i] if i // per in keep else float("-inf") for i in range(E)]
+        chosen = sorted(range(E), key=lambda i: (-sel[i], i))[:top_k]
+        g = [s[i] for i in chosen]
+        if top_k > 1:
+            tot = sum(g) + 1e-20
+            g = [x / tot for x in g]
+        weights.append([route_scale * x for x in g])
+        indices.append(chosen)
+    return torch.tensor(weights, dtype=torch.float32), torch.tensor(indices, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------------------
+# Balance losses and metrics
+# --------------------------------------------------------------------------------------
+
+
+def sequence_balance_loss(scores_BSE: torch.Tensor, top_k: int, alpha: float) -> torch.Tensor:
+    """DeepSeek-V3 complementary sequence-wise balance loss (SPEC.md).
+
+    f_i = E / (K S) * #{t : i in plain TopK(s_t)}   (no bias), per sequence
+    P_i = mean_t s_{i,t} / sum_j s_{j,t}
+    L   = alpha * sum_i f_i P_i, averaged over the B sequences.
+    """
+    B, S, E = scores_BSE.shape
+    with torch.no_grad():
+        idx_BSK = _stable_topk(scores_BSE.detach(), top_k)
+        hits_BE = torch.zeros(B, E, device=scores_BSE.device, dtype=torch.float32)
+        hits_BE.scatter_add_(1, idx_BSK.reshape(B, -1),
+                             torch.ones(B, S * top_k, device=scores_BSE.device))
+        f_BE = hits_BE * (E / (top_k * S))
+    norm_BSE = scores_BSE / (scores_BSE.sum(-1, keepdim=True) + 1e-20)
+    P_BE = norm_BSE.mean(1)
+    return alpha * (f_BE * P_BE).sum(-1).mean()
+
+
+def switch_aux_loss(scores_TE: torch.Tensor, indices_TK: torch.Tensor, coef: float) -> torch.Tensor:
+    """Classic Switch/GShard load-balancing loss over one micro-batch.
+
+    L = coef * E * sum_i f_i P_i with f_i the fraction of routed slots sent to i and P_i the
+    mean normalised router probability of i. Equals coef at perfect balance.
+    """
+    T, E = scores_TE.shape
+    K = indices_TK.shape[1]
+    with torch.no_grad():
+        counts = torch.bincount(indices_TK.reshape(-1), minlength=E).float()
+        f_E = counts / (T * K)
+    probs_TE = scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
+    return coef * E * (f_E * probs_TE.mean(0)).sum()
+
+
+def router_z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:
+    """ST-MoE router z-loss: coef * mean_t logsumexp(logits_t)^2."""
+    return coef * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def max_violation(counts_E: torch.Tensor) -> float:
+    """MaxVio = (max_i load_i - mean_i load_i) / mean_i load_i (SPEC.md)."""
+    c = counts_E.double()
+    mean = c.mean()
+    if mean <= 0:
+        return 0.0
+    return float((c.max() - mean) / mean)
+
+
+def topk_counts(indices_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Exact integer token counts per expert (int64)."""
+    return torch.bincount(indices_TK.reshape(-1), minlength=n_experts)
+
+
+__all__ = ["route", "route_loop_reference", "compute_scores", "group_limited_mask",
+           "sequence_balance_loss", "switch_aux_loss", "router_z_loss", "max_violation",
+           "topk_counts"]

@@ -1,0 +1,177 @@
+"""MoE layer invariants: permutation round trip, one expert == dense FFN, grouped_mm ==
+loop, bias balancing, counting rules, fp32 bias under bf16."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe import MoEConfig
+from moe.layers import SwiGLU
+from moe.moe_layer import MoEFeedForward, sort_by_expert
+from moe.router import compute_scores
+
+
+def _layer(D=32, **kw):
+    base = dict(n_routed=8, n_shared=1, expert_ffn_dim=16, top_k=2, kernels="torch")
+    base.update(kw)
+    layer = MoEFeedForward(D, MoEConfig(**base))
+    torch.manual_seed(0)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    return layer
+
+
+def test_permutation_round_trip():
+    gen = torch.Generator().manual_seed(0)
+    T, K, E, D = 29, 3, 6, 5
+    x = torch.randn(T, D, generator=gen)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    idx[:, 0] = 2  # expert 2 is popular; some experts may get zero tokens
+    order, counts, offs = sort_by_expert(idx, E)
+    assert counts.sum() == T * K and offs[-1] == T * K
+    sorted_experts = idx.reshape(-1)[order]
+    assert torch.all(sorted_experts[1:] >= sorted_experts[:-1])  # contiguous segments
+    token = order // K
+    back = torch.zeros_like(x).index_add_(0, token, x[token])  # unpermute with weights 1
+    torch.testing.assert_close(back, K * x)
+    # stable: within an expert, slots keep token order (deterministic dispatch)
+    for e in range(E):
+        seg = order[(sorted_experts == e)]
+        assert torch.all(seg[1:] > seg[:-1])
+
+
+def test_single_expert_top1_equals_dense_swiglu():
+    # softmax over one expert is exactly 1.0, so the routed expert is the whole FFN
+    layer = _layer(n_routed=1, n_shared=0, top_k=1, score_fn="softmax")
+    dense = SwiGLU(32, 16)
+    with torch.no_grad():
+        dense.w1.weight.copy_(layer.w13_ED2F[0, :, :16].T)
+        dense.w3.weight.copy_(layer.w13_ED2F[0, :, 16:].T)
+        dense.w2.weight.copy_(layer.w2_EFD[0].T)
+    x = torch.randn(3, 11, 32)
+    out, bal = layer(x)
+    torch.testing.assert_close(out, dense(x), rtol=1e-5, atol=1e-6)
+    assert bal.item() == 0.0
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),                                          # top-2 sigmoid with shared expert
+    dict(top_k=1, n_shared=0),                        # k=1
+    dict(n_routed=12, top_k=3, n_groups=4, topk_groups=2, score_fn="softmax"),  # E=12, groups
+    dict(n_routed=64, top_k=2),                       # many experts: several get zero tokens
+])
+def test_grouped_mm_equals_loop(kw):
+    a = _layer(dispatch="grouped_mm", **kw)
+    b = _layer(dispatch="loop", **kw)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    xb = x.detach().clone().requires_grad_(True)
+    oa, _ = a(x)
+    ob, _ = b(xb)
+    torch.testing.assert_close(oa, ob, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(oa)
+    oa.backward(g)
+    ob.backward(g)
+    torch.testing.assert_close(x.grad, xb.grad, rtol=1e-5, atol=1e-5)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_bias_update_balances_a_skewed_router():
+    torch.manual_seed(0)
+    D, E, T = 16, 8, 4096
+    layer = _layer(D=D, n_routed=E, n_shared=0, top_k=2, gamma=1e-3, balancing="aux_free")
+    mean = torch.randn(D)
+    mean = mean / mean.norm()
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.1)
+        # per-expert offsets m.w_e spread over [-0.6, 0.6]: a strongly skewed router
+        offsets = torch.linspace(-0.6, 0.6, E)
+        layer.router.weight += (offsets - layer.router.weight @ mean)[:, None] * mean[None, :]
+    layer.train()
+
+    def batch():
+        return (torch.randn(1, T, D) + 2.0 * mean).requires_grad_(False)
+
+    with torch.enable_grad():
+        layer(batch())
+    start = layer.max_violation()
+    assert start > 1.0  # really skewed at the start
+    layer.tokens_acc_E.zero_()
+    for _ in range(400):
+        with torch.enable_grad():
+            layer(batch())
+        layer.update_expert_bias()
+    with torch.enable_grad():
+        x = batch()
+        out, _ = layer(x)
+    assert layer.max_violation() < 0.1, (start, layer.max_violation())
+    assert layer.expert_bias.abs().max() > 0.1
+    # gates still come from the UNBIASED scores: recompute them from the router alone
+    logits = F.linear(x.reshape(T, D), layer.router.weight)
+    w, idx = layer._route(x.reshape(T, D))[1:]
+    s = compute_scores(logits, "sigmoid").gather(1, idx)
+    torch.testing.assert_close(w, s / s.sum(-1, keepdim=True))
+
+
+def test_counts_only_in_training_forwards_and_reset_by_update():
+    layer = _layer()
+    x = torch.randn(2, 8, 32)
+    layer.eval()
+    layer(x)
+    assert layer.tokens_acc_E.sum() == 0  # evaluation never counts
+    layer.train()
+    with torch.no_grad():
+        layer(x)
+    assert layer.tokens_acc_E.sum() == 0  # no-grad forwards (e.g. recompute probes) don't count
+    layer(x)
+    layer(x)  # two micro-batches accumulate
+    assert layer.tokens_acc_E.sum() == 2 * 16 * 2 and layer.tokens_acc_E.dtype == torch.int64
+    seen = []
+    layer.update_expert_bias(all_reduce=lambda c: (seen.append(c.clone()), c * 2)[1])
+    assert seen[0].sum() == 64  # the hook gets the exact integer counts
+    assert layer.tokens_acc_E.sum() == 0
+
+
+def test_bias_update_rule_and_sign_zero():
+    layer = _layer(n_routed=4, top_k=1, gamma=0.5)
+    layer.tokens_acc_E.copy_(torch.tensor([10, 30, 20, 20]))
+    layer.update_expert_bias()
+    # mean 20: under-loaded +gamma, over-loaded -gamma, exactly average: sign(0) = 0
+    assert layer.expert_bias.tolist() == [0.5, -0.5, 0.0, 0.0]
+
+
+def test_no_bias_update_without_aux_free():
+    layer = _layer(balancing="aux_loss")
+    layer.train()
+    layer(torch.randn(2, 8, 32))
+    layer.update_expert_bias()
+    assert layer.expert_bias.abs().sum() == 0
+
+
+def test_expert_bias_stays_fp32_under_bf16():
+    layer = _layer()
+    layer.expert_bias.fill_(1.0 + 1e-3)  # not representable in bf16
+    layer.to(torch.bfloat16)
+    assert layer.w13_ED2F.dtype == torch.bfloat16
+    assert layer.expert_bias.dtype == torch.float32
+    assert layer.expert_bias[0].item() == pytest.approx(1.001, abs=1e-7)
+    out, _ = layer(torch.randn(2, 4, 32, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+
+
+def test_force_uniform_spreads_tokens_evenly():
+    layer = _layer(force_uniform=True)
+    layer(torch.randn(4, 16, 32))
+    assert layer.last_counts_E.tolist() == [16] * 8
+    assert layer.max_violation() == 0.0
+
+
+@pytest.mark.parametrize("balancing,key", [("aux_loss", "switch_aux"),
+                                           ("aux_free+seq_aux", "seq_aux")])
+def test_balance_losses_reach_the_router(balancing, key):
+    layer = _layer(balancing=balancing, aux_loss_coef=1.0, alpha=1.0, z_loss_coef=1e-2)
+    _, bal = layer(torch.randn(2, 8, 32))
+    assert key in layer.last_losses and "z_loss" in layer.last_losses
+    bal.backward()
+    assert layer.router.weight.grad.abs().sum() > 0
