@@ -32,8 +32,10 @@ class Rotary(nn.Module):
             self._cache = {key: (ang_SHd.cos(), ang_SHd.sin())}  # keep one entry: lengths repeat
         return self._cache[key]
 
+    # Named ``rotate``, not ``apply``: a method called ``apply`` would shadow
+    # nn.Module.apply(fn), which DeepSpeed (and model.apply(init_fn) users) call.
     @staticmethod
-    def apply(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
+    def rotate(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
         half = x_BHSHd.shape[-1] // 2
         x1, x2 = x_BHSHd[..., :half], x_BHSHd[..., half:]
         rot = torch.cat([-x2, x1], dim=-1)
@@ -60,7 +62,7 @@ class Attention(nn.Module):
         k = self.wk(x_BSD).view(B, S, -1, self.hd).transpose(1, 2)
         v = self.wv(x_BSD).view(B, S, -1, self.hd).transpose(1, 2)
         cos, sin = self.rotary.tables(S, x_BSD.device)
-        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        q, k = Rotary.rotate(q, cos, sin), Rotary.rotate(k, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=q.shape[1] != k.shape[1])
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))

@@ -30,8 +30,22 @@ import torch
 
 
 def _stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest along the last dim; ties go to the lowest index."""
-    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+    """Indices of the k largest along the last dim, ordered by (value desc, index asc).
+
+    torch.topk is ~4x faster than a full stable sort (T=4096, E=64 on CPU: 5 ms vs 22 ms)
+    but leaves tie order unspecified. So: topk, then re-order the k winners stably, and
+    redo with a full stable sort only the rows where a tie straddles the k-th place
+    (more than k values >= the k-th value) -- rare except with saturated sigmoids.
+    """
+    top = torch.topk(values, k, dim=-1)
+    idx = top.indices.sort(dim=-1).values  # ascending ids, so the stable sort below keeps id order
+    order = torch.sort(values.gather(-1, idx), dim=-1, descending=True, stable=True).indices
+    idx = idx.gather(-1, order)
+    ambiguous = (values >= top.values[..., -1:]).sum(-1) > k
+    if ambiguous.any():
+        idx[ambiguous] = torch.sort(values[ambiguous], dim=-1, descending=True,
+                                    stable=True).indices[..., :k]
+    return idx
 
 
 def compute_scores(logits_TE: torch.Tensor, score_fn: str) -> torch.Tensor:

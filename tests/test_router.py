@@ -155,3 +155,14 @@ def test_megatron_switch_aux_loss_agrees():
         probs=probs, tokens_per_expert=counts, total_num_tokens=T, topk=K,
         num_experts=E, moe_aux_loss_coeff=0.01)
     torch.testing.assert_close(ours, ref.float())
+
+
+def test_fast_stable_topk_equals_full_stable_sort():
+    from moe.router import _stable_topk
+
+    gen = torch.Generator().manual_seed(7)
+    # small integer values: many ties inside the top-k and straddling the k-th place
+    for E, k in [(8, 2), (16, 5), (64, 8), (7, 7)]:
+        v = torch.randint(0, 4, (300, E), generator=gen).float()
+        ref = torch.sort(v, dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(_stable_topk(v, k), ref)

@@ -1,0 +1,129 @@
+"""CPU MoE-layer benchmark (issue: CPU target of the torch backend).
+
+    python benchmarks/bench_moe_layer_cpu.py [--rounds 15] [--tokens 4096]
+
+Forward+backward of one MoE FFN at E=64, k=8, expert FFN 128, d_model 256, fp32 against,
+in the same run and interleaved round by round (so background load hits all alike):
+  * dense      : a SwiGLU FFN with the same ACTIVE params (hidden k*F = 1024)
+  * ours       : moe.moe_layer.MoEFeedForward, torch backend, torch._grouped_mm
+  * ours-loop  : the same layer with the per-expert loop
+  * naive      : argsort + x[idx] + torch._grouped_mm + index_add (autograd-generic indexing)
+  * deepspeed  : deepspeed.moe.layer.MoE, dropless (drop_tokens=False), same expert shape
+Rows go to benchmarks/results/moe_layer_cpu.jsonl: median / p20 / p80 / min ms, active
+GFLOP/s, and the ratio to the dense median of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_rows, environment  # noqa: E402
+
+from moe import MoEConfig  # noqa: E402
+from moe.layers import SwiGLU  # noqa: E402
+from moe.moe_layer import MoEFeedForward  # noqa: E402
+
+
+class NaiveMoE(torch.nn.Module):
+    """The straightforward layer: argsort, fancy indexing, grouped_mm, index_add."""
+
+    def __init__(self, ref: MoEFeedForward):
+        super().__init__()
+        self.ref = ref
+
+    def forward(self, x_BSD):
+        r = self.ref
+        x = x_BSD.reshape(-1, x_BSD.shape[-1])
+        _, w, idx = r._route(x)
+        K = idx.shape[1]
+        order = torch.argsort(idx.reshape(-1))
+        tok = order // K
+        offs = torch.cumsum(torch.bincount(idx.reshape(-1), minlength=r.n_experts), 0).to(torch.int32)
+        h = torch._grouped_mm(x[tok], r.w13_ED2F, offs=offs)
+        Fh = r.w2_EFD.shape[1]
+        y = torch._grouped_mm(F.silu(h[:, :Fh]) * h[:, Fh:], r.w2_EFD, offs=offs)
+        out = torch.zeros_like(x).index_add_(0, tok, y * w.reshape(-1)[order][:, None])
+        return out.view_as(x_BSD)
+
+
+def build_deepspeed(D, E, K, Fh):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29561"), ("RANK", "0"),
+                 ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(k, v)
+    import deepspeed
+    from deepspeed.moe.layer import MoE
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    return MoE(hidden_size=D, expert=SwiGLU(D, Fh), num_experts=E, ep_size=1, k=K,
+               drop_tokens=False, use_rts=False)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--no-deepspeed", action="store_true")
+    p.add_argument("--out", default="moe_layer_cpu.jsonl")
+    a = p.parse_args(argv)
+    T, D, E, K, Fh = a.tokens, 256, 64, 8, 128
+    torch.manual_seed(0)
+    cfg = MoEConfig(n_routed=E, n_shared=0, expert_ffn_dim=Fh, top_k=K, kernels="torch")
+    ours = MoEFeedForward(D, cfg)
+    for prm in ours.parameters():
+        torch.nn.init.normal_(prm, 0, 0.02)
+    loop = MoEFeedForward(D, MoEConfig(**{**cfg.__dict__, "dispatch": "loop"}))
+    loop.load_state_dict(ours.state_dict())
+    variants = {"dense": SwiGLU(D, K * Fh), "ours": ours, "ours-loop": loop, "naive": NaiveMoE(ours)}
+    if not a.no_deepspeed:
+        variants["deepspeed"] = build_deepspeed(D, E, K, Fh)
+    x = torch.randn(1, T, D, requires_grad=True)
+
+    def step(m):
+        out = m(x)
+        loss = out[0].sum() if isinstance(out, tuple) else out.sum()
+        if isinstance(out, tuple) and len(out) == 3:  # deepspeed: (out, l_aux, counts)
+            loss = loss + out[1]
+        loss.backward()
+
+    for m in variants.values():
+        for _ in range(3):
+            step(m)
+    times = {n: [] for n in variants}
+    for _ in range(a.rounds):
+        for n, m in variants.items():
+            t0 = time.perf_counter()
+            step(m)
+            times[n].append(time.perf_counter() - t0)
+
+    env = environment()
+    flops = 3 * 2 * T * 3 * D * Fh * K  # fwd+bwd matmul FLOPs of the active expert path
+    dense_med = statistics.median(times["dense"])
+    rows = []
+    for n, ts in times.items():
+        ts = sorted(ts)
+        med = statistics.median(ts)
+        q = statistics.quantiles(ts, n=5)
+        rows.append({**env, "bench": "moe_layer_fwd_bwd", "variant": n, "dtype": "float32",
+                     "shape": {"T": T, "D": D, "E": E, "K": K, "F": Fh, "shared": 0},
+                     "rounds": a.rounds, "median_ms": med * 1e3, "p20_ms": q[0] * 1e3,
+                     "p80_ms": q[3] * 1e3, "min_ms": ts[0] * 1e3,
+                     "active_gflops_per_s": flops / med / 1e9,
+                     "ratio_vs_dense_median": med / dense_med})
+        print(f"{n:10s} median {med*1e3:8.1f} ms  min {ts[0]*1e3:8.1f} ms  "
+              f"{flops/med/1e9:7.1f} GFLOP/s  x{med/dense_med:.2f} dense")
+    path = append_rows(a.out, rows)
+    print(f"rows appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
