@@ -308,6 +308,13 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             _fail(path, value, f"a list of {len(args)} numbers")
         return tuple(_coerce(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            _fail(path, value, f"a list of {_type_name(item)}")
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{path}[{i}].") for i, v in enumerate(value)]
+        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
             _fail(path, value, "true or false")
@@ -362,11 +369,24 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             raise ConfigError(f"{prefix}{key} is not a known field{hint}; "
                               f"allowed: {', '.join(names)}")
         tp = hints[key]
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            if value is None:
+                kwargs[key] = None
+                continue
+            if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+                tp = inner[0]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
     return cls(**kwargs)
+
+
+def build_dataclass(cls: type, data: dict, prefix: str = ""):
+    """Build any config dataclass from plain data with the same type checks and
+    field-naming errors as :class:`Config` (used by ladder configs)."""
+    return _build(cls, data, prefix)
 
 
 def config_from_dict(data: dict) -> Config:
@@ -389,7 +409,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+def read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     if path.resolve() in seen:
@@ -403,7 +423,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     base = data.pop("base", None)
     if base is not None:
         base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
-        data = _deep_merge(_read_yaml(base_path, seen + (path.resolve(),)), data)
+        data = _deep_merge(read_yaml(base_path, seen + (path.resolve(),)), data)
     return data
 
 
@@ -441,6 +461,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (following ``base:``), apply ``key.sub=value`` overrides, validate."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = read_yaml(Path(path)) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     return config_from_dict(data)

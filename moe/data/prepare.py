@@ -1,0 +1,339 @@
+"""``prepare_data``: corpus -> split -> tokenizer -> cached indexed datasets, in one call.
+
+Cache layout (root: ``cache_dir`` argument, else ``$MOE_TESTBED_CACHE``, else
+``~/.cache/moe-testbed``)::
+
+    tokenizers/bpe-<vocab>-<fp16>.json    trained BPE, saved as soon as training ends
+    data/<kind>-<tokenizer>-<fp16>/       one complete prepared corpus:
+        tokenizer.json  train.bin  train.idx  val.bin  val.idx  meta.json
+    indexed/<fp16>.json                   facts about a user's Megatron prefix (max id)
+    locks/<name>.lock                     so concurrent ranks build once, the others wait
+
+``<fp16>`` is the first 16 hex digits of the fingerprint: SHA-256 over the pipeline
+version, the corpus (relative paths + sizes + mtimes, see ``corpus.source_fingerprint``),
+the tokenizer kind, ``vocab_size`` (BPE only: byte tokens do not depend on it) and
+``val_fraction`` (the tokenizer is trained on the train split only).
+
+Atomicity: a corpus is built inside ``data/.tmp-<name>-<pid>-<random>/`` and renamed to
+its final name only when every file is written (``os.replace`` of a folder is atomic), so
+a killed prepare leaves no half cache -- at worst a stale ``.tmp-*`` folder that the next
+build of the same corpus removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from .corpus import CorpusSource, iter_documents, resolve_corpus, source_fingerprint, split_keys
+from .errors import DataError
+from .indexed import IndexedWriter, TokenSplit, megatron_indexed, open_indexed, token_dtype
+from .tokenizer import (BPETokenizer, ByteTokenizer, Tokenizer, batched_by_bytes,
+                        check_vocab_size, load_tokenizer)
+
+# Bump when the on-disk format or the tokenisation changes, to invalidate old caches.
+PIPELINE_VERSION = 1
+SPLITS = ("train", "val")
+
+# Counts BPE trainings in this process; tests use it to prove a cache hit did not retrain.
+TRAIN_COUNTER = {"bpe": 0}
+
+
+@dataclass
+class PreparedData:
+    """What :func:`prepare_data` returns.
+
+    tokenizer: ByteTokenizer / BPETokenizer (None for a Megatron-prefix corpus that has no
+        ``tokenizer.json`` beside it: its ids are used as they are).
+    train, val: :class:`~moe.data.indexed.TokenSplit` (``.indexed`` is the megatron
+        IndexedDataset; ``.num_tokens``, ``.num_docs``, ``.read(start, length)``).
+    fingerprint: full SHA-256 hex of the corpus + tokenizer settings.
+    stats: ``docs``/``tokens``/``bytes`` per split, ``seconds`` per stage, ``cached``,
+        ``tokenizer_trained``, ``corpus``, ``vocab_size``.
+    cache_path: folder holding the prepared files (for a Megatron prefix: its folder).
+    """
+
+    tokenizer: Optional[Tokenizer]
+    train: TokenSplit
+    val: TokenSplit
+    fingerprint: str
+    stats: dict[str, Any] = field(default_factory=dict)
+    cache_path: Optional[Path] = None
+
+    def split(self, name: str) -> TokenSplit:
+        """``"train"`` or ``"val"``."""
+        if name not in SPLITS:
+            raise DataError(f"split must be 'train' or 'val', got {name!r}")
+        return getattr(self, name)
+
+
+def resolve_cache_dir(cache_dir: Union[str, Path, None] = None) -> Path:
+    """The cache root: ``cache_dir``, else ``$MOE_TESTBED_CACHE``, else ``~/.cache/moe-testbed``."""
+    root = cache_dir or os.environ.get("MOE_TESTBED_CACHE") or "~/.cache/moe-testbed"
+    return Path(root).expanduser()
+
+
+def data_fingerprint(source: CorpusSource, tokenizer: str, vocab_size: int,
+                     val_fraction: float) -> str:
+    """The cache key of a prepared corpus (see the module docstring)."""
+    h = hashlib.sha256()
+    vocab = vocab_size if tokenizer == "bpe" else 0
+    h.update(f"moe-testbed-data v{PIPELINE_VERSION}\n{tokenizer}\n{vocab}\n"
+             f"{float(val_fraction)!r}\n".encode())
+    h.update(source_fingerprint(source).encode())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Exclusive lock so that N ranks calling prepare_data build the cache once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): rely on the atomic rename alone
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    if not isinstance(val_fraction, (int, float)) or not 0.0 <= float(val_fraction) < 1.0:
+        raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+
+
+def prepare_data(corpus: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 8192,
+                 cache_dir: Union[str, Path, None] = None, val_fraction: float = 0.02,
+                 progress: bool = True) -> PreparedData:
+    """Prepare (or load from cache) the tokenised train/val splits of a corpus.
+
+    Args:
+        corpus: ``"stdlib"``, a folder, a ``.jsonl`` file, or a Megatron ``.bin/.idx``
+            prefix (see :mod:`moe.data.corpus`).
+        tokenizer: ``"bpe"`` (byte-level BPE trained on the train split) or ``"bytes"``.
+            Ignored for a Megatron prefix, whose ids are used as stored.
+        vocab_size: the model's vocabulary size; BPE is trained to this size; must be
+            >= 257; for a Megatron prefix it must exceed the largest stored id.
+        cache_dir: cache root; None: ``$MOE_TESTBED_CACHE`` or ``~/.cache/moe-testbed``.
+        val_fraction: share of documents held out (by a hash of each document's key).
+        progress: show a tqdm bar while tokenising.
+
+    Returns:
+        PreparedData. A second call with the same arguments on an unchanged corpus loads
+        the cache (no BPE training, no tokenisation).
+
+    Raises:
+        DataError: missing/empty/unsupported corpus, JSONL rows without "text", corrupt
+            .idx/.bin, vocab_size too small, bad val_fraction.
+    """
+    t0 = time.perf_counter()
+    _check_val_fraction(val_fraction)
+    if tokenizer not in ("bpe", "bytes"):
+        raise DataError(f"data.tokenizer must be 'bpe' or 'bytes', got {tokenizer!r}")
+    source = resolve_corpus(corpus)
+    root = resolve_cache_dir(cache_dir)
+    if source.kind == "indexed":
+        return _prepare_indexed(source, vocab_size, val_fraction, root, t0)
+
+    check_vocab_size(vocab_size, tokenizer)
+    fp = data_fingerprint(source, tokenizer, vocab_size, val_fraction)
+    vocab_tag = f"{tokenizer}{vocab_size}" if tokenizer == "bpe" else tokenizer
+    name = f"{source.kind}-{vocab_tag}-{fp[:16]}"
+    final = root / "data" / name
+    built = False
+    if not (final / "meta.json").is_file():
+        with _file_lock(root / "locks" / f"{name}.lock"):
+            if not (final / "meta.json").is_file():  # another rank may have built it meanwhile
+                _build(source, tokenizer, vocab_size, val_fraction, fp, root, final, progress)
+                built = True
+    return _load_cached(final, fp, t0, built)
+
+
+def _load_cached(final: Path, fp: str, t0: float, built: bool) -> PreparedData:
+    try:
+        meta = json.loads((final / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cache {final}/meta.json is unreadable ({e}); delete {final}") from e
+    tok = load_tokenizer(meta["tokenizer"], final / "tokenizer.json")
+    splits = {}
+    for s in SPLITS:
+        ds = open_indexed(final / s, what=f"cached {s} split", allow_empty=True)
+        splits[s] = TokenSplit(ds, s, num_docs=meta["stats"]["docs"][s])
+        if splits[s].num_tokens != meta["stats"]["tokens"][s]:
+            raise DataError(f"cached {s} split in {final} has {splits[s].num_tokens} tokens, "
+                            f"meta.json says {meta['stats']['tokens'][s]}; delete {final}")
+    stats = dict(meta["stats"])
+    stats["cached"] = not built
+    stats["seconds"] = dict(stats["seconds"])
+    stats["seconds"]["load"] = time.perf_counter() - t0
+    return PreparedData(tok, splits["train"], splits["val"], fp, stats, final)
+
+
+def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float, fp: str,
+           root: Path, final: Path, progress: bool) -> None:
+    """Read, split, train the tokenizer, tokenise both splits; publish atomically."""
+    from tqdm.auto import tqdm
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    megatron_indexed()  # import once up front (seconds) so stage timings are honest
+    seconds["import"] = time.perf_counter() - t
+    t = time.perf_counter()
+    docs = list(iter_documents(source))
+    if not docs:
+        raise DataError(f"data.corpus {source.spec!r} is empty: no non-empty documents found in "
+                        f"{source.path}")
+    is_val = split_keys([d.key for d in docs], val_fraction)
+    texts = {"train": [d.text for d, v in zip(docs, is_val) if not v],
+             "val": [d.text for d, v in zip(docs, is_val) if v]}
+    del docs
+    seconds["read"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    trained = False
+    if kind == "bytes":
+        tok: Tokenizer = ByteTokenizer()
+    else:
+        tok_path = root / "tokenizers" / f"bpe-{vocab_size}-{fp[:16]}.json"
+        if tok_path.is_file():
+            tok = BPETokenizer.load(tok_path)
+        else:
+            tok = BPETokenizer.train(texts["train"], vocab_size, length=len(texts["train"]),
+                                     show_progress=progress)
+            TRAIN_COUNTER["bpe"] += 1
+            trained = True
+            # Saved at once (atomically), so a prepare killed while tokenising resumes
+            # without retraining.
+            _atomic_save(tok, tok_path)
+    seconds["train_tokenizer"] = time.perf_counter() - t
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by killed builds; we hold the lock
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        t = time.perf_counter()
+        dtype = token_dtype(max(vocab_size, tok.vocab_size))
+        eos = np.array([tok.eos_id], dtype=dtype)
+        counts: dict[str, dict[str, int]] = {"docs": {}, "tokens": {}, "bytes": {}}
+        for split in SPLITS:
+            split_texts = texts[split]
+            writer = IndexedWriter(tmp / split, dtype)
+            nbytes = sum(len(x) for x in split_texts)
+            with tqdm(total=nbytes, unit="char", unit_scale=True, desc=f"tokenize {split}",
+                      disable=not progress) as bar:
+                for a, b in batched_by_bytes(split_texts):
+                    for ids in tok.encode_batch(split_texts[a:b]):
+                        writer.add(np.concatenate([ids.astype(dtype, copy=False), eos]))
+                    bar.update(sum(len(x) for x in split_texts[a:b]))
+            writer.close()
+            counts["docs"][split] = writer.num_docs
+            counts["tokens"][split] = writer.num_tokens
+            counts["bytes"][split] = sum(len(x.encode("utf-8")) for x in split_texts)
+        seconds["tokenize"] = time.perf_counter() - t
+        seconds["total"] = sum(seconds.values())
+        tok.save(tmp / "tokenizer.json")
+        stats = {"corpus": source.describe(), "tokenizer": kind, "vocab_size": tok.vocab_size,
+                 "requested_vocab_size": vocab_size, "val_fraction": val_fraction,
+                 **counts, "seconds": seconds, "tokenizer_trained": trained}
+        meta = {"version": PIPELINE_VERSION, "fingerprint": fp, "tokenizer": kind,
+                "eos_id": tok.eos_id, "dtype": np.dtype(dtype).name, "stats": stats}
+        # meta.json is written last inside tmp, and the folder becomes visible in one rename.
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if (final / "meta.json").is_file():  # a builder without flock got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            if final.exists():  # a damaged cache folder (no meta.json): replace it
+                shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _atomic_save(tok: BPETokenizer, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tok.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _prepare_indexed(source: CorpusSource, vocab_size: int, val_fraction: float, root: Path,
+                     t0: float) -> PreparedData:
+    """Use a Megatron prefix in place: split its documents by a hash of the document index.
+
+    Nothing is copied. Document ``i`` (sequences ``document_indices[i]..[i+1]``) goes to val
+    iff ``sha256("doc:<i>") < val_fraction`` (the same rule and small-corpus guarantee as
+    text corpora). Tokens are used as stored, so EOS separators are whatever the
+    preprocessing wrote (Megatron's ``--append-eod``). The largest id is checked against
+    ``vocab_size`` once and remembered in ``indexed/<fp16>.json``.
+    """
+    if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+        raise DataError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    ds = open_indexed(source.path, what=f"data.corpus indexed dataset {source.path}")
+    doc_idx = np.asarray(ds.document_indices, dtype=np.int64)
+    n_docs = len(doc_idx) - 1
+    lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
+    if n_docs <= 0 or lengths.sum() == 0:
+        raise DataError(f"data.corpus indexed dataset {source.path} is empty: no documents/tokens")
+    h = hashlib.sha256(f"moe-testbed-indexed v{PIPELINE_VERSION}\n{float(val_fraction)!r}\n"
+                       .encode())
+    h.update(source_fingerprint(source).encode())
+    fp = h.hexdigest()
+
+    info_path = root / "indexed" / f"{fp[:16]}.json"
+    max_id = None
+    if info_path.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            max_id = int(json.loads(info_path.read_text())["max_id"])
+    if max_id is None:
+        all_tokens = TokenSplit(ds, "all").tokens() if len(lengths) else np.zeros(0)
+        max_id = int(all_tokens.max()) if len(all_tokens) else 0
+        with contextlib.suppress(OSError):  # only a speed-up: a read-only cache is fine
+            info_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = info_path.with_name(f".tmp-{info_path.name}-{os.getpid()}")
+            tmp.write_text(json.dumps({"max_id": max_id, "prefix": str(source.path)}))
+            os.replace(tmp, info_path)
+    if max_id >= vocab_size:
+        raise DataError(f"vocab_size={vocab_size} is too small for indexed dataset {source.path}: "
+                        f"it contains token id {max_id} (needs vocab_size >= {max_id + 1})")
+
+    is_val = np.array(split_keys([f"doc:{i}" for i in range(n_docs)], val_fraction), dtype=bool)
+    doc_of_seq = np.repeat(np.arange(n_docs), np.diff(doc_idx))
+    seq_val = is_val[doc_of_seq]
+    splits = {
+        "train": TokenSplit(ds, "train", np.nonzero(~seq_val)[0], num_docs=int((~is_val).sum())),
+        "val": TokenSplit(ds, "val", np.nonzero(seq_val)[0], num_docs=int(is_val.sum())),
+    }
+    tok = None
+    for cand in (Path(str(source.path) + ".tokenizer.json"), source.path.parent / "tokenizer.json"):
+        if cand.is_file():
+            with contextlib.suppress(DataError):
+                tok = BPETokenizer.load(cand)
+                break
+    stats = {"corpus": source.describe(), "tokenizer": None if tok is None else tok.kind,
+             "vocab_size": vocab_size, "val_fraction": val_fraction, "max_id": max_id,
+             "docs": {s: splits[s].num_docs for s in SPLITS},
+             "tokens": {s: splits[s].num_tokens for s in SPLITS},
+             "seconds": {"load": time.perf_counter() - t0}, "cached": True,
+             "tokenizer_trained": False}
+    return PreparedData(tok, splits["train"], splits["val"], fp, stats, source.path.parent)

@@ -1,0 +1,461 @@
+"""Tests of moe.data: corpus split, tokenizers, indexed-dataset caches, loaders, errors.
+
+Everything runs on tiny temporary corpora except ``test_stdlib_corpus_bytes``, which
+prepares the real default corpus (Python stdlib) with the bytes tokenizer (~3-5 s).
+The cache always lives under a temporary MOE_TESTBED_CACHE.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moe.data import (BPETokenizer, ByteTokenizer, DataError, TokenBatches, TokenSplit,
+                      eval_batches, open_indexed, prepare_data, resolve_corpus, split_keys,
+                      write_indexed)
+from moe.data import prepare as prep_mod
+from moe.data.corpus import iter_documents, list_files
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron "
+         "pi rho sigma tau upsilon phi chi psi omega def class return import yield").split()
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOE_TESTBED_CACHE", str(cache))
+    return cache
+
+
+def _text(rng: random.Random, n_words: int) -> str:
+    lines = []
+    for _ in range(max(1, n_words // 8)):
+        lines.append("    " * rng.randint(0, 2) + " ".join(rng.choice(WORDS) for _ in range(8)))
+    return "\n".join(lines) + "\n"
+
+
+def make_folder(root: Path, n: int = 40, seed: int = 0, order=None, n_words: int = 200) -> Path:
+    """A folder corpus of ``n`` files in nested dirs; ``order`` permutes creation order."""
+    rng = random.Random(seed)
+    contents = {f"pkg{i % 3}/sub{i % 2}/file_{i:03d}.py": _text(rng, n_words) for i in range(n)}
+    names = list(contents)
+    if order is not None:
+        random.Random(order).shuffle(names)
+    for name in names:
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(contents[name])
+    return root
+
+
+# ---------------------------------------------------------------- corpus & split
+
+
+def test_split_deterministic_and_order_independent(tmp_path):
+    a = make_folder(tmp_path / "a", order=1)
+    b = make_folder(tmp_path / "b", order=2)  # same files, created in another order
+    da = [(d.key, d.text) for d in iter_documents(resolve_corpus(str(a)))]
+    db = [(d.key, d.text) for d in iter_documents(resolve_corpus(str(b)))]
+    assert da == db and [k for k, _ in da] == sorted(k for k, _ in da)
+    keys = [k for k, _ in da]
+    split = dict(zip(keys, split_keys(keys, 0.2)))
+    assert split == dict(zip(keys, split_keys(keys, 0.2)))  # same split on a second call
+    shuffled = keys[:]
+    random.Random(3).shuffle(shuffled)
+    assert dict(zip(shuffled, split_keys(shuffled, 0.2))) == split  # independent of order
+    assert 0 < sum(split.values()) < len(keys)
+    # Raising val_fraction only moves documents train -> val.
+    bigger = dict(zip(keys, split_keys(keys, 0.5)))
+    assert all(bigger[k] for k, v in split.items() if v)
+
+    pa = prepare_data(str(a), "bytes", 257, val_fraction=0.2, progress=False)
+    pb = prepare_data(str(b), "bytes", 257, val_fraction=0.2, progress=False)
+    for s in ("train", "val"):
+        assert np.array_equal(pa.split(s).tokens(), pb.split(s).tokens())
+    assert pa.val.num_docs == sum(split.values())
+
+
+def test_small_corpus_still_gets_a_val_doc():
+    keys = ["a.py", "b.py", "c.py"]
+    assert sum(split_keys(keys, 0.02)) == 1
+    assert sum(split_keys(keys, 0.0)) == 0
+    assert sum(split_keys(keys, 0.999)) == 2  # at least one train document stays
+
+
+def test_folder_skips_hidden_pycache_and_binary(tmp_path):
+    root = make_folder(tmp_path / "c", n=3)
+    (root / ".hidden.txt").write_text("secret")
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "x.txt").write_text("cached")
+    (root / "blob.bin").write_bytes(b"\x00\x01\x02" * 10)
+    (root / "empty.txt").write_text("")
+    (root / "notes.md").write_text("# notes\n")
+    keys = [d.key for d in iter_documents(resolve_corpus(str(root)))]
+    assert "notes.md" in keys and len(keys) == 4
+    assert not any(k.startswith(".") or "__pycache__" in k or k in ("blob.bin", "empty.txt")
+                   for k in keys)
+
+
+def test_stdlib_listing_excludes_site_packages():
+    src = resolve_corpus("stdlib")
+    files = list_files(src)
+    assert files and all(rel.endswith(".py") for rel, _ in files)
+    assert not any(rel.split("/")[0] in ("site-packages", "dist-packages") for rel, _ in files)
+
+
+def test_jsonl_corpus(tmp_path):
+    rng = random.Random(0)
+    rows = [{"text": _text(rng, 80), "id": i} for i in range(30)]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    data = prepare_data(str(path), "bytes", 257, val_fraction=0.1, progress=False)
+    assert data.train.num_docs + data.val.num_docs == 30
+    total = sum(len(r["text"].encode()) + 1 for r in rows)
+    assert data.train.num_tokens + data.val.num_tokens == total
+    # Content-keyed split: reversing the rows keeps every row in its split.
+    path2 = tmp_path / "rev.jsonl"
+    path2.write_text("\n".join(json.dumps(r) for r in rows[::-1]))
+    data2 = prepare_data(str(path2), "bytes", 257, val_fraction=0.1, progress=False)
+    assert data2.val.num_docs == data.val.num_docs
+    assert data2.val.num_tokens == data.val.num_tokens
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def test_bpe_round_trip_and_cache(tmp_path):
+    root = make_folder(tmp_path / "c", n=30)
+    before = prep_mod.TRAIN_COUNTER["bpe"]
+    d1 = prepare_data(str(root), "bpe", 400, val_fraction=0.1, progress=False)
+    assert prep_mod.TRAIN_COUNTER["bpe"] == before + 1 and d1.stats["tokenizer_trained"]
+    assert not d1.stats["cached"]
+    tok = d1.tokenizer
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size <= 400 and tok.eos_id == 0
+    for s in ["def f(x):\n    return x  # comment\n\n\t\ttabs", "ünïcödé ✓ 🐍 中文",
+              "  leading and trailing  ", "", "literal <|endoftext|> is text", "\r\n\x00\x7f"]:
+        ids = tok.encode(s)
+        assert tok.decode(ids) == s
+        assert tok.eos_id not in ids
+    assert tok.decode([tok.eos_id]) == "<|endoftext|>"
+    # Compression on in-domain text: merges were learned.
+    sample = _text(random.Random(9), 200)
+    assert len(tok.encode(sample)) < len(sample.encode()) / 2
+
+    # Second prepare: loaded from cache, no training, same tokens, same fingerprint.
+    t = time.perf_counter()
+    d2 = prepare_data(str(root), "bpe", 400, val_fraction=0.1, progress=False)
+    assert time.perf_counter() - t < 2.0
+    assert prep_mod.TRAIN_COUNTER["bpe"] == before + 1
+    assert d2.stats["cached"] and d2.fingerprint == d1.fingerprint
+    assert np.array_equal(d2.train.tokens(), d1.train.tokens())
+    assert d2.tokenizer.encode(sample) == tok.encode(sample)
+
+    # Data cache lost but tokenizer cache kept: re-tokenise without retraining.
+    import shutil
+    shutil.rmtree(d1.cache_path)
+    d3 = prepare_data(str(root), "bpe", 400, val_fraction=0.1, progress=False)
+    assert prep_mod.TRAIN_COUNTER["bpe"] == before + 1 and not d3.stats["cached"]
+    assert np.array_equal(d3.train.tokens(), d1.train.tokens())
+
+    # A changed corpus gets a new fingerprint (and a retrain).
+    (root / "new.py").write_text("brand new file\n" * 20)
+    d4 = prepare_data(str(root), "bpe", 400, val_fraction=0.1, progress=False)
+    assert d4.fingerprint != d1.fingerprint
+
+
+def test_stream_layout_documents_joined_by_eos(tmp_path):
+    root = tmp_path / "c"
+    root.mkdir()
+    for name, text in [("a.txt", "first doc"), ("b.txt", "second"), ("c.txt", "third one")]:
+        (root / name).write_text(text)
+    data = prepare_data(str(root), "bytes", 300, val_fraction=0.0, progress=False)
+    tok = data.tokenizer
+    assert isinstance(tok, ByteTokenizer) and data.val.num_tokens == 0
+    assert tok.decode(data.train.tokens().tolist()) == \
+        "first doc<|endoftext|>second<|endoftext|>third one<|endoftext|>"
+    assert tok.decode(tok.encode("héllo")) == "héllo"
+
+
+# ---------------------------------------------------------------- indexed datasets
+
+
+def test_indexed_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 5000, size=int(n)).astype(np.uint16)
+            for n in rng.integers(1, 300, size=50)]
+    write_indexed(tmp_path / "ds", docs, np.uint16)
+    ds = open_indexed(tmp_path / "ds")
+    assert len(ds) == 50
+    for i, d in enumerate(docs):
+        assert np.array_equal(ds[i], d)
+    whole = TokenSplit(ds, "all")
+    flat = np.concatenate(docs)
+    assert whole.num_tokens == len(flat) and np.array_equal(whole.tokens(), flat)
+    # A non-contiguous subset reads across sequence boundaries correctly.
+    pick = np.array([1, 4, 5, 20, 49])
+    sub = TokenSplit(ds, "sub", pick)
+    ref = np.concatenate([docs[i] for i in pick])
+    assert np.array_equal(sub.tokens(), ref)
+    for start, length in [(0, 1), (3, len(ref) - 3), (len(docs[1]) - 1, 5)]:
+        assert np.array_equal(sub.read(start, length), ref[start:start + length])
+
+
+def test_megatron_prefix_corpus(tmp_path):
+    rng = np.random.default_rng(1)
+    docs = [np.append(rng.integers(1, 999, size=int(n)), 0).astype(np.uint16)
+            for n in rng.integers(20, 60, size=100)]
+    write_indexed(tmp_path / "mega_text_document", docs, np.uint16)
+    data = prepare_data(str(tmp_path / "mega_text_document"), "bpe", 1000, val_fraction=0.1,
+                        progress=False)
+    assert data.tokenizer is None
+    assert data.train.num_docs + data.val.num_docs == 100 and data.val.num_docs > 0
+    assert data.train.num_tokens + data.val.num_tokens == sum(len(d) for d in docs)
+    again = prepare_data(str(tmp_path / "mega_text_document.idx"), "bpe", 1000, val_fraction=0.1,
+                         progress=False)
+    assert np.array_equal(again.val.tokens(), data.val.tokens())
+    x = next(TokenBatches(data.train, 4, 16, seed=0))
+    assert x.shape == (4, 17) and int(x.max()) < 1000
+    with pytest.raises(DataError, match=r"vocab_size=500 .*token id 9\d\d"):
+        prepare_data(str(tmp_path / "mega_text_document"), "bpe", 500, progress=False)
+
+
+def test_megatron_prefix_multi_sequence_documents(tmp_path):
+    """Megatron data may store several sequences (e.g. sentences) per document."""
+    from moe.data.indexed import megatron_indexed
+    idx = megatron_indexed()
+    prefix = str(tmp_path / "sent")
+    builder = idx.IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    docs = []
+    for d in range(60):
+        parts = [np.full(5 + (d + k) % 7, d + 1, dtype=np.uint16) for k in range(3)]
+        for p in parts:
+            builder.add_item(torch.from_numpy(p.astype(np.int64)))
+        builder.end_document()
+        docs.append(np.concatenate(parts))
+    builder.finalize(prefix + ".idx")
+    data = prepare_data(prefix, "bytes", 257, val_fraction=0.2, progress=False)
+    assert data.train.num_docs + data.val.num_docs == 60
+    val_ids = set(data.val.tokens().tolist())
+    train_ids = set(data.train.tokens().tolist())
+    assert val_ids and not (val_ids & train_ids)  # documents are never cut between splits
+    expect = np.concatenate([docs[i - 1] for i in sorted(val_ids)])
+    assert np.array_equal(data.val.tokens(), expect)  # document order kept within a split
+
+
+def test_failed_build_leaves_no_cache(tmp_path, monkeypatch, _cache):
+    root = make_folder(tmp_path / "c", n=10)
+    from moe.data import indexed
+
+    def boom(self):
+        raise KeyboardInterrupt("killed mid-write")
+
+    with monkeypatch.context() as m:
+        m.setattr(indexed.IndexedWriter, "close", boom)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_data(str(root), "bytes", 257, progress=False)
+    assert list((_cache / "data").iterdir()) == []  # neither a final nor a temporary folder
+    data = prepare_data(str(root), "bytes", 257, progress=False)
+    assert not data.stats["cached"] and data.train.num_tokens > 0
+
+
+# ---------------------------------------------------------------- loaders
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    root = make_folder(tmp_path / "c", n=40, n_words=400)
+    return prepare_data(str(root), "bytes", 257, val_fraction=0.1, progress=False)
+
+
+@pytest.fixture
+def position_split(tmp_path):
+    """A split whose token at stream position p is p (so a row's first token is its start)."""
+    stream = np.arange(6000, dtype=np.uint16)
+    cuts = np.sort(np.random.default_rng(0).choice(np.arange(1, 6000), 40, replace=False))
+    write_indexed(tmp_path / "pos", np.split(stream, cuts), np.uint16)
+    return TokenSplit(open_indexed(tmp_path / "pos"), "train")
+
+
+def test_batches_shape_layout_and_epoch_coverage(position_split):
+    seq, extra, bs = 32, 2, 8
+    tb = TokenBatches(position_split, bs, seq, extra_tokens=extra, seed=3)
+    n = tb.num_samples
+    assert n == (6000 - 1 - extra) // seq
+    starts = []
+    for _ in range(-(-n // bs) + 2):  # a bit more than one epoch
+        x = next(tb)
+        assert x.shape == (bs, seq + 1 + extra) and x.dtype == torch.int64
+        # Rows are contiguous windows [s, s + seq + 1 + extra) starting at multiples of seq.
+        assert torch.equal(x - x[:, :1], torch.arange(seq + 1 + extra).expand(bs, -1))
+        assert bool((x[:, 0] % seq == 0).all())
+        starts += x[:, 0].tolist()
+    assert sorted(starts[:n]) == list(range(0, n * seq, seq))  # each sample once per epoch
+    assert starts[n:2 * n] != starts[:n]  # the next epoch is reshuffled
+    assert tb.epoch == 1
+
+
+def test_batches_deterministic_and_resume(small_data):
+    a = TokenBatches(small_data.train, 4, 16, extra_tokens=1, seed=7)
+    b = TokenBatches(small_data.train, 4, 16, extra_tokens=1, seed=7)
+    first = [next(a) for _ in range(5)]
+    assert all(torch.equal(x, next(b)) for x in first)
+    c = TokenBatches(small_data.train, 4, 16, extra_tokens=1, seed=8)
+    assert not torch.equal(first[0], next(c))
+
+    # Resume after k batches, across an epoch boundary too.
+    ref = TokenBatches(small_data.train, 4, 16, extra_tokens=1, seed=7)
+    k = ref.num_samples // 4 - 1
+    for _ in range(k):
+        next(ref)
+    state = json.loads(json.dumps(ref.state_dict()))  # survives a plain-JSON checkpoint
+    expect = [next(ref) for _ in range(4)]
+    resumed = TokenBatches(small_data.train, 4, 16, extra_tokens=1, seed=7)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(e, next(resumed)) for e in expect)
+    bare = TokenBatches(small_data.train, 4, 16, extra_tokens=1, seed=7)
+    bare.load_state_dict(state["consumed_samples"])
+    assert torch.equal(expect[0], next(bare))
+
+    with pytest.raises(DataError, match="seed"):
+        TokenBatches(small_data.train, 4, 16, extra_tokens=1, seed=99).load_state_dict(state)
+    with pytest.raises(DataError, match="global batches"):
+        TokenBatches(small_data.train, 3, 16, extra_tokens=1, seed=7).load_state_dict(
+            {"consumed_samples": 4})
+
+
+def test_data_parallel_ranks_disjoint_union_global(small_data):
+    W, B = 3, 2
+    glob = TokenBatches(small_data.train, B * W, 16, extra_tokens=1, seed=5)
+    ranks = [TokenBatches(small_data.train, B, 16, extra_tokens=1, seed=5, rank=r, world_size=W)
+             for r in range(W)]
+    for _ in range(6):
+        g = next(glob)
+        parts = [next(r) for r in ranks]
+        for r, p in enumerate(parts):
+            assert torch.equal(p, g[r::W])  # rank r takes samples r, r+W, ... of the global batch
+        rows = [tuple(row.tolist()) for p in parts for row in p]
+        assert len(set(rows)) == len(rows) == B * W  # disjoint
+        assert sorted(rows) == sorted(tuple(row.tolist()) for row in g)  # union = global batch
+    # A checkpoint from W ranks resumes on 1 rank with the same global batch size.
+    one = TokenBatches(small_data.train, B * W, 16, extra_tokens=1, seed=5)
+    one.load_state_dict(ranks[0].state_dict())
+    assert torch.equal(next(one), next(glob))
+
+
+def test_eval_batches(small_data):
+    seq = 16
+    val = small_data.val
+    batches = list(eval_batches(val, 4, seq))
+    n = (val.num_tokens - 1) // seq
+    assert sum(len(b) for b in batches) == n
+    stream = val.tokens().astype(np.int64)
+    flat = torch.cat(batches)
+    for i in (0, n // 2, n - 1):
+        assert np.array_equal(flat[i].numpy(), stream[i * seq:i * seq + seq + 1])
+    assert all(torch.equal(x, y) for x, y in zip(batches, eval_batches(val, 4, seq)))
+    assert len(list(eval_batches(val, 4, seq, max_batches=2))) == 2
+    parts = [list(eval_batches(val, 2, seq, rank=r, world_size=2)) for r in range(2)]
+    assert sum(len(b) for p in parts for b in p) == n
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_error_missing_corpus(tmp_path):
+    with pytest.raises(DataError, match=r"corpus path does not exist: .*nope"):
+        prepare_data(str(tmp_path / "nope"), "bytes", 257)
+
+
+def test_error_empty_corpus(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        prepare_data(str(tmp_path / "empty"), "bytes", 257)
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("")
+    (tmp_path / "blank" / "b.txt").write_text("")
+    with pytest.raises(DataError, match=r"empty: no non-empty documents"):
+        prepare_data(str(tmp_path / "blank"), "bytes", 257)
+
+
+def test_error_jsonl_without_text(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    p.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"content": "no"}) + "\n")
+    with pytest.raises(DataError, match=r"line 2 has no \"text\" field"):
+        prepare_data(str(p), "bytes", 257)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe"])
+def test_error_vocab_too_small(tmp_path, kind):
+    root = make_folder(tmp_path / "c", n=3)
+    with pytest.raises(DataError, match=rf"vocab_size=100 is too small for the '{kind}'.*257"):
+        prepare_data(str(root), kind, 100)
+
+
+def test_error_seq_len_larger_than_split(small_data):
+    n = small_data.val.num_tokens
+    with pytest.raises(DataError, match=rf"the val split has {n} tokens.*seq_len={n + 5}"):
+        list(eval_batches(small_data.val, 1, n + 5))
+    with pytest.raises(DataError, match=r"train split"):
+        TokenBatches(small_data.train, 1, small_data.train.num_tokens)
+
+
+@pytest.mark.parametrize("damage", ["garbage_idx", "truncated_idx", "truncated_bin", "no_bin"])
+def test_error_corrupt_indexed(tmp_path, damage):
+    docs = [np.arange(1, 200, dtype=np.uint16) for _ in range(20)]
+    prefix = tmp_path / "ds"
+    write_indexed(prefix, docs, np.uint16)
+    idx, binp = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    if damage == "garbage_idx":
+        idx.write_bytes(b"not an index at all" * 5)
+    elif damage == "truncated_idx":
+        idx.write_bytes(idx.read_bytes()[:60])
+    elif damage == "truncated_bin":
+        binp.write_bytes(binp.read_bytes()[:1000])
+    else:
+        binp.unlink()
+    words = "no .bin" if damage == "no_bin" else "corrupt or truncated"
+    with pytest.raises(DataError, match=words):
+        prepare_data(str(prefix), "bytes", 257)
+    if damage != "no_bin":
+        with pytest.raises(DataError, match=rf"{idx.name}.*corrupt or truncated"):
+            open_indexed(prefix)
+
+
+def test_error_bad_val_fraction_and_tokenizer(tmp_path):
+    root = make_folder(tmp_path / "c", n=3)
+    with pytest.raises(DataError, match="val_fraction"):
+        prepare_data(str(root), "bytes", 257, val_fraction=1.5)
+    with pytest.raises(DataError, match="tokenizer"):
+        prepare_data(str(root), "wordpiece", 257)
+
+
+# ---------------------------------------------------------------- the real default corpus
+
+
+def test_stdlib_corpus_bytes(tmp_path):
+    cache = tmp_path / "stdlib-cache"
+    t = time.perf_counter()
+    d1 = prepare_data("stdlib", "bytes", 257, cache_dir=cache, progress=False)
+    cold = time.perf_counter() - t
+    docs = d1.train.num_docs + d1.val.num_docs
+    assert 1000 < docs < 5000
+    frac = d1.val.num_docs / docs
+    assert 0.01 < frac < 0.035, frac  # ~2% by document
+    assert 0.003 < d1.val.num_tokens / (d1.train.num_tokens + d1.val.num_tokens) < 0.08
+    t = time.perf_counter()
+    d2 = prepare_data("stdlib", "bytes", 257, cache_dir=cache, progress=False)
+    assert time.perf_counter() - t < 2.0 and d2.stats["cached"], cold
+    assert d2.fingerprint == d1.fingerprint
+    assert np.array_equal(d2.val.tokens(), d1.val.tokens())
+    # The split is a pure function of relative paths: recompute it independently.
+    from moe.data.corpus import iter_documents
+    keys = [d.key for d in iter_documents(resolve_corpus("stdlib"))]
+    assert sum(split_keys(keys, 0.02)) == d1.val.num_docs
+    x = next(TokenBatches(d1.train, 2, 128, seed=0))
+    assert x.shape == (2, 129)
