@@ -1,0 +1,206 @@
+"""Atomic, pickle-free training checkpoints.
+
+Layout under ``RUN_DIR/checkpoints/``::
+
+    step_00000100/          one checkpoint (a directory)
+        meta.json           step, tokens, flops, world size, files, versions
+        model.pt            module state dict (expert biases are buffers in it)   [rank 0]
+        rank00000.pt        optimizer + scheduler + data-loader + RNG state      [each rank]
+    latest                  text file naming the newest complete checkpoint directory
+
+Writing is atomic at the directory level: every rank writes into ``.tmp-step_...``; after
+a barrier rank 0 fsyncs the files and the directory, renames it to ``step_...`` and only
+then replaces ``latest`` (temp file + fsync + ``os.replace``). A crash at any point leaves
+``latest`` naming the previous complete checkpoint; leftover ``.tmp-*`` directories are
+removed by the next save.
+
+Every file is ``torch.save``-d plain data (dicts, lists, numbers, strings, tensors) so it
+loads with ``torch.load(weights_only=True)``: no pickle, no code execution from a
+checkpoint. RNG states are stored as tensors for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_filename(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
+# --------------------------------------------------------------------------------------
+# fsync helpers
+# --------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    # Make a rename / new entry durable (POSIX: the directory itself must be fsynced).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_file(obj: Any, path: Path) -> None:
+    """``torch.save`` + flush + fsync (the bytes are on disk before any rename)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (temp file, fsync, os.replace, dir fsync)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load_file(path: Path) -> Any:
+    """Load one checkpoint file safely (``weights_only=True``, onto CPU)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------------------
+# Save / find / load
+# --------------------------------------------------------------------------------------
+
+
+def _noop(*_args) -> None:
+    return None
+
+
+def save_checkpoint(run_dir: Path, step: int, rank_state: dict, *, model_state: Optional[dict],
+                    meta: dict, rank: int = 0, world_size: int = 1,
+                    barrier: Callable[[], None] = _noop, keep_last: int = 2,
+                    _before_publish: Callable[[Path], None] = _noop) -> Path:
+    """Write checkpoint ``step`` atomically and point ``latest`` at it; return its path.
+
+    Collective: every rank calls it (``barrier`` synchronises them). ``model_state`` is
+    only needed on rank 0 (data parallelism: all replicas are identical). ``keep_last``
+    older complete checkpoints are kept besides the new one. ``_before_publish`` is a test
+    hook called with the temporary directory just before it is renamed into place.
+    """
+    root = Path(run_dir) / CKPT_DIR
+    name = step_dirname(step)
+    tmp = root / f".tmp-{name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by a crash mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    save_file(rank_state, tmp / rank_filename(rank))
+    if rank == 0 and model_state is not None:
+        save_file(model_state, tmp / "model.pt")
+    barrier()
+    final = root / name
+    if rank == 0:
+        meta = dict(meta, step=step, world_size=world_size,
+                    files=["model.pt"] + [rank_filename(r) for r in range(world_size)])
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _before_publish(tmp)
+        current = latest_checkpoint(run_dir)
+        if final.exists():
+            if current is not None and current.resolve() == final.resolve():
+                # The same step is already the published checkpoint (a finished run
+                # resumed and saved again): keep it rather than open a window in which
+                # ``latest`` names a missing directory.
+                shutil.rmtree(tmp, ignore_errors=True)
+                barrier()
+                return final
+            shutil.rmtree(final)  # an unpublished leftover of the same step
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        write_text_atomic(root / LATEST, name + "\n")
+        _prune(root, keep_last, keep={name})
+    barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int, keep: set) -> None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    old = [p for p in steps if p.name not in keep]
+    for p in old[:max(0, len(old) - keep_last)]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint directory ``latest`` names, or None when there is none (complete
+    checkpoints only: ``latest`` is written after the directory is in place)."""
+    root = Path(run_dir) / CKPT_DIR
+    try:
+        name = (root / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+    path = root / name
+    if not name or not (path / "meta.json").is_file():
+        raise RuntimeError(f"{root / LATEST} names {name!r}, which is not a complete checkpoint")
+    return path
+
+
+def read_meta(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / "meta.json").read_text())
+
+
+# --------------------------------------------------------------------------------------
+# RNG state as tensors / plain data
+# --------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states, weights_only-loadable."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    out = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

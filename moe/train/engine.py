@@ -1,0 +1,274 @@
+"""DeepSpeed engine setup, generated from :class:`moe.config.Config`.
+
+The DeepSpeed JSON is never kept by hand: :func:`deepspeed_config` derives every value
+(batch sizes, ZeRO stage, precision, clipping, AdamW hyper-parameters) from the config, and
+the run directory stores exactly the dict that was handed to ``deepspeed.initialize``.
+
+The learning-rate schedule (linear warmup, then cosine to ``min_lr_ratio``) is a torch
+``LambdaLR`` passed to DeepSpeed as a callable: DeepSpeed's own ``WarmupCosineLR`` starts
+its warmup at lr = 0 on the first step and has no notion of our token/FLOP budgets, while
+the lambda is computed from the same ``total_steps`` the loop stops at.
+
+Process groups: under ``torchrun`` the usual env vars are set; a plain ``python``/CLI
+process gets a one-rank gloo group on a free local port, so the same code path runs
+in both cases.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from datetime import timedelta
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+
+
+# --------------------------------------------------------------------------------------
+# Device / precision
+# --------------------------------------------------------------------------------------
+
+
+def device_type() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_precision(cfg: Config, device: Optional[str] = None) -> str:
+    """``train.precision`` with ``auto`` resolved: bf16 on GPU, fp32 on CPU.
+
+    CPU bf16 is allowed when asked for explicitly, but ``auto`` never picks it: CPU bf16
+    matmuls are slower than fp32 on most x86 parts and the point of CPU runs here is
+    exactness (bitwise resume).
+    """
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if (device or device_type()) == "cuda" else "fp32"
+    return p
+
+
+# --------------------------------------------------------------------------------------
+# DeepSpeed JSON
+# --------------------------------------------------------------------------------------
+
+
+def deepspeed_config(cfg: Config, world_size: int = 1, device: Optional[str] = None) -> dict:
+    """The DeepSpeed config dict for ``cfg`` on ``world_size`` data-parallel ranks.
+
+    Pure function of (cfg, world_size, device) -- no process group needed -- so tests can
+    check it and ``deepspeed.json`` in a run directory is exactly what ran.
+    """
+    t = cfg.train
+    precision = resolve_precision(cfg, device)
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": list(t.betas),
+                "eps": t.eps,
+                "weight_decay": t.weight_decay,
+                # torch.optim.AdamW instead of FusedAdam / DeepSpeedCPUAdam: no C++/CUDA
+                # op build, identical math on CPU and GPU, and a plain state_dict that
+                # loads with torch.load(weights_only=True).
+                "torch_adam": True,
+            },
+        },
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        # torch.optim.AdamW is not on DeepSpeed's list of ZeRO-tested optimizers.
+        "zero_allow_untested_optimizer": True,
+        # We log ourselves (metrics.jsonl); DeepSpeed's periodic prints would only add noise.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Optimizer groups and LR schedule
+# --------------------------------------------------------------------------------------
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (dim >= 2) only.
+
+    1-D parameters (RMSNorm gains) are not decayed: decay would pull them towards 0, not
+    towards their init of 1. The expert bias is a buffer, never a parameter, so the
+    optimizer cannot touch it (it moves only by the aux-loss-free sign update).
+    """
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    # "name": DeepSpeed keys its MoE parameter-group split on it (deepspeed.moe layers).
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"name": "no_decay", "params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR / peak LR before optimizer step ``step`` (0-based).
+
+    Linear warmup (step + 1) / warmup over ``warmup_steps`` (so the first update is not
+    wasted at lr = 0), then half a cosine from 1 down to ``min_lr_ratio`` at the last step.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps + 1) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler_factory(cfg: Config, total_steps: int) -> Callable:
+    """A callable ``optimizer -> LambdaLR`` for ``deepspeed.initialize(lr_scheduler=...)``."""
+    t = cfg.train
+
+    def factory(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_multiplier(s, t.warmup_steps, total_steps, t.min_lr_ratio))
+
+    return factory
+
+
+# --------------------------------------------------------------------------------------
+# Process group
+# --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(timeout_s: int) -> tuple[int, int]:
+    """Initialise torch.distributed (gloo on CPU, nccl on GPU) if not done; return (rank, world).
+
+    Launched by torchrun: uses its env vars. Plain process: a one-rank group on a free
+    local port. ``timeout_s`` bounds every collective, so a dead rank fails the job.
+    """
+    if not dist.is_initialized():
+        backend = "nccl" if device_type() == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / deepspeed launcher
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # Not launched: a private one-rank group. Only LOCAL_RANK goes into the
+            # environment (DeepSpeed's engine requires it); RANK/MASTER_PORT stay unset so
+            # child processes (tests, torchrun) do not inherit a port that is in use.
+            os.environ.setdefault("LOCAL_RANK", "0")
+            if backend == "nccl":
+                torch.cuda.set_device(0)
+            dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def import_deepspeed():
+    """Import deepspeed with the CPU accelerator when there is no GPU.
+
+    DS_ACCELERATOR must be set before the first import; deepspeed otherwise probes for
+    CUDA/XPU/NPU and fails or warns on a CPU-only box.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # noqa: PLC0415 -- heavy, lazy on purpose
+
+    return deepspeed
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """SUM over the data-parallel group (in place, exact for int64); identity on one rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl" and t.device.type == "cpu":
+            # NCCL reduces device tensors only (loss sums / eval counts live on the CPU)
+            tmp = t.cuda()
+            dist.all_reduce(tmp, op=dist.ReduceOp.SUM)
+            t.copy_(tmp.cpu())
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, ds_config: dict):
+    """``deepspeed.initialize`` on ``model`` with ``ds_config``; returns (engine, optimizer,
+    scheduler). The process group must exist (see :func:`init_process_group`)."""
+    deepspeed = import_deepspeed()
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device_type() == "cuda" else "gloo",
+        timeout=timedelta(seconds=cfg.parallel.timeout_s))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.train.weight_decay),
+        config=ds_config,
+        lr_scheduler=make_scheduler_factory(cfg, total_steps),
+    )
+    return engine, optimizer, scheduler
+
+
+# --------------------------------------------------------------------------------------
+# Optimizer state in a weights_only-loadable form
+# --------------------------------------------------------------------------------------
+
+
+def _fp32_partitions(optimizer) -> Optional[list]:
+    for name in ("single_partition_of_fp32_groups",  # ZeRO 1/2 (DeepSpeedZeroOptimizer)
+                 "fp32_groups_flat_partition"):  # bf16 without ZeRO (BF16_Optimizer)
+        parts = getattr(optimizer, name, None)
+        if parts is not None:
+            return parts
+    return None
+
+
+def optimizer_state(optimizer) -> dict:
+    """This rank's optimizer state as plain data + tensors (``weights_only=True``-safe).
+
+    * a plain torch optimizer (ZeRO 0, fp32) or DeepSpeed's FP16_UnfusedOptimizer (ZeRO 0,
+      bf16): its ``state_dict()``;
+    * DeepSpeed wrappers (ZeRO 1/2, bf16): the wrapped torch optimizer's state (Adam
+      moments of this rank's flat fp32 partition) and the fp32 master partition itself.
+      Their own ``state_dict()`` holds a LossScaler object and a ZeroStageEnum, which need
+      pickle to load, and fragment-address mappings that are derived data anyway.
+    """
+    parts = _fp32_partitions(optimizer)
+    if parts is None:
+        # torch.optim.AdamW itself, or DeepSpeed's FP16_UnfusedOptimizer (bf16 + ZeRO 0),
+        # whose state_dict is plain data too (scale numbers, fp32 master copies, inner state)
+        return {"kind": type(optimizer).__name__, "state": optimizer.state_dict()}
+    return {"kind": type(optimizer).__name__,
+            "base": optimizer.optimizer.state_dict(),
+            "fp32_partitions": [p.detach().clone() for p in parts]}
+
+
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """Inverse of :func:`optimizer_state` (same world size and ZeRO stage required)."""
+    parts = _fp32_partitions(optimizer)
+    kind = type(optimizer).__name__
+    if saved.get("kind") != kind:
+        raise RuntimeError(f"checkpoint optimizer state is {saved.get('kind')!r} but this run "
+                           f"uses {kind!r} (was train.zero_stage or precision changed?)")
+    if parts is None:
+        optimizer.load_state_dict(saved["state"])
+        return
+    optimizer.optimizer.load_state_dict(saved["base"])
+    if len(parts) != len(saved["fp32_partitions"]):
+        raise RuntimeError("checkpoint has a different number of ZeRO parameter groups")
+    with torch.no_grad():
+        for p, s in zip(parts, saved["fp32_partitions"]):
+            if p.shape != s.shape:
+                raise RuntimeError(f"ZeRO partition shape {tuple(s.shape)} in the checkpoint "
+                                   f"!= {tuple(p.shape)} here (different world size?)")
+            p.copy_(s)
