@@ -25,9 +25,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,29 +35,13 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from common import cpu_name, git_commit  # noqa: E402
 from moe.accounting import count_params  # noqa: E402
 from moe.config import load_config  # noqa: E402
 from moe.layers import SwiGLU  # noqa: E402
 from moe.model import build_model  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    return r.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def dense_equivalent(cfg_path: str, overrides: list[str]):
@@ -164,7 +146,7 @@ def main(argv=None) -> int:
 
     peak = max(peaks)
     rows = []
-    base = {"bench": "train_step", "device": cpu_model(), "cores": os.cpu_count(),
+    base = {"bench": "train_step", "device": cpu_name(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "deepspeed": deepspeed.__version__, "git_commit": git_commit(),
             "config": os.path.relpath(a.config, REPO), "overrides": a.overrides,

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import MoEConfig
 from .layers import SwiGLU
-from .router import (compute_scores, group_limited_mask, max_violation, route,
+from .router import (compute_scores, max_violation, route,
                      router_z_loss, sequence_balance_loss, switch_aux_loss)
 
 

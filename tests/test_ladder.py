@@ -49,11 +49,11 @@ def test_cpu_ladder_plan_uses_model_accounting():
         assert r.flops == r.tokens * c.flops_per_token_train
     # sparsity keeps ACTIVE params (up to the router) and grows TOTAL params within a size
     by = {r.name: r for r in grid}
-    for size in ("xs", "s", "m"):
+    for size in ("xs", "s", "m", "l"):
         d, m8, m32 = by[f"{size}-dense"], by[f"{size}-moe8"], by[f"{size}-moe32"]
         assert abs(m32.counts["active"] - d.counts["active"]) / d.counts["active"] < 0.02
         assert d.counts["total"] < m8.counts["total"] < m32.counts["total"]
-    act = [by[f"{s}-dense"].counts["active_nonembed"] for s in ("xs", "m")]
+    act = [by[f"{s}-dense"].counts["active_nonembed"] for s in ("xs", "l")]
     assert act[1] / act[0] >= 10  # about a decade or more of non-embedding active params
     text = format_plan(cfg, runs)
     assert "estimated training time" in text and "held out" in text

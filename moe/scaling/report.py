@@ -172,7 +172,7 @@ def write_report(rows: Sequence[dict], out_dir, *, n_boot: int = 200, holdout: s
     groups = _groups(train)
     held_groups = _groups(held) if held else {}
     n_dense = sum(r["kind"] == "dense" for r in rows)
-    w(f"# Scaling report\n")
+    w("# Scaling report\n")
     w(f"Source: `{source}`. {len(rows)} runs ({n_dense} dense, {len(rows) - n_dense} MoE); "
       f"{len(train)} fitted, {len(held)} held out for the extrapolation check"
       + (f" ({', '.join(r['name'] for r in held)})" if held else "") + ".")
