@@ -138,3 +138,48 @@ def test_missing_train_config(tmp_path):
     p.write_text("name: x\ntrain_config: nope.yaml\nsizes: []\nsparsities: []\n")
     with pytest.raises(ConfigError, match="train_config='nope.yaml'"):
         load_ladder(p)
+
+
+@pytest.mark.slow
+def test_real_tiny_ladder_end_to_end(tmp_path, monkeypatch):
+    """The real trainer, a tiny corpus and ladder: runs, results table, fits and report."""
+    import shutil
+    import sysconfig
+
+    from moe.scaling.ladder import ladder_main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("argparse.py", "dataclasses.py", "textwrap.py", "string.py", "fnmatch.py",
+                 "difflib.py", "pprint.py", "shlex.py", "glob.py", "heapq.py"):
+        shutil.copy(stdlib / name, corpus / name)
+    monkeypatch.setenv("MOE_TESTBED_CACHE", str(tmp_path / "cache"))
+    body = f"""
+    name: e2e
+    overrides: [data.corpus={corpus}, data.tokenizer=bytes, model.vocab_size=300, mtp.depth=0,
+                train.seq_len=32, train.micro_batch_size=8, train.warmup_steps=2,
+                train.eval_batches=4, train.ckpt_every=10, train.eval_every=1000]
+    sizes:
+      - {{name: a, d_model: 16, n_layers: 2, n_heads: 2}}
+      - {{name: b, d_model: 24, n_layers: 2, n_heads: 2}}
+      - {{name: c, d_model: 32, n_layers: 2, n_heads: 2}}
+    sparsities:
+      - {{name: dense}}
+      - {{name: moe4, n_routed: 4, top_k: 2}}
+    tokens: {{mode: fixed, value: 5120}}
+    holdout: [c-moe4]
+    n_boot: 20
+    """
+    path = _ladder(tmp_path, body)
+    out = tmp_path / "out"
+    assert ladder_main([str(path), "--out", str(out), "--no-progress"]) == 0
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 7 and all(",done" in r for r in rows[1:])
+    report = (out / "report" / "report.md").read_text()
+    assert "c-moe4" in report and "Extrapolation" in report
+    assert (out / "report" / "loss_vs_active_params.png").stat().st_size > 1000
+    # a second invocation trains nothing and still succeeds
+    before = {p: p.stat().st_mtime for p in out.glob("runs/*/summary.json")}
+    assert ladder_main([str(path), "--out", str(out), "--no-progress", "--no-report"]) == 0
+    assert before == {p: p.stat().st_mtime for p in out.glob("runs/*/summary.json")}
