@@ -183,3 +183,17 @@ def test_real_tiny_ladder_end_to_end(tmp_path, monkeypatch):
     before = {p: p.stat().st_mtime for p in out.glob("runs/*/summary.json")}
     assert ladder_main([str(path), "--out", str(out), "--no-progress", "--no-report"]) == 0
     assert before == {p: p.stat().st_mtime for p in out.glob("runs/*/summary.json")}
+
+
+@pytest.mark.parametrize("name", ["cpu", "h100", "multinode"])
+def test_shipped_ladders_plan_and_dry_run(name, capsys):
+    from moe.scaling.ladder import default_train_cmd, ladder_main
+
+    assert ladder_main([str(ROOT / f"configs/ladder/{name}.yaml"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "estimated training time" in text
+    cfg, _ = load_ladder(ROOT / f"configs/ladder/{name}.yaml")
+    if cfg.gpus:
+        assert "GPU-hours" in text
+    cmd = default_train_cmd(cfg)
+    assert cmd[-3:] == ["-m", "moe.cli", "train"]

@@ -94,6 +94,7 @@ class LadderConfig:
     compare: Optional[CompareSpec] = None
     launcher: str = ""  # e.g. "torchrun --nproc_per_node 8"; empty: one local process
     est_flops_per_s: float = 2e10  # achieved training FLOP/s assumed by --dry-run
+    gpus: int = 0  # devices one run occupies; > 0 makes --dry-run print GPU-hours
     n_boot: int = 200
 
 
@@ -244,6 +245,9 @@ def format_plan(cfg: LadderConfig, runs: list[Run]) -> str:
                      f"{r.tokens:10.3e} {r.flops:9.2e} {_hms(est):>7s}  {note.strip()}")
     lines.append(f"estimated training time {_hms(tot_s)} at {cfg.est_flops_per_s:.2e} FLOP/s "
                  f"(est_flops_per_s); total compute {sum(r.flops for r in runs):.3e} FLOPs")
+    if cfg.gpus:
+        lines.append(f"estimated cost {tot_s / 3600 * cfg.gpus:,.1f} GPU-hours "
+                     f"({cfg.gpus} GPUs per run, runs one after another)")
     return "\n".join(lines)
 
 
@@ -275,7 +279,11 @@ def _has_checkpoint(run_dir: Path) -> bool:
 
 
 def default_train_cmd(cfg: LadderConfig) -> list[str]:
-    return shlex.split(cfg.launcher) + ([] if cfg.launcher else [sys.executable]) + ["-m", "moe.cli", "train"]
+    """``python -m moe.cli train``, or ``<launcher> -m moe.cli train`` (torchrun/srun take
+    ``-m``); $VARS in the launcher are expanded from the environment (e.g. SLURM_NNODES)."""
+    if not cfg.launcher:
+        return [sys.executable, "-m", "moe.cli", "train"]
+    return shlex.split(os.path.expandvars(cfg.launcher)) + ["-m", "moe.cli", "train"]
 
 
 def run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
