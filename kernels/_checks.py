@@ -1,0 +1,33 @@
+"""Input validation shared by the public kernel functions: clear errors, not memory faults."""
+
+from __future__ import annotations
+
+import torch
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOATS:
+        raise TypeError(f"{name} has dtype {t.dtype}: allowed float32, bfloat16, float16")
+
+
+def check_index(name: str, t: torch.Tensor, upper: int) -> None:
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} has dtype {t.dtype}: allowed int64 or int32")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= upper):
+        raise ValueError(f"{name} has values outside [0, {upper}): min {int(t.min())}, "
+                         f"max {int(t.max())}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}: expected {tuple(shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devs = {n: t.device for n, t in tensors.items()}
+    if len(set(devs.values())) > 1:
+        raise ValueError(f"tensors on different devices: {devs}")
