@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import warnings
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, ParallelConfig
-
-
-def init_process_group(parallel: ParallelConfig) -> None:
-    """Initialise torch.distributed from the launcher's env (torchrun / deepspeed), gloo on
-    CPU and NCCL on GPU, with ``parallel.timeout_s`` as the collective timeout so a dead
-    rank fails the job instead of hanging it."""
-    if dist.is_initialized():
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=parallel.timeout_s))
 
 
 @dataclass

@@ -278,6 +278,12 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
     """
     t_start = time.perf_counter()
     cfg.validate()
+    if cfg.parallel.tp > 1 or cfg.parallel.ep > 1:
+        # Expert parallelism exists and is tested in moe.parallel, but the trainer's
+        # DeepSpeed groups and per-rank expert checkpoints are not wired yet: refuse
+        # instead of silently training data-parallel.
+        raise TrainError(f"parallel.tp={cfg.parallel.tp} / parallel.ep={cfg.parallel.ep} is not "
+                         "supported by moe-testbed train yet: allowed tp=1, ep=1 (data parallel)")
     rank, world = init_process_group(cfg.parallel.timeout_s)
     dev = device_type()
     is0 = rank == 0
