@@ -107,3 +107,54 @@ def test_bad_layout_names_the_field():
         check_layout(ParallelConfig(tp=2, ep=4), 4)
     topo = check_layout(ParallelConfig(tp=2, ep=2), 8)
     assert (topo.dp, topo.expert_dp) == (4, 2)
+
+
+def _tp_worker(rank, world, port, path):
+    import warnings
+
+    import torch.distributed as dist
+
+    from moe.parallel import apply_tensor_parallel, init_topology
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    warnings.simplefilter("ignore")
+    cfg = load_config(None, OVR + [f"parallel.tp={world}", "model.n_kv_heads=2"])
+    init_topology(cfg.parallel)
+    torch.manual_seed(0)
+    model = apply_tensor_parallel(build_model(cfg))
+    tok = _batches()[0]
+    out = model(tok)  # TP ranks all see the same batch
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"loss": out["loss"].detach(), "grads": grads})
+    if rank == 0:
+        torch.save(gathered, path)
+    dist.destroy_process_group()
+
+
+def test_tensor_parallel_2_equals_1(tmp_path):
+    torch.manual_seed(0)
+    ref = build_model(load_config(None, OVR + ["model.n_kv_heads=2"]))
+    out = ref(_batches()[0])
+    out["loss"].backward()
+    path = tmp_path / "tp.pt"
+    mp.spawn(_tp_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    res = torch.load(path, weights_only=False)
+    for r in range(2):
+        torch.testing.assert_close(res[r]["loss"], out["loss"].detach(), rtol=1e-5, atol=1e-6)
+    column = ("wq", "wk", "wv", "w1", "w3")
+    sharded = 0
+    for name, p in ref.named_parameters():
+        parts = name.split(".")
+        tp_name = ".".join(parts[:-1] + ["inner", "weight"])
+        if tp_name in res[0]["grads"]:  # sharded: rows (column-parallel) or columns (row-parallel)
+            dim = 0 if parts[-2] in column else 1
+            got = torch.cat([res[r]["grads"][tp_name] for r in range(2)], dim=dim)
+            sharded += 1
+        else:  # replicated: the full gradient on every rank
+            got = res[1]["grads"][name]
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # 3 blocks + 1 MTP block: 4 attention projections each; dense FFN (1) + shared experts (3)
+    assert sharded == 4 * 4 + 4 * 3

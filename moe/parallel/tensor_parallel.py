@@ -1,0 +1,84 @@
+"""Tensor parallelism for attention and dense/shared SwiGLU FFNs with megatron-core's
+ColumnParallelLinear / RowParallelLinear (Megatron-LM's 1-D scheme).
+
+    wq, wk, wv, w1, w3 -> ColumnParallelLinear(gather_output=False): output dim sharded,
+                          i.e. attention heads / FFN hidden units split over the TP ranks
+    wo, w2             -> RowParallelLinear(input_is_parallel=True): input dim sharded,
+                          partial products all-reduced over the TP group
+The single-device modules need no change: Attention infers its local head count from the
+projection widths. Routed experts and the router are left replicated across TP ranks.
+Shards are copied from the full single-device weights, so TP=n computes the same
+function as TP=1. Requires megatron's parallel_state to be initialised (init_topology).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..layers import Attention, SwiGLU
+
+
+class _Linear(nn.Module):
+    """Drop-in for nn.Linear around a megatron parallel linear (which returns (out, bias))."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    def forward(self, x):
+        return self.inner(x)[0]
+
+
+def _parallel_linear(full: nn.Linear, kind: str, tp: int, rank: int, mp_config) -> _Linear:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    out_f, in_f = full.weight.shape
+    noop = lambda w: None  # noqa: E731  (weights are copied from the full layer below)
+    if kind == "column":
+        if out_f % tp:
+            raise ValueError(f"output size {out_f} is not divisible by parallel.tp={tp}")
+        layer = ColumnParallelLinear(in_f, out_f, config=mp_config, init_method=noop, bias=False,
+                                     gather_output=False)
+        shard = full.weight[rank * out_f // tp:(rank + 1) * out_f // tp]
+    else:
+        if in_f % tp:
+            raise ValueError(f"input size {in_f} is not divisible by parallel.tp={tp}")
+        layer = RowParallelLinear(in_f, out_f, config=mp_config, init_method=noop, bias=False,
+                                  input_is_parallel=True, skip_bias_add=False)
+        shard = full.weight[:, rank * in_f // tp:(rank + 1) * in_f // tp]
+    with torch.no_grad():
+        layer.weight.copy_(shard)
+    return _Linear(layer)
+
+
+def apply_tensor_parallel(model: nn.Module) -> nn.Module:
+    """Swap attention and dense/shared FFN projections for megatron TP layers (in place)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core import parallel_state
+        from megatron.core.model_parallel_config import ModelParallelConfig
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    if tp == 1:
+        return model
+    dtype = next(model.parameters()).dtype
+    mp_config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                                    perform_initialization=False, params_dtype=dtype)
+    for mod in list(model.modules()):
+        if isinstance(mod, Attention):
+            for name in ("wq", "wk", "wv"):
+                setattr(mod, name, _parallel_linear(getattr(mod, name), "column", tp, rank, mp_config))
+            mod.wo = _parallel_linear(mod.wo, "row", tp, rank, mp_config)
+        elif isinstance(mod, SwiGLU):
+            mod.w1 = _parallel_linear(mod.w1, "column", tp, rank, mp_config)
+            mod.w3 = _parallel_linear(mod.w3, "column", tp, rank, mp_config)
+            mod.w2 = _parallel_linear(mod.w2, "row", tp, rank, mp_config)
+    return model
