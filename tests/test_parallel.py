@@ -82,7 +82,6 @@ def test_expert_parallel_equals_single_process(tmp_path, world, extra):
     mp.spawn(_worker, args=(world, _free_port(), extra, str(path)), nprocs=world, join=True)
     res = torch.load(path, weights_only=False)
     torch.testing.assert_close(res["loss"], torch.stack(ref_losses), rtol=1e-5, atol=1e-6)
-    El = 8 // world
     for step in range(STEPS):
         for name, g in ref_grads[step].items():
             if name.endswith(("w13_ED2F", "w2_EFD")):  # sharded: rank r holds experts r*El..

@@ -144,7 +144,6 @@ def main(argv=None):
             ms = bench(lambda: xa @ wd)
             row(name, T, "-", "dense_matmul", "torch", ms, flops_fwd)
             dense_tf = flops_fwd / ms[0] / 1e9
-            del xa, wd
             for routing in ("balanced", "skewed"):
                 idx = make_routing(T, E, K, routing == "skewed", device, gen)
                 x = (torch.randn(T, D, generator=gen) * 0.5).to(device, dtype)
