@@ -79,3 +79,45 @@ def test_zero2_two_ranks_resume_exact(tmp_path):
     assert all(torch.equal(final[k], again[k]) for k in final)
     b0, b1 = _biases(run, 0), _biases(run, 1)
     assert all(torch.equal(x, y) for x, y in zip(b0, b1))
+
+
+@pytest.mark.slow
+def test_killed_rank_fails_the_launch_quickly_naming_it(tmp_path):
+    """SIGKILL one rank mid-training: the launch exits non-zero, naming the failed rank,
+    well within 2 minutes (no hang on the survivor's next collective)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("name: kill\n")
+    out = tmp_path / "run"
+    extra = {"train.max_steps": 100000, "train.eval_every": 100000, "train.ckpt_every": 100000,
+             "train.micro_batch_size": 2, "train.log_every": 1, "parallel.timeout_s": 30}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "0", "--standalone", "-m", "moe.cli", "train", str(cfg_path),
+           *tiny_overrides(tmp_path, **extra), "--out", str(out), "--no-progress"]
+    env = clean_env()
+    env["MOE_TESTBED_CACHE"] = str(tmp_path / "cache")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:  # wait until training is under way
+            m = out / "metrics.jsonl"
+            if m.exists() and len(m.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        victim = next(c for c in psutil.Process(proc.pid).children(recursive=True)
+                      if c.environ().get("LOCAL_RANK") == "1" and "moe.cli" in " ".join(c.cmdline()))
+        t0 = time.time()
+        os.kill(victim.pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=120)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert elapsed < 120
+    assert "local_rank: 1" in output or "rank 1" in output, output[-3000:]
