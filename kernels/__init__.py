@@ -6,13 +6,30 @@ imported here (never moe, deepspeed or megatron), so a GPU box with just those r
 On CPU they run under the Triton interpreter (``TRITON_INTERPRET=1``; slow, for tests).
 """
 
+import importlib
 import os
 
 import torch
 
-from .grouped_mlp import grouped_swiglu_mlp, grouped_swiglu_mlp_ref
-from .permute import permute, permute_ref, unpermute, unpermute_ref
-from .routing import route, route_ref
+# Kernel modules load on first use (PEP 562): ``import kernels`` and the torch-only
+# ``kernels._checks`` (used by moe.router) never import triton, and TRITON_INTERPRET set
+# any time before the first kernel use still takes effect.
+_LAZY = {"route": "routing", "route_ref": "routing", "permute": "permute",
+         "permute_ref": "permute", "unpermute": "permute", "unpermute_ref": "permute",
+         "grouped_swiglu_mlp": "grouped_mlp", "grouped_swiglu_mlp_ref": "grouped_mlp"}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    # Load every kernel module, then bind the public functions: importing the submodule
+    # ``kernels.permute`` sets the package attribute ``permute`` to the module, which the
+    # function of the same name must replace.
+    for mod in set(_LAZY.values()):
+        importlib.import_module(f".{mod}", __name__)
+    for fn, mod in _LAZY.items():
+        globals()[fn] = getattr(importlib.import_module(f".{mod}", __name__), fn)
+    return globals()[name]
 
 
 def available() -> bool:

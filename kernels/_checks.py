@@ -31,3 +31,17 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     devs = {n: t.device for n, t in tensors.items()}
     if len(set(devs.values())) > 1:
         raise ValueError(f"tensors on different devices: {devs}")
+
+
+def check_route_args(n_experts: int, top_k: int, n_groups: int, topk_groups: int) -> None:
+    """The routing constraints shared by moe.route and kernels.route (same messages)."""
+    E = n_experts
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k={top_k} is invalid: allowed 1..{E} (number of experts)")
+    if n_groups < 1 or E % n_groups:
+        raise ValueError(f"n_groups={n_groups} is invalid: allowed a divisor of {E} experts")
+    if not 1 <= topk_groups <= n_groups:
+        raise ValueError(f"topk_groups={topk_groups} is invalid: allowed 1..{n_groups}")
+    if top_k > topk_groups * (E // n_groups):
+        raise ValueError(f"top_k={top_k} is invalid: at most topk_groups * experts per group "
+                         f"= {topk_groups * (E // n_groups)}")

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_float, check_shape
+from ._checks import check_float, check_route_args, check_shape
 
 
 # ------------------------------------------------------------------------------ reference
@@ -179,15 +179,7 @@ def route(logits_TE: torch.Tensor, *, top_k: int, score_fn: str = "sigmoid",
     T, E = logits_TE.shape
     if score_fn not in ("sigmoid", "softmax"):
         raise ValueError(f"score_fn={score_fn!r} is invalid: allowed 'sigmoid' or 'softmax'")
-    if not 1 <= top_k <= E:
-        raise ValueError(f"top_k={top_k} is invalid: allowed 1..{E}")
-    if n_groups < 1 or E % n_groups:
-        raise ValueError(f"n_groups={n_groups} is invalid: allowed a divisor of {E} experts")
-    if not 1 <= topk_groups <= n_groups:
-        raise ValueError(f"topk_groups={topk_groups} is invalid: allowed 1..{n_groups}")
-    if top_k > topk_groups * (E // n_groups):
-        raise ValueError(f"top_k={top_k} is invalid: at most topk_groups * experts per group "
-                         f"= {topk_groups * (E // n_groups)}")
+    check_route_args(E, top_k, n_groups, topk_groups)
     if E > 1024:
         raise ValueError(f"E={E} experts is unsupported: the routing kernel keeps a row in "
                          "registers (E <= 1024)")

@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from kernels._checks import check_route_args  # torch-only module: no triton import
+
 
 def _stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest along the last dim, ordered by (value desc, index asc).
@@ -97,15 +99,7 @@ def route(
     if logits_TE.dim() != 2:
         raise ValueError(f"logits_TE must be 2-D (tokens, experts), got shape {tuple(logits_TE.shape)}")
     T, E = logits_TE.shape
-    if not 1 <= top_k <= E:
-        raise ValueError(f"top_k={top_k} is invalid: allowed 1..{E} (number of experts)")
-    if n_groups < 1 or E % n_groups:
-        raise ValueError(f"n_groups={n_groups} is invalid: allowed a divisor of {E} experts")
-    if not 1 <= topk_groups <= n_groups:
-        raise ValueError(f"topk_groups={topk_groups} is invalid: allowed 1..{n_groups}")
-    if top_k > topk_groups * (E // n_groups):
-        raise ValueError(f"top_k={top_k} is invalid: at most topk_groups * experts per group "
-                         f"= {topk_groups * (E // n_groups)}")
+    check_route_args(E, top_k, n_groups, topk_groups)
     scores_TE = compute_scores(logits_TE, score_fn)
     with torch.no_grad():
         select_TE = scores_TE.detach()

@@ -196,3 +196,15 @@ def test_route_real_shape_gpu():
     wr, ir, _ = kernels.route_ref(logits, **kw)
     assert (i == ir).float().mean() > 0.9999  # ulp-level sigmoid differences may flip near-ties
     torch.testing.assert_close(w[(i == ir).all(-1)], wr[(i == ir).all(-1)], **TOL[torch.float32])
+
+
+def test_imports_stay_light():
+    # STYLE habit 12: `import moe` / `import kernels` pull in neither triton (until a kernel
+    # is used) nor deepspeed / megatron-core, so a GPU box with only torch + triton works.
+    import subprocess
+    import sys
+
+    code = ("import sys, moe, kernels, moe.router; "
+            "bad = [m for m in ('triton', 'deepspeed', 'megatron') if m in sys.modules]; "
+            "assert not bad, bad; kernels.route; assert 'triton' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
