@@ -157,3 +157,103 @@ def test_tensor_parallel_2_equals_1(tmp_path):
         torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     # 3 blocks + 1 MTP block: 4 attention projections each; dense FFN (1) + shared experts (3)
     assert sharded == 4 * 4 + 4 * 3
+
+
+def _topo_worker(rank, world, port, path):
+    import warnings
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from moe.parallel import MegatronMPU, apply_expert_parallel, init_topology
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=20))
+    warnings.simplefilter("ignore")
+    cfg = load_config(None, OVR + ["parallel.tp=2", "parallel.ep=2"])
+    topo = init_topology(cfg.parallel, world, rank)
+    mpu = MegatronMPU()
+    ranks = dist.get_process_group_ranks
+    model = apply_expert_parallel(build_model(cfg), mpu.get_expert_model_parallel_group())
+    name = mpu.register_expert_groups(model)
+    from deepspeed.utils import groups
+
+    tagged = sorted(n for n, p in model.named_parameters() if getattr(p, "allreduce", True) is False)
+    out = {"dp": ranks(mpu.get_data_parallel_group()), "tp": ranks(mpu.get_model_parallel_group()),
+           "ep": ranks(mpu.get_expert_model_parallel_group()),
+           "edp": ranks(mpu.get_expert_data_parallel_group()), "name": name,
+           "ds_edp": groups._get_expert_data_parallel_group_ranks(name), "tagged": tagged,
+           "expert_dp": topo.expert_dp}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, out)
+    if rank == 0:
+        torch.save(gathered, path)
+    dist.destroy_process_group()
+
+
+def test_topology_groups_and_deepspeed_mpu(tmp_path):
+    """tp=2, ep=2 on 4 ranks: TP groups are consecutive ranks, DP groups stride 2, each EP
+    group lies inside one DP group (same TP rank, different data), and DeepSpeed's expert
+    data-parallel group for the tagged expert params is megatron's (here: 1 replica)."""
+    path = tmp_path / "topo.pt"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    mp.spawn(_topo_worker, args=(4, _free_port(), str(path)), nprocs=4, join=True)
+    res = torch.load(path, weights_only=False)
+    for r, g in enumerate(res):
+        assert g["tp"] == [r - r % 2, r - r % 2 + 1]
+        assert g["dp"] == [r % 2, r % 2 + 2]
+        assert g["ep"] == g["dp"]  # ep == dp here: experts sharded over both data ranks
+        assert g["edp"] == [r] and g["ds_edp"] == [r] and g["expert_dp"] == 1
+        assert g["name"] == "ep_size_2"
+        assert g["tagged"] and all(n.endswith(("w13_ED2F", "w2_EFD")) for n in g["tagged"])
+
+
+def _dying_worker(rank, world, port, path):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from moe.parallel import apply_expert_parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = load_config(None, OVR + ["parallel.timeout_s=10"])
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=cfg.parallel.timeout_s))
+    torch.manual_seed(0)
+    model = apply_expert_parallel(build_model(cfg))
+    tok = _batches()[0][rank * 4:(rank + 1) * 4]
+    model(tok)["loss"].backward()  # one good step: the groups work
+    if rank == 1:
+        os._exit(3)  # simulated crash: no clean shutdown, sockets just close
+    try:
+        model(tok)["loss"].backward()  # rank 0 blocks in the all-to-all with a dead peer
+    except RuntimeError as exc:
+        with open(path, "w") as f:
+            f.write(str(exc))
+        os._exit(2)  # what a trainer does: fail the job, non-zero
+
+
+def test_killed_rank_fails_the_others_naming_it(tmp_path):
+    """A rank that dies mid-step makes the survivor raise (not hang) within
+    parallel.timeout_s, with an error naming the rank it was waiting on."""
+    import time
+
+    # plain processes: torch's ProcessContext.join would SIGTERM the survivor as soon as
+    # rank 1 exits, before it could report
+    t0 = time.monotonic()
+    port, ctx = _free_port(), mp.get_context("spawn")
+    procs = [ctx.Process(target=_dying_worker, args=(r, 2, port, str(tmp_path / "err.txt")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=max(1.0, 40 - (time.monotonic() - t0)))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    codes = [p.exitcode for p in procs]
+    assert codes == [2, 3], codes  # survivor failed (2), victim exited (3)
+    assert time.monotonic() - t0 < 40
+    text = (tmp_path / "err.txt").read_text()
+    assert "rank 0: collective all_to_all" in text and "peer rank(s) [1]" in text, text

@@ -36,6 +36,21 @@ from torch import nn
 from ..moe_layer import MoEFeedForward, combine, dispatch, experts_grouped_mm, experts_loop
 
 
+def guarded(what: str, fn, group=None):
+    """Run collective ``fn()``; turn a gloo/nccl timeout or closed connection (a peer rank
+    died) into a RuntimeError naming this rank and the peers it was waiting on, so the
+    job log says which ranks to look at instead of a bare socket error."""
+    try:
+        return fn()
+    except (RuntimeError, dist.DistError) as exc:
+        me = dist.get_rank()
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(
+            range(dist.get_world_size()))
+        peers = [r for r in ranks if r != me]
+        raise RuntimeError(f"rank {me}: collective {what} failed waiting on peer rank(s) "
+                           f"{peers} (one died or exceeded parallel.timeout_s): {exc}") from exc
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with variable splits; backward is the reverse exchange."""
 
@@ -44,14 +59,16 @@ class _AllToAll(torch.autograd.Function):
         ctx.splits = (out_splits, in_splits)
         ctx.group = group
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        guarded("all_to_all(tokens)", lambda: dist.all_to_all_single(
+            out, x.contiguous(), out_splits, in_splits, group=group), group)
         return out
 
     @staticmethod
     def backward(ctx, g):
         out_splits, in_splits = ctx.splits
         gin = g.new_empty((sum(in_splits),) + tuple(g.shape[1:]))
-        dist.all_to_all_single(gin, g.contiguous(), in_splits, out_splits, group=ctx.group)
+        guarded("all_to_all(grad)", lambda: dist.all_to_all_single(
+            gin, g.contiguous(), in_splits, out_splits, group=ctx.group), ctx.group)
         return gin, None, None, None
 
 
@@ -67,7 +84,8 @@ def _ep_routed_experts(self: MoEFeedForward, x_TD, weights_TK, indices_TK):
     x_MD, order_M, inv_M, counts_E, _ = dispatch(x_TD, indices_TK, E)
     send_PEl = counts_E.view(P, El)
     recv_PEl = torch.empty_like(send_PEl)
-    dist.all_to_all_single(recv_PEl, send_PEl.contiguous(), group=group)
+    guarded("all_to_all(counts)", lambda: dist.all_to_all_single(
+        recv_PEl, send_PEl.contiguous(), group=group), group)
     send_splits = send_PEl.sum(1).tolist()
     recv_splits = recv_PEl.sum(1).tolist()
     x_RD = all_to_all(x_MD, recv_splits, send_splits, group)
@@ -129,7 +147,8 @@ def count_all_reduce(group=None):
 
     def _reduce(counts: torch.Tensor) -> torch.Tensor:
         out = counts.to(torch.int64).clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        guarded("all_reduce(expert counts)",
+                lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group), group)
         return out
 
     return _reduce
@@ -147,5 +166,5 @@ def average_gradients(model: nn.Module, group=None, expert_divisor: Optional[int
         if n in experts:
             p.grad.div_(expert_divisor or W)
         else:
-            dist.all_reduce(p.grad, group=group)
+            guarded("all_reduce(grad)", lambda: dist.all_reduce(p.grad, group=group), group)
             p.grad.div_(W)

@@ -36,7 +36,7 @@ class _Linear(nn.Module):
         return self.inner(x)[0]
 
 
-def _parallel_linear(full: nn.Linear, kind: str, tp: int, rank: int, mp_config) -> _Linear:
+def _parallel_linear(full: nn.Linear, kind: str, tp: int, rank: int, mp_config, tp_group=None) -> _Linear:
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     out_f, in_f = full.weight.shape
@@ -45,28 +45,34 @@ def _parallel_linear(full: nn.Linear, kind: str, tp: int, rank: int, mp_config) 
         if out_f % tp:
             raise ValueError(f"output size {out_f} is not divisible by parallel.tp={tp}")
         layer = ColumnParallelLinear(in_f, out_f, config=mp_config, init_method=noop, bias=False,
-                                     gather_output=False)
+                                     gather_output=False, tp_group=tp_group)
         shard = full.weight[rank * out_f // tp:(rank + 1) * out_f // tp]
     else:
         if in_f % tp:
             raise ValueError(f"input size {in_f} is not divisible by parallel.tp={tp}")
         layer = RowParallelLinear(in_f, out_f, config=mp_config, init_method=noop, bias=False,
-                                  input_is_parallel=True, skip_bias_add=False)
+                                  input_is_parallel=True, skip_bias_add=False,
+                                  tp_group=tp_group)
         shard = full.weight[:, rank * in_f // tp:(rank + 1) * in_f // tp]
     with torch.no_grad():
         layer.weight.copy_(shard)
     return _Linear(layer)
 
 
-def apply_tensor_parallel(model: nn.Module) -> nn.Module:
-    """Swap attention and dense/shared FFN projections for megatron TP layers (in place)."""
+def apply_tensor_parallel(model: nn.Module, tp_group=None) -> nn.Module:
+    """Swap attention (wq/wk/wv by heads, wo) and dense/shared FFN (w1/w3, w2)
+    projections for megatron TP layers, in place, copying this rank's shards from the
+    model's full single-device weights. ``tp_group``: default megatron's tensor-parallel
+    group (init_topology must have run). Returns ``model``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core import parallel_state
         from megatron.core.model_parallel_config import ModelParallelConfig
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
+    if tp_group is None:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = torch.distributed.get_world_size(tp_group)
+    rank = torch.distributed.get_rank(tp_group)
     if tp == 1:
         return model
     dtype = next(model.parameters()).dtype
@@ -75,10 +81,11 @@ def apply_tensor_parallel(model: nn.Module) -> nn.Module:
     for mod in list(model.modules()):
         if isinstance(mod, Attention):
             for name in ("wq", "wk", "wv"):
-                setattr(mod, name, _parallel_linear(getattr(mod, name), "column", tp, rank, mp_config))
-            mod.wo = _parallel_linear(mod.wo, "row", tp, rank, mp_config)
+                setattr(mod, name, _parallel_linear(getattr(mod, name), "column", tp, rank, mp_config,
+                                                        tp_group))
+            mod.wo = _parallel_linear(mod.wo, "row", tp, rank, mp_config, tp_group)
         elif isinstance(mod, SwiGLU):
-            mod.w1 = _parallel_linear(mod.w1, "column", tp, rank, mp_config)
-            mod.w3 = _parallel_linear(mod.w3, "column", tp, rank, mp_config)
-            mod.w2 = _parallel_linear(mod.w2, "row", tp, rank, mp_config)
+            mod.w1 = _parallel_linear(mod.w1, "column", tp, rank, mp_config, tp_group)
+            mod.w3 = _parallel_linear(mod.w3, "column", tp, rank, mp_config, tp_group)
+            mod.w2 = _parallel_linear(mod.w2, "row", tp, rank, mp_config, tp_group)
     return model

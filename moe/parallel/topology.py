@@ -1,4 +1,11 @@
-"""Process groups and the (tp, ep, dp) layout, through megatron-core's parallel_state."""
+"""Process groups and the (tp, ep, dp) layout, through megatron-core's parallel_state.
+
+Layout (megatron-core 0.16, order tp-cp-ep-dp-pp, expert_tensor_parallel_size = tp by
+default): dense parameters are sharded over TP groups (consecutive ranks) and replicated
+over data-parallel (DP) groups (stride tp). Each EP group is a subset of one DP group
+(same TP rank, different data), and the expert-data-parallel (EDP) group holds the
+replicas of the same experts. World = tp * dp, dp = ep * expert_dp.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +25,12 @@ class Topology:
     ep: int
     dp: int  # data-parallel size of the dense (non-expert) parameters = world / tp
     expert_dp: int  # replicas of each expert = world / (tp * ep)
+    rank: int = 0
 
 
-def check_layout(parallel: ParallelConfig, world_size: int) -> Topology:
-    """Validate that ``world_size`` factors into tp x dp with ep dividing dp."""
+def check_layout(parallel: ParallelConfig, world_size: int, rank: int = 0) -> Topology:
+    """Validate that ``world_size`` factors into tp x dp with ep dividing dp; raise
+    :class:`moe.ConfigError` naming parallel.tp / parallel.ep and the world size if not."""
     tp, ep = parallel.tp, parallel.ep
     if world_size % tp:
         raise ConfigError(f"parallel.tp={tp} is invalid: allowed a divisor of the world size {world_size}")
@@ -29,20 +38,126 @@ def check_layout(parallel: ParallelConfig, world_size: int) -> Topology:
     if dp % ep:
         raise ConfigError(f"parallel.ep={ep} is invalid: allowed a divisor of world size / parallel.tp "
                           f"= {world_size}/{tp} = {dp} (experts are sharded inside the data-parallel ranks)")
-    return Topology(world_size=world_size, tp=tp, ep=ep, dp=dp, expert_dp=dp // ep)
+    return Topology(world_size=world_size, tp=tp, ep=ep, dp=dp, expert_dp=dp // ep, rank=rank)
 
 
-def init_topology(parallel: ParallelConfig, world_size: int | None = None) -> Topology:
-    """Check the layout, then build megatron-core's groups (tensor, data, expert-model,
-    expert-data parallel). Requires an initialised default process group."""
-    world = world_size if world_size is not None else dist.get_world_size()
-    topo = check_layout(parallel, world)
+def _parallel_state():
+    # megatron-core imports Transformer-Engine/apex probes that warn on a CPU box
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core import parallel_state
+    return parallel_state
 
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=topo.tp, expert_model_parallel_size=topo.ep)
+
+def init_topology(parallel: ParallelConfig, world_size: int | None = None,
+                  rank: int | None = None) -> Topology:
+    """Check the layout, then build megatron-core's groups (tensor, data, expert-model,
+    expert-data parallel). Requires an initialised default process group whose size is
+    ``world_size`` (default: the process group's). Idempotent per process."""
+    world = world_size if world_size is not None else dist.get_world_size()
+    rank = rank if rank is not None else dist.get_rank()
+    topo = check_layout(parallel, world, rank)
+    if dist.get_world_size() != world:
+        raise ConfigError(f"world size {world} given to init_topology differs from the process "
+                          f"group's {dist.get_world_size()}")
+    ps = _parallel_state()
+    if not ps.model_parallel_is_initialized():
+        # expert_tensor_parallel_size left at its default (= tp): routed experts are
+        # replicated over the TP ranks, so EP groups stay inside one DP group.
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=topo.tp, expert_model_parallel_size=topo.ep,
+            distributed_timeout_minutes=max(1, -(-parallel.timeout_s // 60)))
     os.environ.setdefault("MOE_TESTBED_TOPOLOGY", f"tp{topo.tp}-ep{topo.ep}-dp{topo.dp}")
     return topo
+
+
+class MegatronMPU:
+    """What DeepSpeed's ``mpu=`` argument expects, backed by megatron-core's groups.
+
+    DeepSpeed (0.19 engine.py / utils/groups.py) calls get_{data,model,tensor_model}_
+    parallel_{group,world_size,rank}, get_data_parallel_group_ranks and
+    get_tensor_model_parallel_src_rank. Its expert groups are NOT taken from ``mpu``: they
+    live in deepspeed.utils.groups' dicts keyed by ``param.group_name``;
+    :meth:`register_expert_groups` fills them with megatron's EP / EDP groups so ZeRO and
+    the engine all-reduce expert gradients only among replicas of the same experts.
+    """
+
+    def __init__(self):
+        self.ps = _parallel_state()
+
+    # data parallel (dense parameters)
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_world_size(self):
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_rank(self):
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_group_ranks(self):
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
+
+    # model parallel = tensor parallel here (no pipeline)
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    # expert groups (for our own use and for register_expert_groups)
+    def get_expert_model_parallel_group(self):
+        return self.ps.get_expert_model_parallel_group()
+
+    def get_expert_model_parallel_world_size(self):
+        return self.ps.get_expert_model_parallel_world_size()
+
+    def get_expert_model_parallel_rank(self):
+        return self.ps.get_expert_model_parallel_rank()
+
+    def get_expert_data_parallel_group(self):
+        return self.ps.get_expert_data_parallel_group()
+
+    def get_expert_data_parallel_world_size(self):
+        return self.ps.get_expert_data_parallel_world_size()
+
+    def get_expert_data_parallel_rank(self):
+        return self.ps.get_expert_data_parallel_rank()
+
+    def expert_group_name(self) -> str:
+        """DeepSpeed's key for the expert groups (its own convention)."""
+        return f"ep_size_{self.get_expert_model_parallel_world_size()}"
+
+    def register_expert_groups(self, model) -> str:
+        """Tag the sharded expert parameters as DeepSpeed MoE parameters
+        (``allreduce=False``, ``group_name``) and register megatron's EP / EDP groups under
+        that name in deepspeed.utils.groups. Call before ``deepspeed.initialize``; build
+        the optimizer's param groups with
+        ``deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer``
+        (ZeRO 1/2 requires expert params in their own groups). Returns the group name."""
+        from deepspeed.utils import groups
+
+        from .expert_parallel import expert_param_names
+
+        name = self.expert_group_name()
+        ep, edp = self.get_expert_model_parallel_group(), self.get_expert_data_parallel_group()
+        groups._EXPERT_PARALLEL_GROUP[name] = ep
+        groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(ep)
+        groups._EXPERT_DATA_PARALLEL_GROUP[name] = edp
+        groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(edp)
+        experts = set(expert_param_names(model))
+        for n, p in model.named_parameters():
+            if n in experts:
+                p.allreduce = False
+                p.group_name = name
+        return name
