@@ -1,5 +1,13 @@
 """Triton kernels for the MoE layer: routing, token permutation, grouped expert MLP.
 
+Public API (each with a plain-torch ``*_ref`` that tests and benchmarks share):
+    route(logits_TE, *, top_k, ...)            -> (weights_TK, indices_TK, tokens_per_expert_E)
+    permute(x_TD, indices_TK, E, pad_to=1)     -> (x_MD, row_map_TK, offsets_E)
+    unpermute(y_MD, row_map_TK, weights_TK, T) -> out_TD
+    grouped_swiglu_mlp(x_MD, offsets_E, w13_ED2F, w2_EFD) -> y_MD
+    moe_layer_triton(x_TD, logits_TE, w13, w2, *, top_k, ...) -> (out_TD, tokens_per_expert_E)
+    available()                                -> whether Triton can run here
+
 Each kernel module holds the math, a plain-torch ``*_ref``, the ``@triton.jit`` kernels,
 launchers, an autograd Function and the public function. Only torch and triton are
 imported here (never moe, deepspeed or megatron), so a GPU box with just those runs them.
@@ -16,7 +24,8 @@ import torch
 # any time before the first kernel use still takes effect.
 _LAZY = {"route": "routing", "route_ref": "routing", "permute": "permute",
          "permute_ref": "permute", "unpermute": "permute", "unpermute_ref": "permute",
-         "grouped_swiglu_mlp": "grouped_mlp", "grouped_swiglu_mlp_ref": "grouped_mlp"}
+         "grouped_swiglu_mlp": "grouped_mlp", "grouped_swiglu_mlp_ref": "grouped_mlp",
+         "moe_layer_triton": "moe_layer", "moe_layer_ref": "moe_layer"}
 
 
 def __getattr__(name):
@@ -38,4 +47,5 @@ def available() -> bool:
 
 
 __all__ = ["route", "route_ref", "permute", "permute_ref", "unpermute", "unpermute_ref",
-           "grouped_swiglu_mlp", "grouped_swiglu_mlp_ref", "available"]
+           "grouped_swiglu_mlp", "grouped_swiglu_mlp_ref", "moe_layer_triton", "moe_layer_ref",
+           "available"]

@@ -1,27 +1,44 @@
-"""Kernel microbenchmarks: routing, permute/unpermute, grouped SwiGLU MLP (fwd, bwd, full)
-and the routed MoE layer, against baselines measured in the same run.
+"""python benchmarks/kernels/bench_kernels.py [--shapes qwen3-30b-a3b olmoe ...] [--tokens 4096 ...]
 
-    python benchmarks/kernels/bench_kernels.py                      # CUDA: all shapes
-    python benchmarks/kernels/bench_kernels.py --shapes qwen3 --tokens 32768
-    TRITON_INTERPRET=1 python benchmarks/kernels/bench_kernels.py --cpu-smoke   # proves the script runs
+Kernel microbenchmarks for the MoE layer, each beside baselines measured in the same run:
 
-Shapes (one GPU's share of the expert layer): DeepSeek-V3 (D 7168, F 2048, 32 local
-experts of 256, top-8), Qwen3-30B-A3B (2048, 768, 128, 8), OLMoE (2048, 1024, 64, 8),
-Mixtral (4096, 14336, 8, 2); T in {4096, 16384, 32768}; balanced (uniform random) and
-skewed (Zipf-like) routing. Baselines: the torch reference (*_ref), torch._grouped_mm,
-a per-expert loop of dense matmuls, and a dense matmul of the same FLOPs (the roofline
-figure). Timing: triton.testing.do_bench (median, p20, p80; L2 flushed). Figures: TFLOP/s
-on ACTIVE FLOPs for GEMMs, GB/s for routing/permute, % of the dense-matmul TFLOP/s of the
-same run. Rows: benchmarks/results/kernels_<device>.jsonl (smoke rows go to /tmp).
-Needs only torch and triton.
+    op               impls (baselines)                               figure
+    route            triton | torch_ref                              GB/s
+    route_bwd        triton | torch_ref (autograd)                   GB/s
+    permute          triton | torch_ref                              GB/s
+    unpermute        triton | torch_ref                              GB/s
+    mlp_fwd          triton | grouped_mm | expert_loop               TFLOP/s, % of dense
+    mlp_bwd          triton | grouped_mm | expert_loop               TFLOP/s, % of dense
+    mlp_fwd_bwd      triton | grouped_mm | expert_loop               TFLOP/s, % of dense
+    moe_layer_fwd    triton (moe_layer_triton) | torch (refs + grouped_mm)   TFLOP/s
+    moe_layer_fwd_bwd  same                                          TFLOP/s
+    dense_matmul     torch (one (T*K) x D x 3F GEMM: the same forward FLOPs, the roofline)
+
+Shapes are one GPU's share of each model's expert layer: DeepSeek-V3 (D 7168, F 2048,
+32 local experts of 256, top-8; routing over all 256 with 8 groups / 4 kept),
+Qwen3-30B-A3B (2048, 768, 128, 8), OLMoE (2048, 1024, 64, 8), Mixtral (4096, 14336, 8, 2);
+T in {4096, 16384, 32768}; balanced (N(0,1) logits) and skewed (logits + a Zipf-like
+per-expert offset) routing, with the resulting max/mean expert load recorded per row.
+TFLOP/s counts ACTIVE FLOPs (6*T*K*D*F forward, 12*T*K*D*F backward); GB/s counts the
+bytes each op must move (see each kernel's docstring).
+
+Timing: triton.testing.do_bench (L2 flushed; median with p20/p80), bf16 on CUDA.
+Rows: benchmarks/results/kernels_<device>.jsonl and .csv, each with device name,
+torch/triton versions, git commit ("uncommitted" when kernels/ or this script differ from
+HEAD; base_commit then holds HEAD), shape and routing. Summarise with
+benchmarks/kernels/summarize.py.
+
+Without CUDA it refuses to run, unless given --cpu-smoke: one tiny shape on CPU under the
+Triton interpreter, timed with perf_counter, rows marked "smoke": true and written to
+/tmp/kernels_smoke.jsonl (not results: do not commit them). Needs only torch and triton.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,32 +48,47 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 SHAPES = {
-    "deepseek-v3": dict(D=7168, F=2048, E=32, K=8),
-    "qwen3": dict(D=2048, F=768, E=128, K=8),
-    "olmoe": dict(D=2048, F=1024, E=64, K=8),
-    "mixtral": dict(D=4096, F=14336, E=8, K=2),
+    # D, F, local experts E, top-k K; routing over E_route experts (groups G, keep TG)
+    "deepseek-v3": dict(D=7168, F=2048, E=32, K=8, E_route=256, G=8, TG=4, score_fn="sigmoid"),
+    "qwen3-30b-a3b": dict(D=2048, F=768, E=128, K=8, E_route=128, G=1, TG=1, score_fn="softmax"),
+    "olmoe": dict(D=2048, F=1024, E=64, K=8, E_route=64, G=1, TG=1, score_fn="softmax"),
+    "mixtral": dict(D=4096, F=14336, E=8, K=2, E_route=8, G=1, TG=1, score_fn="softmax"),
 }
+SMOKE_SHAPE = {"smoke": dict(D=32, F=16, E=4, K=2, E_route=8, G=2, TG=1, score_fn="sigmoid")}
 
 
-def env() -> dict:
+# ------------------------------------------------------------------------------ environment
+def environment() -> dict:
     import triton
 
+    def git(*args):
+        return subprocess.check_output(["git", *args], cwd=ROOT, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
     try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--", "kernels", "benchmarks/kernels")
     except Exception:
-        commit = "unknown"
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor()})"
-    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
+        head, dirty = None, "no git"
+    info = {"commit": head if head and not dirty else "uncommitted", "base_commit": head,
+            "torch": torch.__version__, "triton": triton.__version__,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(device=torch.cuda.get_device_name(), sm_count=p.multi_processor_count,
+                    cuda=torch.version.cuda)
+    else:
+        info.update(device=f"cpu ({os.cpu_count()} cores), triton interpreter")
+    return info
 
 
-def timer(smoke: bool):
+# ------------------------------------------------------------------------------ timing
+def make_timer(smoke: bool):
+    """fn -> (median, p20, p80) milliseconds."""
     if smoke:
         def bench(fn):
-            fn()
+            fn()  # compile / warm
             ts = []
             for _ in range(3):
                 t0 = time.perf_counter()
@@ -72,129 +104,201 @@ def timer(smoke: bool):
     return bench
 
 
-def make_routing(T, E, K, skewed, device, gen):
-    if skewed:  # Zipf-like expert popularity: expert i drawn with weight 1/(i+1)
-        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64)
-        idx = torch.multinomial(p.expand(T, E).float(), K, replacement=False, generator=gen)
-    else:
-        idx = torch.rand(T, E, generator=gen).argsort(-1)[:, :K]
-    return idx.to(device)
+# ------------------------------------------------------------------------------ baselines
+def grouped_mm_mlp(x_MD, offs_E, w13_ED2F, w2_EFD):
+    """torch._grouped_mm (CUTLASS on H100) with an unfused SwiGLU between the GEMMs."""
+    Fh = w2_EFD.shape[1]
+    h = torch._grouped_mm(x_MD, w13_ED2F, offs=offs_E)
+    return torch._grouped_mm(F.silu(h[:, :Fh]) * h[:, Fh:], w2_EFD, offs=offs_E)
 
 
-def torch_grouped(x_MD, offs, w13, w2):
-    Fh = w2.shape[1]
-    h = torch._grouped_mm(x_MD, w13, offs=offs)
-    return torch._grouped_mm(F.silu(h[:, :Fh]) * h[:, Fh:], w2, offs=offs)
+def make_logits(T, E, skewed, device, gen):
+    logits = torch.randn(T, E, generator=gen)
+    if skewed:  # expert i's popularity ~ 1/(i+1): a hot head and a cold tail
+        logits = logits + 2.0 * torch.log(1.0 / torch.arange(1, E + 1, dtype=torch.float))
+    return logits.to(device)
 
 
+def max_over_mean(counts_E) -> float:
+    c = counts_E.float()
+    return float(c.max() / c.mean())
+
+
+# ------------------------------------------------------------------------------ main
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Triton MoE kernel microbenchmarks")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--tokens", nargs="*", type=int, default=[4096, 16384, 32768])
-    p.add_argument("--cpu-smoke", action="store_true", help="one tiny shape on CPU (interpreter)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--routing", nargs="*", default=["balanced", "skewed"],
+                   choices=["balanced", "skewed"])
+    p.add_argument("--no-expert-loop", action="store_true",
+                   help="skip the per-expert loop baseline (slow at E=128)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="one tiny shape on CPU under the Triton interpreter (proves the script runs)")
+    p.add_argument("--out", default=None, help="JSONL path (a .csv is written beside it)")
     a = p.parse_args(argv)
     smoke = a.cpu_smoke
-    if not torch.cuda.is_available() and not smoke:
-        print("error: no CUDA device: these are GPU benchmarks (use --cpu-smoke with "
-              "TRITON_INTERPRET=1 to check the script on CPU)", file=sys.stderr)
+    if not smoke and not torch.cuda.is_available():
+        print("error: no CUDA device. These are GPU benchmarks; to check the script on CPU "
+              "run it with --cpu-smoke (tiny shape, Triton interpreter, rows marked smoke).",
+              file=sys.stderr)
         return 2
     if smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules load (lazily)
+    sys.path.insert(0, str(ROOT))
     import kernels
 
-    device = "cuda" if not smoke else "cpu"
-    dtype = torch.bfloat16 if not smoke else torch.float32
-    shapes = {"smoke": dict(D=32, F=16, E=4, K=2)} if smoke else {k: SHAPES[k] for k in a.shapes}
+    device = "cpu" if smoke else "cuda"
+    dtype = torch.float32 if smoke else torch.bfloat16
+    shapes = SMOKE_SHAPE if smoke else {k: SHAPES[k] for k in a.shapes}
     tokens = [64] if smoke else a.tokens
-    bench = timer(smoke)
-    info = env()
+    bench = make_timer(smoke)
+    info = environment()
+    slug = "".join(ch if ch.isalnum() else "_" for ch in info["device"]).strip("_")
     out = Path(a.out) if a.out else (Path("/tmp/kernels_smoke.jsonl") if smoke else
-                                     ROOT / "benchmarks" / "results" /
-                                     f"kernels_{info['device'].replace(' ', '_')}.jsonl")
+                                     ROOT / "benchmarks" / "results" / f"kernels_{slug}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     rows = []
 
-    def row(shape, T, routing, op, impl, ms, flops=None, nbytes=None, dense_tflops=None):
-        r = {**info, "shape": shape, **shapes[shape], "T": T, "routing": routing, "op": op,
-             "impl": impl, "dtype": str(dtype).replace("torch.", ""), "median_ms": ms[0],
-             "p20_ms": ms[1], "p80_ms": ms[2], "smoke": smoke}
+    def record(name, s, T, routing, op, impl, fn, flops=None, nbytes=None, dense=None,
+               extra=None):
+        try:
+            ms = bench(fn)
+        except Exception as e:  # keep the failure as a row (e.g. OOM, unsupported on CPU)
+            if not smoke and isinstance(e, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            r = {**info, "shape": name, **s, "T": T, "routing": routing, "op": op, "impl": impl,
+                 "dtype": str(dtype).removeprefix("torch."), "smoke": smoke,
+                 "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+            rows.append(r)
+            print(f"{name:14s} T={T:6d} {routing:8s} {op:17s} {impl:12s} FAILED {r['error']}")
+            return None
+        r = {**info, "shape": name, **s, "T": T, "routing": routing, "op": op, "impl": impl,
+             "dtype": str(dtype).removeprefix("torch."), "median_ms": ms[0], "p20_ms": ms[1],
+             "p80_ms": ms[2], "smoke": smoke, **(extra or {})}
         if flops:
             r["tflops"] = flops / ms[0] / 1e9
-            if dense_tflops:
-                r["pct_of_dense"] = 100 * r["tflops"] / dense_tflops
+            if dense:
+                r["pct_of_dense"] = 100.0 * r["tflops"] / dense
         if nbytes:
             r["gb_per_s"] = nbytes / ms[0] / 1e6
         rows.append(r)
-        print(f"{shape:12s} T={T:6d} {routing:8s} {op:14s} {impl:14s} {ms[0]:9.3f} ms"
-              + (f" {r['tflops']:8.1f} TFLOP/s" if flops else "")
-              + (f" {r['gb_per_s']:8.1f} GB/s" if nbytes else ""))
+        print(f"{name:14s} T={T:6d} {routing:8s} {op:17s} {impl:12s} {ms[0]:9.3f} ms"
+              + (f" {r['tflops']:7.1f} TFLOP/s" if flops else "")
+              + (f" ({r['pct_of_dense']:4.0f}% dense)" if "pct_of_dense" in r else "")
+              + (f" {r['gb_per_s']:8.1f} GB/s" if nbytes else ""), flush=True)
+        return r
+
+    def dense_case(name, s, T):
+        """The roofline: one dense GEMM of the same forward FLOPs, (T*K) x D x 3F."""
+        M, D, Fh = T * s["K"], s["D"], s["F"]
+        xa = torch.randn(M, D, device=device, dtype=dtype)
+        wd = torch.randn(D, 3 * Fh, device=device, dtype=dtype)
+        r = record(name, s, T, "-", "dense_matmul", "torch", lambda: xa @ wd, 6 * M * D * Fh)
+        return r["tflops"] if r else None
+
+    def routed_case(name, s, T, routing, dense, w13, w2):
+        """Every op for one (shape, T, routing); tensors die when this returns."""
+        D, Fh, E, K = s["D"], s["F"], s["E"], s["K"]
+        ER, G, TG, fn = s["E_route"], s["G"], s["TG"], s["score_fn"]
+        M, el = T * K, dtype.itemsize
+        flops_fwd = 6 * M * D * Fh
+        skewed = routing == "skewed"
+        # routing over the model's full expert set (DeepSeek-V3: 256, grouped)
+        lr = make_logits(T, ER, skewed, device, gen).requires_grad_(True)
+        rkw = dict(top_k=K, score_fn=fn, n_groups=G, topk_groups=TG,
+                   expert_bias=torch.zeros(ER, device=device) if fn == "sigmoid" else None,
+                   route_scale=2.5 if fn == "sigmoid" else 1.0)
+        rbytes = T * ER * 4 + T * K * 12
+        for impl, f in (("triton", kernels.route), ("torch_ref", kernels.route_ref)):
+            record(name, s, T, routing, "route", impl, lambda f=f: f(lr, **rkw), nbytes=rbytes)
+            w_ = f(lr, **rkw)[0]
+            gw = torch.randn_like(w_)
+            record(name, s, T, routing, "route_bwd", impl,
+                   lambda w_=w_, gw=gw: torch.autograd.grad(w_, lr, gw, retain_graph=True),
+                   nbytes=2 * T * ER * 4 + T * K * 12)
+        # the GPU's local experts: routing over E_local (groups kept where they divide E)
+        grouped = E % G == 0
+        lk = dict(rkw, n_groups=G if grouped else 1, topk_groups=TG if grouped else 1,
+                  expert_bias=torch.zeros(E, device=device) if fn == "sigmoid" else None)
+        logits = make_logits(T, E, skewed, device, gen).requires_grad_(True)
+        w_TK, idx_TK, counts = kernels.route(logits, **lk)
+        extra = {"max_over_mean_load": max_over_mean(counts)}
+        x = (torch.randn(T, D, generator=gen) * 0.5).to(device, dtype).requires_grad_(True)
+        for impl, f in (("triton", kernels.permute), ("torch_ref", kernels.permute_ref)):
+            record(name, s, T, routing, "permute", impl, lambda f=f: f(x, idx_TK, E),
+                   nbytes=2 * M * D * el, extra=extra)
+        xm, rm, offs = kernels.permute(x.detach(), idx_TK, E)
+        wts = w_TK.detach()
+        for impl, f in (("triton", kernels.unpermute), ("torch_ref", kernels.unpermute_ref)):
+            record(name, s, T, routing, "unpermute", impl, lambda f=f: f(xm, rm, wts, T),
+                   nbytes=(M * D + T * D) * el, extra=extra)
+        mlps = [("triton", kernels.grouped_swiglu_mlp), ("grouped_mm", grouped_mm_mlp)]
+        if not a.no_expert_loop:
+            mlps.append(("expert_loop", kernels.grouped_swiglu_mlp_ref))
+        xg = xm.detach().requires_grad_(True)
+        gy = torch.randn(M, D, device=device, dtype=dtype)
+        fk = dict(dense=dense, extra=extra)
+        for impl, f in mlps:
+            with torch.no_grad():
+                record(name, s, T, routing, "mlp_fwd", impl, lambda f=f: f(xm, offs, w13, w2),
+                       flops_fwd, **fk)
+            try:
+                y = f(xg, offs, w13, w2)
+            except Exception as e:  # e.g. a baseline without autograd support here
+                print(f"{name} {impl}: forward with grad failed: {e}")
+                continue
+            record(name, s, T, routing, "mlp_bwd", impl,
+                   lambda y=y: torch.autograd.grad(y, (xg, w13, w2), gy, retain_graph=True),
+                   2 * flops_fwd, **fk)
+            y = None  # free the graph before the fwd+bwd run
+
+            def full(f=f):
+                torch.autograd.grad(f(xg, offs, w13, w2), (xg, w13, w2), gy)
+            record(name, s, T, routing, "mlp_fwd_bwd", impl, full, 3 * flops_fwd, **fk)
+
+        def layer_triton():
+            return kernels.moe_layer_triton(x, logits, w13, w2, **lk)[0]
+
+        def layer_torch():
+            w, i, _ = kernels.route_ref(logits, **lk)
+            a_, r_, o_ = kernels.permute_ref(x, i, E)
+            return kernels.unpermute_ref(grouped_mm_mlp(a_, o_, w13, w2), r_, w, T)
+        go = torch.randn(T, D, device=device, dtype=dtype)
+        for impl, f in (("triton", layer_triton), ("torch", layer_torch)):
+            with torch.no_grad():
+                record(name, s, T, routing, "moe_layer_fwd", impl, f, flops_fwd, **fk)
+
+            def full(f=f):
+                torch.autograd.grad(f(), (x, logits, w13, w2), go)
+            record(name, s, T, routing, "moe_layer_fwd_bwd", impl, full, 3 * flops_fwd, **fk)
 
     for name, s in shapes.items():
-        D, Fh, E, K = s["D"], s["F"], s["E"], s["K"]
+        D, Fh, E = s["D"], s["F"], s["E"]
         w13 = (torch.randn(E, D, 2 * Fh, generator=gen) * 0.02).to(device, dtype).requires_grad_(True)
         w2 = (torch.randn(E, Fh, D, generator=gen) * 0.02).to(device, dtype).requires_grad_(True)
         for T in tokens:
-            M = T * K
-            flops_fwd = 6 * M * D * Fh
-            # dense matmul of the same forward FLOPs: (T*K) x D x 3F as one GEMM
-            xa = torch.randn(M, D, device=device, dtype=dtype)
-            wd = torch.randn(D, 3 * Fh, device=device, dtype=dtype)
-            ms = bench(lambda: xa @ wd)
-            row(name, T, "-", "dense_matmul", "torch", ms, flops_fwd)
-            dense_tf = flops_fwd / ms[0] / 1e9
-            for routing in ("balanced", "skewed"):
-                idx = make_routing(T, E, K, routing == "skewed", device, gen)
-                x = (torch.randn(T, D, generator=gen) * 0.5).to(device, dtype)
-                logits = torch.randn(T, E, generator=gen).to(device)
-                rbytes = T * E * 4 + T * K * 12
-                row(name, T, routing, "route", "triton", bench(lambda: kernels.route(logits, top_k=K)), nbytes=rbytes)
-                row(name, T, routing, "route", "torch_ref", bench(lambda: kernels.route_ref(logits, top_k=K)), nbytes=rbytes)
-                pbytes = 2 * M * D * x.element_size()
-                row(name, T, routing, "permute", "triton", bench(lambda: kernels.permute(x, idx, E)), nbytes=pbytes)
-                row(name, T, routing, "permute", "torch_ref", bench(lambda: kernels.permute_ref(x, idx, E)), nbytes=pbytes)
-                xm, rm, offs = kernels.permute(x, idx, E)
-                wts = torch.rand(T, K, device=device)
-                ubytes = (M * D + T * D) * x.element_size()
-                row(name, T, routing, "unpermute", "triton", bench(lambda: kernels.unpermute(xm, rm, wts, T)), nbytes=ubytes)
-                row(name, T, routing, "unpermute", "torch_ref", bench(lambda: kernels.unpermute_ref(xm, rm, wts, T)), nbytes=ubytes)
-                with torch.no_grad():
-                    row(name, T, routing, "mlp_fwd", "triton",
-                        bench(lambda: kernels.grouped_swiglu_mlp(xm, offs, w13, w2)), flops_fwd, dense_tflops=dense_tf)
-                    row(name, T, routing, "mlp_fwd", "grouped_mm",
-                        bench(lambda: torch_grouped(xm, offs, w13, w2)), flops_fwd, dense_tflops=dense_tf)
-                    row(name, T, routing, "mlp_fwd", "expert_loop",
-                        bench(lambda: kernels.grouped_swiglu_mlp_ref(xm, offs, w13, w2)), flops_fwd, dense_tflops=dense_tf)
-                xg = xm.detach().requires_grad_(True)
-                for impl, fn in (("triton", kernels.grouped_swiglu_mlp), ("grouped_mm", torch_grouped)):
-                    y = fn(xg, offs, w13, w2)
-                    gy = torch.randn_like(y)
-                    row(name, T, routing, "mlp_bwd", impl,
-                        bench(lambda: torch.autograd.grad(y, (xg, w13, w2), gy, retain_graph=True)),
-                        2 * flops_fwd, dense_tflops=dense_tf)
+            dense = dense_case(name, s, T)
+            for routing in a.routing:
+                routed_case(name, s, T, routing, dense, w13, w2)
+                if not smoke:
+                    torch.cuda.empty_cache()
 
-                    def full(fn=fn):
-                        out = fn(xg, offs, w13, w2)
-                        torch.autograd.grad(out, (xg, w13, w2), gy)
-                    row(name, T, routing, "mlp_fwd_bwd", impl, bench(full), 3 * flops_fwd, dense_tflops=dense_tf)
-
-                def layer_triton():
-                    w, i, _ = kernels.route(logits, top_k=K)
-                    a_, r_, o_ = kernels.permute(x, i, E)
-                    return kernels.unpermute(kernels.grouped_swiglu_mlp(a_, o_, w13, w2), r_, w, T)
-
-                def layer_torch():
-                    w, i, _ = kernels.route_ref(logits, top_k=K)
-                    a_, r_, o_ = kernels.permute_ref(x, i, E)
-                    return kernels.unpermute_ref(torch_grouped(a_, o_, w13, w2), r_, w, T)
-                with torch.no_grad():
-                    row(name, T, routing, "moe_layer_fwd", "triton", bench(layer_triton), flops_fwd, dense_tflops=dense_tf)
-                    row(name, T, routing, "moe_layer_fwd", "torch+grouped_mm", bench(layer_torch), flops_fwd, dense_tflops=dense_tf)
     with out.open("a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    print(f"{len(rows)} rows appended to {out}")
+    # the CSV mirrors the whole JSONL (rewritten, so its header covers every field)
+    csv_path = out.with_suffix(".csv")
+    all_rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    fields = sorted({k for r in all_rows for k in r})
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(all_rows)
+    print(f"{len(rows)} rows appended to {out} and {csv_path}"
+          + (" (SMOKE rows: not results, do not commit)" if smoke else ""))
     return 0
 
 
