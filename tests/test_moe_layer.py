@@ -215,3 +215,38 @@ def test_layer_equals_naive_per_token_reference():
     out.backward(g)
     ref.backward(g)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_backend_equals_torch_backend():
+    # the model's layer with moe.kernels=triton (interpreter on CPU) against kernels=torch
+    from kernel_tolerances import assert_close
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    kw = dict(n_routed=6, n_shared=1, expert_ffn_dim=12, top_k=2, n_groups=3, topk_groups=2)
+    a = _layer(D=20, **kw).to(dev)
+    b = MoEFeedForward(20, MoEConfig(kernels="triton", **kw)).to(dev)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 11, 20, device=dev, requires_grad=True)
+    xb = x.detach().clone().requires_grad_(True)
+    oa, _ = a(x)
+    ob, _ = b(xb)
+    assert_close(ob, oa, torch.float32)
+    g = torch.randn_like(oa)
+    oa.backward(g)
+    ob.backward(g)
+    assert_close(xb.grad, x.grad, torch.float32)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert_close(pb.grad, pa.grad, torch.float32, msg=n)
+    assert torch.equal(a.last_counts_E, b.last_counts_E)
+
+
+def test_import_moe_stays_light():
+    # STYLE habit 12: `import moe` (router validation shares kernels._checks) loads neither
+    # triton nor deepspeed / megatron-core; training and kernels pull them in when used.
+    import subprocess
+    import sys
+
+    code = ("import sys, moe, moe.router; "
+            "bad = [m for m in ('triton', 'deepspeed', 'megatron') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
