@@ -33,6 +33,14 @@ __all__ = ["write_report", "fit_main", "split_holdout"]
 _FIT_ERRORS = (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError)
 
 
+
+def _save(fig, plt, out: Path, name: str, pngs: list) -> None:
+    """Write one report figure (110 dpi), close it, and list it for the report."""
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    pngs.append(name)
+
 def _col(rows, key):
     return np.array([float(r[key]) for r in rows], float)
 
@@ -247,10 +255,7 @@ def write_report(rows: Sequence[dict], out_dir, *, n_boot: int = 200, holdout: s
     _clip_y(ax, rows)
     ax.set_title("Loss vs active params (stars: held out; bands: bootstrap)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_active_params.png", dpi=110)
-    plt.close(fig)
-    pngs.append("loss_vs_active_params.png")
+    _save(fig, plt, out, "loss_vs_active_params.png", pngs)
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for gi, (g, gr) in enumerate(groups.items()):
@@ -263,10 +268,7 @@ def write_report(rows: Sequence[dict], out_dir, *, n_boot: int = 200, holdout: s
     ax.set_ylabel("final eval loss")
     ax.set_title("Loss vs total params")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_total_params.png", dpi=110)
-    plt.close(fig)
-    pngs.append("loss_vs_total_params.png")
+    _save(fig, plt, out, "loss_vs_total_params.png", pngs)
 
     # ------------------------------------------------------------------- compute laws
     w("## Loss vs training compute: L(C) = a C^b + c per sparsity level\n")
@@ -309,10 +311,7 @@ def write_report(rows: Sequence[dict], out_dir, *, n_boot: int = 200, holdout: s
     _clip_y(ax, rows)
     ax.set_title("Loss vs compute (star: held-out actual; x: predicted with interval)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_flops.png", dpi=110)
-    plt.close(fig)
-    pngs.append("loss_vs_flops.png")
+    _save(fig, plt, out, "loss_vs_flops.png", pngs)
 
     # ----------------------------------------------------------- Chinchilla approach 3
     w("## Chinchilla approach 3 on dense runs: L(N, D) = E + A/N^alpha + B/D^beta\n")
@@ -365,10 +364,7 @@ def write_report(rows: Sequence[dict], out_dir, *, n_boot: int = 200, holdout: s
                 ax.set_xlabel("actual loss")
                 ax.set_ylabel("approach-3 prediction")
                 ax.set_title("Chinchilla approach 3: predicted vs actual")
-                fig.tight_layout()
-                fig.savefig(out / "chinchilla_fit.png", dpi=110)
-                plt.close(fig)
-                pngs.append("chinchilla_fit.png")
+                _save(fig, plt, out, "chinchilla_fit.png", pngs)
 
     # ------------------------------------------------------------------ MoE joint laws
     w("## MoE joint laws\n")
@@ -431,10 +427,7 @@ def write_report(rows: Sequence[dict], out_dir, *, n_boot: int = 200, holdout: s
         ax.set_yscale("log")
         ax.legend(fontsize=8)
         ax.set_title("Efficiency leverage vs sparsity")
-        fig.tight_layout()
-        fig.savefig(out / "efficiency_leverage.png", dpi=110)
-        plt.close(fig)
-        pngs.append("efficiency_leverage.png")
+        _save(fig, plt, out, "efficiency_leverage.png", pngs)
 
     # --------------------------------------------------------------------- MaxVio
     mv = [r for r in rows if "maxvio" in r]
@@ -446,10 +439,7 @@ def write_report(rows: Sequence[dict], out_dir, *, n_boot: int = 200, holdout: s
         ax.set_xticklabels([r["name"] for r in mv], rotation=70, fontsize=6)
         ax.set_ylabel("MaxVio")
         ax.set_title("MaxVio per run")
-        fig.tight_layout()
-        fig.savefig(out / "maxvio.png", dpi=110)
-        plt.close(fig)
-        pngs.append("maxvio.png")
+        _save(fig, plt, out, "maxvio.png", pngs)
         w("| run | MaxVio |\n| --- | --- |")
         for r in mv:
             w(f"| {r['name']} | {_fmt(r['maxvio'])} |")
