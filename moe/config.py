@@ -242,11 +242,21 @@ class Config:
                       f"and model.n_kv_heads={m.kv_heads}")
             if m.ffn_dim % p.tp:
                 _fail("parallel.tp", p.tp, f"a divisor of model.ffn_dim={m.ffn_dim}")
+            if e.enabled and e.n_shared and (e.n_shared * e.expert_ffn_dim) % p.tp:
+                _fail("parallel.tp", p.tp, f"a divisor of the shared experts' width moe.n_shared x "
+                      f"moe.expert_ffn_dim = {e.n_shared * e.expert_ffn_dim}")
         if p.ep > 1:
             if not e.enabled:
                 _fail("parallel.ep", p.ep, "1 for a dense model (moe.n_routed=0)")
             if e.n_routed % p.ep:
                 _fail("parallel.ep", p.ep, f"a divisor of moe.n_routed={e.n_routed}")
+            if e.kernels == "triton":
+                _fail("moe.kernels", e.kernels, "torch or auto with parallel.ep > 1 (the Triton "
+                      "path is single-device for now)")
+        if (p.tp > 1 or p.ep > 1) and t.zero_stage != 0:
+            # exact gradient clipping over TP/EP shards (moe/parallel/plan.py) needs the
+            # reduced gradients in param.grad; ZeRO 1/2 keep them in flat partitions
+            _fail("train.zero_stage", t.zero_stage, f"0 with parallel.tp={p.tp} / parallel.ep={p.ep}")
         return self
 
     # ---------------------------------------------------------------- io

@@ -337,7 +337,8 @@ BAD_INPUTS = {
     "corrupt_idx": (_bad_corrupt_idx, "corrupt or truncated"),
     "seq_len_over_val": (_bad_seq_len, "val split"),
     "config_typo": (lambda p: {"train.max_stpes": 5}, "did you mean train.max_steps"),
-    "expert_parallel_not_wired": (lambda p: {"parallel.ep": 2}, "parallel.ep=2 is not supported"),
+    # one process cannot hold 2 expert-parallel ranks: named before any compute
+    "layout_does_not_factor": (lambda p: {"parallel.ep": 2}, "parallel.ep=2 is invalid"),
 }
 
 

@@ -2,13 +2,15 @@
 
 Implemented here: the (tp, ep, dp) layout check and megatron-core topology, and expert
 parallelism (experts sharded over an EP group, tokens exchanged with all-to-all). Tensor parallelism of attention and dense/shared FFNs
-uses megatron-core's parallel linear layers. The trainer does not use EP/TP yet.
+uses megatron-core's parallel linear layers. :mod:`moe.parallel.plan` is what the trainer
+calls: groups, sharding, DeepSpeed wiring, exact clipping, checkpoint shard names.
 
 Order (fixed): moe.train.engine.init_process_group -> init_topology -> build_model (full weights, same
 seed on every rank) -> apply_tensor_parallel -> apply_expert_parallel(ep group) ->
 MegatronMPU().register_expert_groups(model) -> deepspeed.initialize(mpu=MegatronMPU()).
 """
 
+from .plan import ParallelPlan, plan_parallel
 from .expert_parallel import (all_to_all, apply_expert_parallel, average_gradients,
                               count_all_reduce, expert_param_names, guarded)
 from .tensor_parallel import apply_tensor_parallel
@@ -16,4 +18,4 @@ from .topology import MegatronMPU, Topology, check_layout, init_topology
 
 __all__ = ["Topology", "check_layout", "init_topology", "apply_tensor_parallel", "apply_expert_parallel",
            "all_to_all", "count_all_reduce", "expert_param_names", "average_gradients",
-           "guarded", "MegatronMPU"]
+           "guarded", "MegatronMPU", "ParallelPlan", "plan_parallel"]

@@ -38,6 +38,7 @@ class _Linear(nn.Module):
 
 def _parallel_linear(full: nn.Linear, kind: str, tp: int, rank: int, mp_config, tp_group=None) -> _Linear:
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
     out_f, in_f = full.weight.shape
     noop = lambda w: None  # noqa: E731  (weights are copied from the full layer below)
@@ -56,6 +57,9 @@ def _parallel_linear(full: nn.Linear, kind: str, tp: int, rank: int, mp_config, 
         shard = full.weight[:, rank * in_f // tp:(rank + 1) * in_f // tp]
     with torch.no_grad():
         layer.weight.copy_(shard)
+    # megatron sets these only when it initialises the weight itself (perform_initialization);
+    # gradient-norm code (ours, DeepSpeed's, megatron's) reads them to sum shards over TP.
+    set_tensor_model_parallel_attributes(layer.weight, True, 0 if kind == "column" else 1, 1)
     return _Linear(layer)
 
 

@@ -5,6 +5,9 @@ Layout under ``RUN_DIR/checkpoints/``::
     step_00000100/          one checkpoint (a directory)
         meta.json           step, tokens, flops, world size, files, versions
         model.pt            module state dict (expert biases are buffers in it)   [rank 0]
+        model_tpTT_epEEE.pt instead of model.pt when parallel.tp/ep > 1: one file per
+                            (tensor-parallel rank, expert-parallel rank) shard  [its first
+                            expert-data-parallel replica]
         rank00000.pt        optimizer + scheduler + data-loader + RNG state      [each rank]
     latest                  text file naming the newest complete checkpoint directory
 
@@ -97,12 +100,15 @@ def _noop(*_args) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, rank_state: dict, *, model_state: Optional[dict],
                     meta: dict, rank: int = 0, world_size: int = 1,
+                    model_file: str = "model.pt", model_files: Optional[list[str]] = None,
                     barrier: Callable[[], None] = _noop, keep_last: int = 2,
                     _before_publish: Callable[[Path], None] = _noop) -> Path:
     """Write checkpoint ``step`` atomically and point ``latest`` at it; return its path.
 
     Collective: every rank calls it (``barrier`` synchronises them). ``model_state`` is
-    only needed on rank 0 (data parallelism: all replicas are identical). ``keep_last``
+    passed by the ranks that write ``model_file``: rank 0 under data parallelism (all
+    replicas are identical), one replica per (tp, ep) shard under model parallelism;
+    ``model_files`` lists every shard's file (default ``[model_file]``). ``keep_last``
     older complete checkpoints are kept besides the new one. ``_before_publish`` is a test
     hook called with the temporary directory just before it is renamed into place.
     """
@@ -116,13 +122,14 @@ def save_checkpoint(run_dir: Path, step: int, rank_state: dict, *, model_state: 
         tmp.mkdir()
     barrier()
     save_file(rank_state, tmp / rank_filename(rank))
-    if rank == 0 and model_state is not None:
-        save_file(model_state, tmp / "model.pt")
+    if model_state is not None:
+        save_file(model_state, tmp / model_file)
     barrier()
     final = root / name
     if rank == 0:
         meta = dict(meta, step=step, world_size=world_size,
-                    files=["model.pt"] + [rank_filename(r) for r in range(world_size)])
+                    files=list(model_files or [model_file])
+                    + [rank_filename(r) for r in range(world_size)])
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()

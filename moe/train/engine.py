@@ -190,22 +190,25 @@ def import_deepspeed():
     return deepspeed
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """SUM over the data-parallel group (in place, exact for int64); identity on one rank."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl" and t.device.type == "cpu":
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """SUM over ``group`` (default: the world; the trainer passes its data-parallel group)
+    in place, exact for int64; identity on one rank."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        if dist.get_backend(group) == "nccl" and t.device.type == "cpu":
             # NCCL reduces device tensors only (loss sums / eval counts live on the CPU)
             tmp = t.cuda()
-            dist.all_reduce(tmp, op=dist.ReduceOp.SUM)
+            dist.all_reduce(tmp, op=dist.ReduceOp.SUM, group=group)
             t.copy_(tmp.cpu())
         else:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, ds_config: dict):
+def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, ds_config: dict,
+                 mpu=None):
     """``deepspeed.initialize`` on ``model`` with ``ds_config``; returns (engine, optimizer,
-    scheduler). The process group must exist (see :func:`init_process_group`)."""
+    scheduler). The process group must exist (see :func:`init_process_group`). ``mpu``:
+    the model-parallel adapter (:class:`moe.parallel.MegatronMPU`) for TP/EP layouts."""
     deepspeed = import_deepspeed()
     deepspeed.init_distributed(
         dist_backend="nccl" if device_type() == "cuda" else "gloo",
@@ -215,6 +218,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, ds_confi
         model_parameters=param_groups(model, cfg.train.weight_decay),
         config=ds_config,
         lr_scheduler=make_scheduler_factory(cfg, total_steps),
+        mpu=mpu,
     )
     return engine, optimizer, scheduler
 

@@ -1,14 +1,18 @@
 """The training loop: DeepSpeed engine, evaluation, budgets, checkpoints, metrics.
 
-One code path for one CPU process and for ``torchrun --nproc_per_node N`` (pure data
-parallelism: every rank holds the whole model, reads disjoint samples of each global
-batch, DeepSpeed averages gradients). Per optimizer step:
+One code path for one CPU process and for ``torchrun`` / the ``deepspeed`` launcher on
+any number of nodes. With parallel.tp = parallel.ep = 1 every rank holds the whole model,
+reads disjoint samples of each global batch and DeepSpeed averages gradients. With
+tp/ep > 1, :mod:`moe.parallel.plan` shards the model (megatron-core groups, TP layers,
+experts over all-to-all) and the data-parallel (DP) rank, not the global rank, decides
+which samples a rank reads. Per optimizer step:
 
     for each of grad_accum micro-batches:  forward (MTP lambda from progress) -> backward
     at the accumulation boundary:
-        all-reduce the step's losses (mean over ranks)   -> NaN/inf check on every rank alike
-        expert-bias update from the exact int64 token counts, SUM-all-reduced over ranks
-        engine.step()  (clip, AdamW, LR schedule)
+        all-reduce the step's losses (mean over DP ranks) -> NaN/inf check on every rank alike
+        expert-bias update from the exact int64 token counts, SUM-all-reduced over DP ranks
+        [tp/ep > 1: exact gradient norm over all shards, clipping]
+        engine.step()  (clip when not done above, AdamW, LR schedule)
 
 Stopping: ``total_steps`` = the first of train.max_steps, train.token_budget and
 train.flop_budget (FLOPs = count_params(cfg).flops_per_token_train x tokens) to be
@@ -196,12 +200,14 @@ def prepare(cfg: Config, progress: bool = True):
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg: Config, rank: int, world: int, device: str) -> dict:
+def evaluate(model, data, cfg: Config, rank: int, world: int, device: str, group=None) -> dict:
     """Held-out losses and MaxVio_global (MaxVio of the counts summed over all eval
     batches, per MoE layer; main-model layers first, then MTP blocks).
 
     Ranks evaluate disjoint samples; token-weighted sums are all-reduced once, so the
     result does not depend on how the samples were split across ranks (up to fp rounding).
+    ``rank`` / ``world`` / ``group`` are the data-parallel ones (the TP ranks of one model
+    replica evaluate the same samples and are counted once).
     """
     from ..data import eval_batches
 
@@ -222,9 +228,9 @@ def evaluate(model, data, cfg: Config, rank: int, world: int, device: str) -> di
         sums[-1] += n
         for c, l in zip(counts, moe_layers):
             c += l.last_counts_E.cpu()
-    all_reduce_sum(sums)  # gloo: CPU tensors
+    all_reduce_sum(sums, group)  # gloo: CPU tensors
     if counts:
-        flat = all_reduce_sum(torch.cat(counts))
+        flat = all_reduce_sum(torch.cat(counts), group)
         counts = list(torch.split(flat, [l.n_experts for l in moe_layers]))
     model.train(was_training)
     n = max(float(sums[-1]), 1.0)
@@ -278,13 +284,11 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
     """
     t_start = time.perf_counter()
     cfg.validate()
-    if cfg.parallel.tp > 1 or cfg.parallel.ep > 1:
-        # Expert parallelism exists and is tested in moe.parallel, but the trainer's
-        # DeepSpeed groups and per-rank expert checkpoints are not wired yet: refuse
-        # instead of silently training data-parallel.
-        raise TrainError(f"parallel.tp={cfg.parallel.tp} / parallel.ep={cfg.parallel.ep} is not "
-                         "supported by moe-testbed train yet: allowed tp=1, ep=1 (data parallel)")
     rank, world = init_process_group(cfg.parallel.timeout_s)
+    from ..parallel.plan import plan_parallel
+
+    par = plan_parallel(cfg.parallel)  # ConfigError naming parallel.tp/ep if world does not factor
+    dp, dp_rank, dp_group = par.dp, par.dp_rank, par.dp_group
     dev = device_type()
     is0 = rank == 0
 
@@ -315,6 +319,12 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
             raise TrainError(f"cannot resume {latest}: it was written by {meta.get('world_size')} "
                              f"ranks, this run has {world} (the optimizer/loader state is "
                              "per rank); relaunch with the same number of processes")
+        saved_par = meta.get("parallel", {"tp": 1, "ep": 1})
+        if (saved_par.get("tp"), saved_par.get("ep")) != (par.topo.tp, par.topo.ep):
+            raise TrainError(f"cannot resume {latest}: it was written with parallel.tp="
+                             f"{saved_par.get('tp')} / parallel.ep={saved_par.get('ep')}, this run "
+                             f"has tp={par.topo.tp} / ep={par.topo.ep} (the model is sharded "
+                             "per layout); relaunch with the same layout")
     elif (run_dir / ckpt.CKPT_DIR / ckpt.LATEST).exists():
         raise TrainError(f"{run_dir} already holds a run with checkpoints; pass --resume to "
                          "continue it or --out NEW_DIR for a new run")
@@ -337,28 +347,31 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
     # ---------------- model + engine
     from ..data import TokenBatches
 
-    torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts)
-    model = build_model(cfg).to(dev)
-    total_steps, stop_rule = plan_total_steps(cfg, world)
-    ds_cfg = deepspeed_config(cfg, world, dev)
+    # Same full init on every rank (DeepSpeed also broadcasts), then this rank's TP/EP shard.
+    torch.manual_seed(cfg.train.seed)
+    model = par.parallelize(build_model(cfg)).to(dev)
+    total_steps, stop_rule = plan_total_steps(cfg, dp)
+    ds_cfg = deepspeed_config(cfg, dp, dev)
+    if par.model_parallel:
+        ds_cfg["gradient_clipping"] = 0.0  # exact clipping over shards: par.clip_grad_norm_
     if is0:
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
-    engine, _, scheduler = build_engine(cfg, model, total_steps, ds_cfg)
+    engine, _, scheduler = build_engine(cfg, model, total_steps, ds_cfg, mpu=par.mpu)
     module = engine.module
     batches = TokenBatches(data.train, batch_size=cfg.train.micro_batch_size,
                            seq_len=cfg.train.seq_len, extra_tokens=cfg.mtp.depth,
-                           seed=cfg.train.seed, rank=rank, world_size=world)
+                           seed=cfg.train.seed, rank=dp_rank, world_size=dp)
 
     counts = count_params(cfg)
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world * cfg.train.seq_len
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * dp * cfg.train.seq_len
     fpt = counts.flops_per_token_train
     precision = resolve_precision(cfg, dev)
     counters = {"step": 0, "tokens": 0, "flops": 0.0, "train_seconds": 0.0}
 
     metrics = MetricsLog(run_dir, enabled=is0, tensorboard=cfg.train.tensorboard)
     if latest is not None:
-        # every rank loads the (replicated) weights from the shared run directory
-        module.load_state_dict(ckpt.load_file(latest / "model.pt"))
+        # every rank loads its shard (the whole model when not model parallel)
+        module.load_state_dict(ckpt.load_file(latest / par.shard_file()))
         st = ckpt.load_file(latest / ckpt.rank_filename(rank))
         load_optimizer_state(engine.optimizer, st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
@@ -367,7 +380,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
         counters.update(st["counters"])
         # DeepSpeed's own step counters (used for its accumulation boundary bookkeeping)
         engine.global_steps = counters["step"]
-        engine.global_samples = counters["step"] * cfg.train.micro_batch_size * cfg.train.grad_accum * world
+        engine.global_samples = counters["step"] * cfg.train.micro_batch_size * cfg.train.grad_accum * dp
         engine.micro_steps = counters["step"] * cfg.train.grad_accum
         metrics.truncate_after(counters["step"])
     elif is0 and metrics.path.exists():
@@ -404,7 +417,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
 
     def do_eval():
         nonlocal last_eval, last_eval_step
-        row = evaluate(module, data, cfg, rank, world, dev)
+        row = evaluate(module, data, cfg, dp_rank, dp, dev, dp_group)
         row = {"kind": "eval", "step": counters["step"], "tokens": counters["tokens"], **row}
         metrics.write(row)
         last_eval, last_eval_step = row, counters["step"]
@@ -415,8 +428,10 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
         nonlocal last_ckpt_step
         ckpt.save_checkpoint(
             run_dir, counters["step"], _rank_state(engine, scheduler, batches, counters),
-            model_state=module.state_dict() if is0 else None,
+            model_state=module.state_dict() if par.writes_model else None,
+            model_file=par.shard_file(), model_files=par.all_shard_files(),
             meta={"tokens": counters["tokens"], "flops": counters["flops"],
+                  "parallel": par.describe(),
                   "data_fingerprint": data.fingerprint,
                   "config_name": cfg.name, "zero_stage": cfg.train.zero_stage,
                   "precision": precision, "saved_utc": datetime.now(timezone.utc).isoformat()},
@@ -450,8 +465,8 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
         assert engine.is_gradient_accumulation_boundary()
         # mean over micro-batches and ranks; a NaN on any rank reaches every rank
         acc /= cfg.train.grad_accum
-        all_reduce_sum(acc)
-        acc /= world
+        all_reduce_sum(acc, dp_group)
+        acc /= dp
         names = ["loss", "lm_loss"] + [f"mtp_loss_{k + 1}" for k in range(depth)] + ["balance_loss"]
         bad = [f"{n}={acc[i].item()}" for i, n in enumerate(names)
                if not math.isfinite(acc[i].item())]
@@ -464,7 +479,10 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
             break
 
         grad_norm = None
-        if cfg.train.zero_stage == 0 and precision == "fp32":
+        if par.model_parallel:
+            # reduced gradients -> exact norm over all TP/EP shards, clipped here
+            grad_norm = par.clip_grad_norm_(module, cfg.train.grad_clip)
+        elif cfg.train.zero_stage == 0 and precision == "fp32":
             # DeepSpeed clips fp32/ZeRO-0 grads without recording the norm; measure it on
             # the already all-reduced grads (identical on every rank).
             grads = [p.grad for p in module.parameters() if p.grad is not None]
@@ -473,7 +491,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
         step_counts: list[torch.Tensor] = []
 
         def reduce_and_record(t: torch.Tensor) -> torch.Tensor:
-            t = all_reduce_sum(t)
+            t = all_reduce_sum(t, dp_group)
             step_counts.append(t.clone())
             return t
 
@@ -530,7 +548,8 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
         train_s = counters["train_seconds"]
         summary = {
             "name": cfg.name, "status": status, "message": message,
-            "run_dir": str(run_dir), "world_size": world, "device": dev, "precision": precision,
+            "run_dir": str(run_dir), "world_size": world, "parallel": par.describe(),
+            "device": dev, "precision": precision,
             "zero_stage": cfg.train.zero_stage,
             "params": counts.as_dict(),
             "total_params": counts.total, "active_params": counts.active,
