@@ -51,10 +51,26 @@ def _resolve(target: str):
     return getattr(importlib.import_module(mod), fn)
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """Drop the ``--local_rank=N`` / ``--local_rank N`` that the ``deepspeed`` launcher puts
+    before the user's arguments (it also exports LOCAL_RANK, which is what we read)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv) and argv[i + 1].isdigit():
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: moe-testbed COMMAND [args]\n\ncommands:")
         for name, (_, desc) in COMMANDS.items():

@@ -161,3 +161,20 @@ def test_two_node_launch_on_loopback_matches_one_rank(root, one_rank):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(l[-3000:] for l in logs)
     _assert_same_training(one_rank, out, 2)
 
+
+
+def test_deepspeed_launcher_runs_ep2_and_matches_one_rank(root, one_rank):
+    """`deepspeed --num_gpus 2 --module moe.cli train ...`: the launcher puts
+    --local_rank=N before our arguments (the CLI drops it) and sets the env ranks."""
+    out = root / "ds-launcher"
+    extra = {**STEPS, "train.micro_batch_size": 2, "parallel.ep": 2}
+    cfg_path = root / "c.yaml"
+    cfg_path.write_text("name: par\n")
+    # the `deepspeed` console script is exactly `deepspeed.launcher.runner:main`; running the
+    # module keeps the test independent of PATH
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
+           "moe.cli", "train", str(cfg_path), *tiny_overrides(root, **extra), "--out", str(out),
+           "--no-progress"]
+    r = subprocess.run(cmd, env=_env(root), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _assert_same_training(one_rank, out, 2)
