@@ -95,6 +95,9 @@ class ParallelPlan:
             return model
         apply_tensor_parallel(model, self.mpu.get_tensor_model_parallel_group())
         if self.topo.ep > 1:
+            from ..train.engine import import_deepspeed
+
+            import_deepspeed()  # selects DeepSpeed's CPU accelerator before its first import
             apply_expert_parallel(model, self.mpu.get_expert_model_parallel_group())
             self.mpu.register_expert_groups(model)
             n_experts = [l.n_experts for l in model.moe_layers()]
