@@ -253,10 +253,6 @@ class Config:
             if e.kernels == "triton":
                 _fail("moe.kernels", e.kernels, "torch or auto with parallel.ep > 1 (the Triton "
                       "path is single-device for now)")
-        if (p.tp > 1 or p.ep > 1) and t.zero_stage != 0:
-            # exact gradient clipping over TP/EP shards (moe/parallel/plan.py) needs the
-            # reduced gradients in param.grad; ZeRO 1/2 keep them in flat partitions
-            _fail("train.zero_stage", t.zero_stage, f"0 with parallel.tp={p.tp} / parallel.ep={p.ep}")
         return self
 
     # ---------------------------------------------------------------- io

@@ -79,8 +79,6 @@ BAD = [
     # the shared experts are one SwiGLU of width n_shared * expert_ffn_dim, sharded by TP
     (["parallel.tp=2", "moe.n_shared=1", "moe.expert_ffn_dim=33"], "moe.n_shared x moe.expert_ffn_dim"),
     (["parallel.ep=2", "moe.kernels=triton"], "moe.kernels='triton'"),
-    (["parallel.ep=2", "train.zero_stage=1"], "train.zero_stage=1"),
-    (["parallel.tp=2", "train.zero_stage=2"], "train.zero_stage=2"),
     (["mtp.switch_at=1.5"], "mtp.switch_at=1.5"),
     (["moe=3"], "moe=3"),
 ]

@@ -90,16 +90,19 @@ def _assert_same_training(ref: Path, run: Path, world: int) -> None:
         torch.testing.assert_close(merged[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-# (processes, tp, ep): dp = processes / tp replicas, each reading GLOBAL_BATCH / dp samples
-LAYOUTS = [(2, 1, 2), (2, 2, 1), (4, 2, 2)]
+# (processes, tp, ep, ZeRO stage): dp = processes / tp replicas, each reading
+# GLOBAL_BATCH / dp samples. ZeRO 0 clips with the plan's exact norm, ZeRO 1/2 with
+# DeepSpeed's partition norm; the one-process reference is ZeRO 0.
+LAYOUTS = [(2, 1, 2, 0), (2, 2, 1, 1), (4, 2, 2, 2)]
 
 
-@pytest.mark.parametrize("nproc,tp,ep", LAYOUTS, ids=[f"n{n}-tp{t}-ep{e}" for n, t, e in LAYOUTS])
-def test_layout_trains_the_same_model_as_one_rank(root, one_rank, nproc, tp, ep):
+@pytest.mark.parametrize("nproc,tp,ep,zero", LAYOUTS,
+                         ids=[f"n{n}-tp{t}-ep{e}-zero{z}" for n, t, e, z in LAYOUTS])
+def test_layout_trains_the_same_model_as_one_rank(root, one_rank, nproc, tp, ep, zero):
     dp = nproc // tp
-    run = _run(root, root / f"n{nproc}-tp{tp}-ep{ep}", nproc,
+    run = _run(root, root / f"n{nproc}-tp{tp}-ep{ep}-zero{zero}", nproc,
                {**STEPS, "train.micro_batch_size": GLOBAL_BATCH // dp,
-                "parallel.tp": tp, "parallel.ep": ep})
+                "parallel.tp": tp, "parallel.ep": ep, "train.zero_stage": zero})
     _assert_same_training(one_rank, run, nproc)
     meta = ckpt.read_meta(ckpt.latest_checkpoint(run))
     assert meta["parallel"]["tp"] == tp and meta["parallel"]["ep"] == ep
@@ -108,10 +111,11 @@ def test_layout_trains_the_same_model_as_one_rank(root, one_rank, nproc, tp, ep)
 
 
 def test_ep2_checkpoint_resumes_exactly_at_ep2(root):
-    """An EP=2 run rewound to its step-6 checkpoint and resumed at EP=2 reproduces steps
-    7..12 exactly (per-rank expert shards, optimizer, loader and RNG restored); resuming
-    with another layout is refused naming parallel.ep."""
-    extra = {**STEPS, "train.micro_batch_size": 2, "parallel.ep": 2}
+    """An EP=2 ZeRO-2 run rewound to its step-6 checkpoint and resumed at EP=2 reproduces
+    steps 7..12 exactly (expert shards, ZeRO partitions of the dense and the expert
+    optimizer groups, loader and RNG restored); resuming with another layout is refused
+    naming parallel.ep."""
+    extra = {**STEPS, "train.micro_batch_size": 2, "parallel.ep": 2, "train.zero_stage": 2}
     run = _run(root, root / "resume-ep2", 2, extra)
     full = comparable(read_rows(run / "metrics.jsonl"))
     last = ckpt.latest_checkpoint(run)

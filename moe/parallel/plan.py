@@ -18,13 +18,14 @@ megatron-core: every rank is a full replica, the data-parallel group is the worl
   ``group_name``) when the model contains a ``deepspeed.moe.layer.MoE``. A parameter-free
   marker subclass of it, attached as ``model.deepspeed_moe_marker``, turns that path on
   for our own MoE layers; DeepSpeed builds and runs none of its MoE machinery from it;
-* gradient clipping is done here, not by DeepSpeed: DeepSpeed's norm under expert
-  parallelism is the mean of the ranks' local norms (``runtime/utils.clip_grad_norm_``),
-  which differs from the single-device norm. :meth:`ParallelPlan.clip_grad_norm_` sums
-  squared norms exactly: replicated parameters once, TP shards over the TP group, expert
-  shards over the EP group, so an EP/TP run clips exactly as the one-process run does.
-  This needs the reduced gradients in ``param.grad`` after backward, i.e. ZeRO stage 0;
-  stages 1/2 hold them in flat partitions, and the trainer refuses that combination;
+* gradient clipping must use the single-device norm. With ZeRO 1/2 DeepSpeed's own norm
+  is exact (partition norms summed over the data-parallel group, TP shards over the TP
+  group via the ``tensor_model_parallel`` attribute). With ZeRO 0 it is not: DeepSpeed's
+  ``runtime/utils.clip_grad_norm_`` averages the ranks' local norms, which differ under
+  expert parallelism. So at ZeRO 0 DeepSpeed's clipping is switched off and
+  :meth:`ParallelPlan.clip_grad_norm_` sums squared norms exactly (replicated parameters
+  once, TP shards over the TP group, expert shards over the EP group) on the reduced
+  ``param.grad`` before the optimizer step;
 * checkpoints hold one model file per (tp rank, ep rank) shard, written by the shard's
   first expert-data-parallel replica.
 """

@@ -352,7 +352,8 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
     model = par.parallelize(build_model(cfg)).to(dev)
     total_steps, stop_rule = plan_total_steps(cfg, dp)
     ds_cfg = deepspeed_config(cfg, dp, dev)
-    if par.model_parallel:
+    own_clip = par.model_parallel and cfg.train.zero_stage == 0
+    if own_clip:
         ds_cfg["gradient_clipping"] = 0.0  # exact clipping over shards: par.clip_grad_norm_
     if is0:
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
@@ -479,7 +480,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
             break
 
         grad_norm = None
-        if par.model_parallel:
+        if own_clip:
             # reduced gradients -> exact norm over all TP/EP shards, clipped here
             grad_norm = par.clip_grad_norm_(module, cfg.train.grad_clip)
         elif cfg.train.zero_stage == 0 and precision == "fp32":
