@@ -6,6 +6,7 @@ Public API (each with a plain-torch ``*_ref`` that tests and benchmarks share):
     unpermute(y_MD, row_map_TK, weights_TK, T) -> out_TD
     grouped_swiglu_mlp(x_MD, offsets_E, w13_ED2F, w2_EFD) -> y_MD
     moe_layer_triton(x_TD, logits_TE, w13, w2, *, top_k, ...) -> (out_TD, tokens_per_expert_E)
+    routed_experts_unchecked(x_TD, w_TK, idx_TK, w13, w2)      -> out_TD (no host syncs)
     available()                                -> whether Triton can run here
 
 Each kernel module holds the math, a plain-torch ``*_ref``, the ``@triton.jit`` kernels,
@@ -25,7 +26,8 @@ import torch
 _LAZY = {"route": "routing", "route_ref": "routing", "permute": "permute",
          "permute_ref": "permute", "unpermute": "permute", "unpermute_ref": "permute",
          "grouped_swiglu_mlp": "grouped_mlp", "grouped_swiglu_mlp_ref": "grouped_mlp",
-         "moe_layer_triton": "moe_layer", "moe_layer_ref": "moe_layer"}
+         "moe_layer_triton": "moe_layer", "moe_layer_ref": "moe_layer",
+         "routed_experts_unchecked": "moe_layer"}
 
 
 def __getattr__(name):
@@ -48,4 +50,4 @@ def available() -> bool:
 
 __all__ = ["route", "route_ref", "permute", "permute_ref", "unpermute", "unpermute_ref",
            "grouped_swiglu_mlp", "grouped_swiglu_mlp_ref", "moe_layer_triton", "moe_layer_ref",
-           "available"]
+           "routed_experts_unchecked", "available"]

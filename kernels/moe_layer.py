@@ -77,6 +77,14 @@ def moe_layer_triton(x_TD: torch.Tensor, logits_TE: torch.Tensor, w13_ED2F: torc
     w_TK, idx_TK, counts_E = route(logits_TE, top_k=top_k, score_fn=score_fn,
                                    expert_bias=expert_bias, n_groups=n_groups,
                                    topk_groups=topk_groups, route_scale=route_scale)
-    x_MD, row_map_TK, offs_E = _permute(x_TD, idx_TK, E, pad_to)
+    return routed_experts_unchecked(x_TD, w_TK, idx_TK, w13_ED2F, w2_EFD, pad_to), counts_E
+
+
+def routed_experts_unchecked(x_TD, weights_TK, indices_TK, w13_ED2F, w2_EFD, pad_to: int = 1):
+    """permute -> grouped SwiGLU MLP -> weighted unpermute, without the public functions'
+    value checks (each costs a host synchronisation on GPU). Only for callers whose
+    indices come from a router (in range by construction) and whose tensors were checked
+    once, e.g. :func:`moe_layer_triton` and the model's MoE layer. Returns out_TD."""
+    x_MD, row_map_TK, offs_E = _permute(x_TD, indices_TK, w13_ED2F.shape[0], pad_to)
     y_MD = _grouped_swiglu_mlp(x_MD, offs_E, w13_ED2F, w2_EFD, tail=pad_to > 1)
-    return _unpermute(y_MD, row_map_TK, w_TK), counts_E
+    return _unpermute(y_MD, row_map_TK, weights_TK.to(y_MD.dtype))

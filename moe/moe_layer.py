@@ -182,6 +182,7 @@ class MoEFeedForward(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("tokens_acc_E", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.last_counts_E: Optional[torch.Tensor] = None  # counts of the latest forward
+        self._routed_counts_E: Optional[torch.Tensor] = None  # Triton router -> experts
         self.last_losses: dict[str, float] = {}
 
     # Keep the expert bias in fp32 whatever dtype the module is cast to (megatron-core
@@ -213,9 +214,11 @@ class MoEFeedForward(nn.Module):
         if backend == "triton":
             import kernels  # lazy: moe works without triton installed
 
-            weights_TK, indices_TK, _ = kernels.route(
+            weights_TK, indices_TK, counts_E = kernels.route(
                 logits_TE, top_k=c.top_k, score_fn=c.score_fn, expert_bias=bias,
                 n_groups=c.n_groups, topk_groups=c.topk_groups, route_scale=c.route_scale)
+            # the kernel's counts: torch.bincount on CUDA would synchronise with the host
+            self._routed_counts_E = counts_E.to(torch.int64)
         else:
             weights_TK, indices_TK = route(
                 logits_TE, top_k=c.top_k, score_fn=c.score_fn, expert_bias=bias,
@@ -226,15 +229,17 @@ class MoEFeedForward(nn.Module):
     def routed_experts(self, x_TD, weights_TK, indices_TK):
         """Dropless dispatch -> experts -> weighted combine. Returns (out_TD, counts_E)."""
         c = self.cfg
-        T, K = indices_TK.shape
         backend = _resolve_backend(c.kernels, x_TD.device)
         if backend == "triton":
             import kernels
 
-            x_MD, row_map_TK, offsets_E = kernels.permute(x_TD, indices_TK, self.n_experts)
-            y_MD = kernels.grouped_swiglu_mlp(x_MD, offsets_E, self.w13_ED2F, self.w2_EFD)
-            out_TD = kernels.unpermute(y_MD, row_map_TK, weights_TK.to(y_MD.dtype), T)
-            counts_E = torch.bincount(indices_TK.reshape(-1), minlength=self.n_experts)
+            # indices come from the router (in range by construction): the unchecked
+            # composition runs without host synchronisations
+            out_TD = kernels.routed_experts_unchecked(x_TD, weights_TK, indices_TK,
+                                                      self.w13_ED2F, self.w2_EFD)
+            counts_E, self._routed_counts_E = self._routed_counts_E, None
+            if counts_E is None:  # forced-uniform routing bypasses the routing kernel
+                counts_E = torch.bincount(indices_TK.reshape(-1), minlength=self.n_experts)
             return out_TD, counts_E
         x_MD, order_M, inv_M, counts_E, offsets_E = dispatch(x_TD, indices_TK, self.n_experts)
         if c.dispatch == "loop":

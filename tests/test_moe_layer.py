@@ -217,12 +217,15 @@ def test_layer_equals_naive_per_token_reference():
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_triton_backend_equals_torch_backend():
-    # the model's layer with moe.kernels=triton (interpreter on CPU) against kernels=torch
+@pytest.mark.parametrize("force_uniform", [False, True])
+def test_triton_backend_equals_torch_backend(force_uniform):
+    # the model's layer with moe.kernels=triton (interpreter on CPU) against kernels=torch;
+    # forced-uniform routing bypasses the routing kernel (counts from bincount instead)
     from kernel_tolerances import assert_close
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    kw = dict(n_routed=6, n_shared=1, expert_ffn_dim=12, top_k=2, n_groups=3, topk_groups=2)
+    kw = dict(n_routed=6, n_shared=1, expert_ffn_dim=12, top_k=2, n_groups=3, topk_groups=2,
+              force_uniform=force_uniform)
     a = _layer(D=20, **kw).to(dev)
     b = MoEFeedForward(20, MoEConfig(kernels="triton", **kw)).to(dev)
     b.load_state_dict(a.state_dict())
