@@ -250,9 +250,6 @@ class Config:
                 _fail("parallel.ep", p.ep, "1 for a dense model (moe.n_routed=0)")
             if e.n_routed % p.ep:
                 _fail("parallel.ep", p.ep, f"a divisor of moe.n_routed={e.n_routed}")
-            if e.kernels == "triton":
-                _fail("moe.kernels", e.kernels, "torch or auto with parallel.ep > 1 (the Triton "
-                      "path is single-device for now)")
         return self
 
     # ---------------------------------------------------------------- io

@@ -78,7 +78,6 @@ BAD = [
     (["parallel.ep=2", "moe.n_routed=0"], "parallel.ep=2"),
     # the shared experts are one SwiGLU of width n_shared * expert_ffn_dim, sharded by TP
     (["parallel.tp=2", "moe.n_shared=1", "moe.expert_ffn_dim=33"], "moe.n_shared x moe.expert_ffn_dim"),
-    (["parallel.ep=2", "moe.kernels=triton"], "moe.kernels='triton'"),
     (["mtp.switch_at=1.5"], "mtp.switch_at=1.5"),
     (["moe=3"], "moe=3"),
 ]

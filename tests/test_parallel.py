@@ -72,8 +72,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("extra", [["moe.force_uniform=true"], []], ids=["uniform", "routed"])
+EP_CASES = [(w, extra, name) for w in (2, 4)
+            for extra, name in ((["moe.force_uniform=true"], "uniform"), ([], "routed"))]
+# the local experts through the Triton grouped MLP (interpreter on CPU), routing kernel too
+EP_CASES.append((2, ["moe.kernels=triton"], "routed-triton"))
+
+
+@pytest.mark.parametrize("world,extra", [(w, e) for w, e, _ in EP_CASES],
+                         ids=[f"{n}-{w}" for w, _, n in EP_CASES])
 def test_expert_parallel_equals_single_process(tmp_path, world, extra):
     torch.manual_seed(0)
     ref = build_model(load_config(None, OVR + extra))

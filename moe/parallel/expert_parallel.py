@@ -11,7 +11,8 @@ Per MoE layer and forward:
   4. all-to-all the rows (send splits = rows per destination rank);
   5. received rows arrive grouped by source rank, then by local expert: a stable sort by
      local expert gives contiguous segments for the grouped GEMM;
-  6. run the local experts, undo 5, all-to-all back (splits swapped), combine with the
+  6. run the local experts (torch._grouped_mm, or the Triton grouped SwiGLU MLP with
+     moe.kernels=triton / auto on CUDA), undo 5, all-to-all back (splits swapped), combine with the
      routing weights exactly as the single-device layer does.
 The histogram returned to the layer is this rank's GLOBAL-expert counts, so the
 expert-bias update sees the same numbers as without EP (all-reduced over data-parallel
@@ -33,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..moe_layer import MoEFeedForward, combine, dispatch, experts_grouped_mm, experts_loop
+from ..moe_layer import (MoEFeedForward, _resolve_backend, combine, dispatch, experts_grouped_mm,
+                         experts_loop)
 
 
 def guarded(what: str, fn, group=None):
@@ -97,7 +99,13 @@ def _ep_routed_experts(self: MoEFeedForward, x_TD, weights_TK, indices_TK):
     inv_perm_R[perm_R] = torch.arange(perm_R.numel(), device=perm_R.device)
     local_counts = recv_PEl.sum(0)
     x_local = x_RD.index_select(0, perm_R)
-    if self.cfg.dispatch == "loop":
+    self._routed_counts_E = None  # the Triton router's counts are not used on this path
+    if _resolve_backend(self.cfg.kernels, x_local.device) == "triton":
+        from kernels.grouped_mlp import _grouped_swiglu_mlp  # offsets valid by construction
+
+        y_local = _grouped_swiglu_mlp(x_local, torch.cumsum(local_counts, 0).to(torch.int32),
+                                      self.w13_ED2F, self.w2_EFD)
+    elif self.cfg.dispatch == "loop":
         y_local = experts_loop(x_local, local_counts, self.w13_ED2F, self.w2_EFD)
     else:
         y_local = experts_grouped_mm(x_local, torch.cumsum(local_counts, 0).to(torch.int32),
@@ -128,9 +136,6 @@ def apply_expert_parallel(model: nn.Module, ep_group=None) -> nn.Module:
         layer.w13_ED2F = nn.Parameter(w13)
         layer.w2_EFD = nn.Parameter(w2)
         layer.ep_size, layer.ep_rank, layer.ep_group, layer.n_local_experts = P, r, ep_group, El
-        if layer.cfg.kernels == "triton":
-            raise ValueError("moe.kernels=triton with expert parallelism is not supported yet: "
-                             "use moe.kernels=torch (the Triton path is single-device)")
         layer.routed_experts = types.MethodType(_ep_routed_experts, layer)
     return model
 
