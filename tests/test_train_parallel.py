@@ -182,3 +182,36 @@ def test_deepspeed_launcher_runs_ep2_and_matches_one_rank(root, one_rank):
     r = subprocess.run(cmd, env=_env(root), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _assert_same_training(one_rank, out, 2)
+
+
+def test_ep_eval_with_an_empty_rank_in_the_last_batch(root):
+    """Full-split evaluation whose last global batch holds a single sample: under EP the
+    rank without a sample must still join the all-to-alls (a filler forward), else its
+    peer waits on it until the collective timeout. Eval losses and MaxVio_global equal
+    the one-process run's."""
+    from moe.data import num_samples
+    from moe.train.loop import prepare
+    from test_train import tiny_cfg
+
+    # a short val split (few eval batches) whose sample count n and a micro-batch mb
+    # leave one sample in the last global batch of 2 * mb
+    for fraction in (0.05, 0.07, 0.1, 0.2):
+        small_val = {"data.val_fraction": fraction}
+        data = prepare(tiny_cfg(root, **small_val), progress=False)
+        n = num_samples(len(data.val), 32, 1)  # tiny_overrides: seq_len 32, mtp.depth 1
+        mb = next((b for b in range(1, 9) if n % (2 * b) == 1), None)
+        if mb is not None:
+            break
+    assert mb is not None, "no val split / micro-batch leaves one sample in the last batch"
+    extra = {"train.max_steps": 2, "train.eval_every": 2, "train.ckpt_every": 2,
+             "train.eval_batches": 10**6, "parallel.timeout_s": 30, **small_val}
+    one = _run(root, root / "eval-one", 1, {**extra, "train.micro_batch_size": 2 * mb})
+    two = _run(root, root / "eval-ep2", 2, {**extra, "train.micro_batch_size": mb,
+                                            "parallel.ep": 2})
+    a = [r for r in read_rows(one / "metrics.jsonl") if r["kind"] == "eval"]
+    b = [r for r in read_rows(two / "metrics.jsonl") if r["kind"] == "eval"]
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert rb["eval_tokens"] == ra["eval_tokens"] == n * 32
+        assert rb["lm_loss"] == pytest.approx(ra["lm_loss"], rel=1e-5)
+        assert rb["maxvio_global"] == ra["maxvio_global"]

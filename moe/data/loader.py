@@ -166,7 +166,7 @@ class TokenBatches:
 
 def eval_batches(dataset, batch_size: int, seq_len: int, extra_tokens: int = 0,
                  max_batches: Optional[int] = None, rank: int = 0,
-                 world_size: int = 1) -> Iterator[torch.Tensor]:
+                 world_size: int = 1, yield_empty: bool = False) -> Iterator[Optional[torch.Tensor]]:
     """Batches over a whole split, in stream order (fixed: no shuffling, one pass).
 
     Sample ``i`` is the same window as in training (stride ``seq_len``), so one pass
@@ -174,7 +174,9 @@ def eval_batches(dataset, batch_size: int, seq_len: int, extra_tokens: int = 0,
     Global batch ``k`` is samples ``k*B*W ..``; rank ``r`` takes entries ``r, r+W, ...``.
     The last batch may be smaller (and empty ranks skip it), so sum loss*tokens per rank
     and all-reduce once rather than averaging per batch. ``max_batches`` limits the number
-    of global batches.
+    of global batches. ``yield_empty``: yield ``None`` instead of skipping a batch in which
+    this rank has no sample, so every rank sees the same number of batches (needed when
+    the forward pass is a collective, as with expert parallelism's all-to-all).
     """
     split = _as_split(dataset, "val")
     n = _check_args(split, batch_size, seq_len, extra_tokens, rank, world_size)
@@ -187,3 +189,5 @@ def eval_batches(dataset, batch_size: int, seq_len: int, extra_tokens: int = 0,
         mine = np.arange(k * gbs, min((k + 1) * gbs, n), dtype=np.int64)[rank::world_size]
         if len(mine):
             yield _gather(split, mine, seq_len, length)
+        elif yield_empty:
+            yield None

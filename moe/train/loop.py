@@ -200,14 +200,18 @@ def prepare(cfg: Config, progress: bool = True):
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg: Config, rank: int, world: int, device: str, group=None) -> dict:
+def evaluate(model, data, cfg: Config, rank: int, world: int, device: str, group=None,
+             collective_forward: bool = False) -> dict:
     """Held-out losses and MaxVio_global (MaxVio of the counts summed over all eval
     batches, per MoE layer; main-model layers first, then MTP blocks).
 
     Ranks evaluate disjoint samples; token-weighted sums are all-reduced once, so the
     result does not depend on how the samples were split across ranks (up to fp rounding).
     ``rank`` / ``world`` / ``group`` are the data-parallel ones (the TP ranks of one model
-    replica evaluate the same samples and are counted once).
+    replica evaluate the same samples and are counted once). ``collective_forward``
+    (expert parallelism: every forward is an all-to-all over the EP group): a rank without
+    a sample in the last global batch still runs one forward, on a filler sample whose
+    losses and counts are discarded, so no rank waits for a peer that stopped early.
     """
     from ..data import eval_batches
 
@@ -217,9 +221,16 @@ def evaluate(model, data, cfg: Config, rank: int, world: int, device: str, group
     moe_layers = model.moe_layers()
     counts = [torch.zeros(l.n_experts, dtype=torch.int64) for l in moe_layers]
     sums = torch.zeros(2 + depth, dtype=torch.float64)  # lm, mtp_1..D, n_tokens
+    filler = None
     for xb in eval_batches(data.val, cfg.train.micro_batch_size, cfg.train.seq_len,
                            extra_tokens=depth, max_batches=cfg.train.eval_batches,
-                           rank=rank, world_size=world):
+                           rank=rank, world_size=world, yield_empty=collective_forward):
+        if xb is None:
+            if filler is None:
+                filler = next(eval_batches(data.val, 1, cfg.train.seq_len, extra_tokens=depth,
+                                           max_batches=1))
+            model(filler.to(device))  # joins the peers' all-to-alls; nothing is counted
+            continue
         out = model(xb.to(device))
         n = xb.shape[0] * cfg.train.seq_len
         sums[0] += float(out["lm_loss"]) * n
@@ -418,7 +429,8 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
 
     def do_eval():
         nonlocal last_eval, last_eval_step
-        row = evaluate(module, data, cfg, dp_rank, dp, dev, dp_group)
+        row = evaluate(module, data, cfg, dp_rank, dp, dev, dp_group,
+                       collective_forward=par.topo.ep > 1)
         row = {"kind": "eval", "step": counters["step"], "tokens": counters["tokens"], **row}
         metrics.write(row)
         last_eval, last_eval_step = row, counters["step"]
