@@ -1,6 +1,6 @@
 """CPU MoE-layer benchmark (issue: CPU target of the torch backend).
 
-    python benchmarks/bench_moe_layer_cpu.py [--rounds 15] [--tokens 4096]
+    python benchmarks/bench_moe_layer_cpu.py [--rounds 15] [--tokens 4096] [--upstream sum|random]
 
 Forward+backward of one MoE FFN at E=64, k=8, expert FFN 128, d_model 256, fp32 against,
 in the same run and interleaved round by round (so background load hits all alike):
@@ -74,6 +74,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--out", default="moe_layer_cpu.jsonl")
+    p.add_argument("--upstream", choices=["sum", "random"], default="sum",
+                   help="gradient fed to the layer output: that of out.sum() (expanded ones, "
+                        "the earlier runs' method) or a fixed dense random tensor")
     a = p.parse_args(argv)
     T, D, E, K, Fh = a.tokens, 256, 64, 8, 128
     torch.manual_seed(0)
@@ -87,13 +90,19 @@ def main(argv=None):
     if not a.no_deepspeed:
         variants["deepspeed"] = build_deepspeed(D, E, K, Fh)
     x = torch.randn(1, T, D, requires_grad=True)
+    # upstream gradient of the layer output: "sum" backpropagates out.sum() (an expanded,
+    # stride-0 gradient), "random" a fixed dense gradient as a transformer's residual
+    # stream would deliver
+    g_out = torch.randn(1, T, D)
 
     def step(m):
         out = m(x)
-        loss = out[0].sum() if isinstance(out, tuple) else out.sum()
+        y = out[0] if isinstance(out, tuple) else out
+        roots, grads = [y], [y.new_ones(()).expand_as(y) if a.upstream == "sum" else g_out]
         if isinstance(out, tuple) and len(out) == 3:  # deepspeed: (out, l_aux, counts)
-            loss = loss + out[1]
-        loss.backward()
+            roots.append(out[1])
+            grads.append(torch.ones_like(out[1]))
+        torch.autograd.backward(roots, grads)
 
     for m in variants.values():
         for _ in range(3):
@@ -115,7 +124,8 @@ def main(argv=None):
         q = statistics.quantiles(ts, n=5)
         rows.append({**env, "bench": "moe_layer_fwd_bwd", "variant": n, "dtype": "float32",
                      "shape": {"T": T, "D": D, "E": E, "K": K, "F": Fh, "shared": 0},
-                     "rounds": a.rounds, "median_ms": med * 1e3, "p20_ms": q[0] * 1e3,
+                     "rounds": a.rounds, "upstream_grad": a.upstream,
+                     "median_ms": med * 1e3, "p20_ms": q[0] * 1e3,
                      "p80_ms": q[3] * 1e3, "min_ms": ts[0] * 1e3,
                      "active_gflops_per_s": flops / med / 1e9,
                      "ratio_vs_dense_median": med / dense_med})
