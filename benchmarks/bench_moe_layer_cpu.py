@@ -74,6 +74,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--out", default="moe_layer_cpu.jsonl")
+    p.add_argument("--profile", action="store_true",
+                   help="also record the top ops of 'ours' by self CPU time (torch profiler)")
     p.add_argument("--upstream", choices=["sum", "random"], default="sum",
                    help="gradient fed to the layer output: that of out.sum() (expanded ones, "
                         "the earlier runs' method) or a fixed dense random tensor")
@@ -131,6 +133,20 @@ def main(argv=None):
                      "ratio_vs_dense_median": med / dense_med})
         print(f"{n:10s} median {med*1e3:8.1f} ms  min {ts[0]*1e3:8.1f} ms  "
               f"{flops/med/1e9:7.1f} GFLOP/s  x{med/dense_med:.2f} dense")
+    if a.profile:
+        # where "ours" spends its time: torch profiler self CPU time per op, per step
+        steps = 5
+        with torch.profiler.profile() as prof:
+            for _ in range(steps):
+                step(ours)
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        for e in ops[:12]:
+            rows.append({**env, "bench": "moe_layer_profile", "variant": "ours",
+                         "upstream_grad": a.upstream, "op": e.key,
+                         "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                         "calls_per_step": e.count / steps})
+            print(f"  {e.key:45s} {e.self_cpu_time_total / 1e3 / steps:8.1f} ms/step "
+                  f"{e.count / steps:8.0f} calls/step")
     path = append_rows(a.out, rows)
     print(f"rows appended to {path}")
 
