@@ -82,9 +82,11 @@ def test_zero2_two_ranks_resume_exact(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_rank_fails_the_launch_quickly_naming_it(tmp_path):
+@pytest.mark.parametrize("layout", [{}, {"parallel.ep": 2}], ids=["dp", "ep2"])
+def test_killed_rank_fails_the_launch_quickly_naming_it(tmp_path, layout):
     """SIGKILL one rank mid-training: the launch exits non-zero, naming the failed rank,
-    well within 2 minutes (no hang on the survivor's next collective)."""
+    well within 2 minutes (no hang on the survivor's next collective: a gradient
+    all-reduce under DP, the token all-to-all inside the forward under EP)."""
     import os
     import signal
     import time
@@ -95,7 +97,8 @@ def test_killed_rank_fails_the_launch_quickly_naming_it(tmp_path):
     cfg_path.write_text("name: kill\n")
     out = tmp_path / "run"
     extra = {"train.max_steps": 100000, "train.eval_every": 100000, "train.ckpt_every": 100000,
-             "train.micro_batch_size": 2, "train.log_every": 1, "parallel.timeout_s": 30}
+             "train.micro_batch_size": 2, "train.log_every": 1, "parallel.timeout_s": 30,
+             **layout}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "0", "--standalone", "-m", "moe.cli", "train", str(cfg_path),
            *tiny_overrides(tmp_path, **extra), "--out", str(out), "--no-progress"]
