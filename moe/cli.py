@@ -5,6 +5,7 @@
     moe-testbed plot-run RUN_DIR                  loss curves and per-layer MaxVio PNG
     moe-testbed fit RESULTS [--out DIR]           scaling-law fits + report from a results table
     moe-testbed ladder CONFIG [--dry-run]         run / plan a scaling ladder
+    moe-testbed consolidate CKPT --out FILE       one state dict from a sharded checkpoint
 
 Bad configs fail here, before any compute, with one line naming the field.
 """
@@ -39,6 +40,8 @@ COMMANDS = {
     "plot-run": ("moe.train.plots:plot_run_main", "plot a run directory"),
     "fit": ("moe.scaling:fit_main", "fit scaling laws to a results table and write a report"),
     "ladder": ("moe.scaling.ladder:ladder_main", "run or plan a scaling ladder"),
+    "consolidate": ("moe.parallel.plan:consolidate_main",
+                    "merge a TP/EP-sharded checkpoint into one model state dict"),
 }
 
 

@@ -108,6 +108,12 @@ def test_layout_trains_the_same_model_as_one_rank(root, one_rank, nproc, tp, ep,
     assert meta["parallel"]["tp"] == tp and meta["parallel"]["ep"] == ep
     shard_files = [f for f in meta["files"] if f.startswith("model_")]
     assert len(shard_files) == tp * ep
+    # the CLI writes the same single-device state dict (from the run dir's latest)
+    from moe.cli import main
+
+    assert main(["consolidate", str(run), "--out", str(run / "full.pt")]) == 0
+    written, merged = ckpt.load_file(run / "full.pt"), load_consolidated(ckpt.latest_checkpoint(run))
+    assert set(written) == set(merged) and all(torch.equal(written[k], merged[k]) for k in merged)
 
 
 def test_ep2_checkpoint_resumes_exactly_at_ep2(root):

@@ -32,6 +32,7 @@ megatron-core: every rank is a full replica, the data-parallel group is the worl
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -215,3 +216,31 @@ def load_consolidated(checkpoint_dir) -> dict:
     shards = {(t, e): load_file(d / f"model_tp{t:02d}_ep{e:03d}.pt")
               for t in range(tp) for e in range(ep)}
     return consolidate_shards(shards, tp, ep)
+
+
+def consolidate_main(argv: list[str]) -> int:
+    """``moe-testbed consolidate CKPT_DIR --out FILE``: write the single-device state dict
+    of a (possibly TP/EP-sharded) checkpoint as one ``torch.save`` file."""
+    import argparse
+    from pathlib import Path
+
+    from ..train.checkpoint import latest_checkpoint, save_file
+
+    p = argparse.ArgumentParser(prog="moe-testbed consolidate",
+                                description="Merge a sharded checkpoint into one model state dict.")
+    p.add_argument("path", help="a checkpoint directory (step_*) or a run directory (its latest)")
+    p.add_argument("--out", required=True, help="output file (.pt)")
+    a = p.parse_args(argv)
+    d = Path(a.path)
+    if not (d / "meta.json").is_file():
+        latest = latest_checkpoint(d) if d.is_dir() else None
+        if latest is None:
+            print(f"error: {d} is neither a checkpoint directory nor a run directory with "
+                  "checkpoints", file=sys.stderr)
+            return 2
+        d = latest
+    state = load_consolidated(d)
+    save_file(state, Path(a.out))
+    n = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    print(f"{d} -> {a.out}: {len(state)} tensors, {n:,} elements")
+    return 0
