@@ -32,8 +32,10 @@ Kernels:
 Accumulation is fp32; fp32 inputs use IEEE products (no TF32) so CPU tests are exact to
 summation order. Tile sizes are autotuned on CUDA from a short list (unmeasured here:
 no GPU in this session); the interpreter uses one small config.
-Not fused (yet): the permute gather into the first GEMM's prologue and the routing
-weight + combine into the last GEMM's epilogue (ScatterMoE / Liger do both).
+Optional: the permute gather fused into the first GEMM's prologue (``_GatheredSwiGLU``,
+``routed_experts_unchecked(fuse_gather=True)``; off by default until measured on a GPU).
+Not fused: the routing weight + combine into the last GEMM's epilogue (ScatterMoE does
+it with atomics; the deterministic gather-sum of ``unpermute`` is kept).
 """
 
 from __future__ import annotations
@@ -105,16 +107,19 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
 @triton.autotune(configs=_gemm_configs(), key=["N", "K", "EPILOGUE"],
                  prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, h_ptr, offs_ptr, M, N, K, E,
+def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, h_ptr, offs_ptr, gidx_ptr, M, N, K, E,
                          stride_am, stride_ak, stride_be, stride_bk, stride_bn,
                          EPILOGUE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                         GATHER: tl.constexpr, GATHER_DIV: tl.constexpr,
                          BLOCK_E: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
     """EPILOGUE 0: C (M, N) = A @ B[e].
     EPILOGUE 1: B has 2N columns; gate = A @ B[e][:, n], up = A @ B[e][:, N + n];
                 H (M, 2N) <- [gate, up], C (M, N) <- silu(gate) * up.
-    EPILOGUE 2: acc = dA; reads H (M, 2N), writes C (M, 2N) <- [dgate, dup]."""
+    EPILOGUE 2: acc = dA; reads H (M, 2N), writes C (M, 2N) <- [dgate, dup].
+    GATHER: row r of A is A[gidx[r] // GATHER_DIV] (gidx < 0: a zero row), i.e. the
+    permute gather happens in the prologue and the permuted A is never written."""
     # grouped tile order: GROUP_M row tiles share each sweep over the column tiles
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M) + E  # static upper bound on row tiles
@@ -146,7 +151,14 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, h_ptr, offs_ptr, M, N, K, E,
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows64[:, None] * stride_am + ks[None, :] * stride_ak
+    if GATHER:
+        slot = tl.load(gidx_ptr + rows64, mask=rmask, other=-1)
+        amask = rmask & (slot >= 0)
+        arows = (tl.maximum(slot, 0) // GATHER_DIV).to(tl.int64)
+    else:
+        amask = rmask
+        arows = rows64
+    a_ptrs = a_ptr + arows[:, None] * stride_am + ks[None, :] * stride_ak
     b_ptrs = (b_ptr + e.to(tl.int64) * stride_be + ks[:, None] * stride_bk
               + cols[None, :] * stride_bn)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -154,7 +166,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, h_ptr, offs_ptr, M, N, K, E,
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kmask = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=amask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -201,10 +213,12 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, h_ptr, offs_ptr, M, N, K, E,
 
 @triton.autotune(configs=_wgrad_configs(), key=["KA", "N"])
 @triton.jit
-def _grouped_wgrad_kernel(a_ptr, g_ptr, dw_ptr, offs_ptr, KA, N,
-                          IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+def _grouped_wgrad_kernel(a_ptr, g_ptr, dw_ptr, offs_ptr, gidx_ptr, KA, N,
+                          IEEE: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr,
+                          GATHER_DIV: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dW[e] = A[seg_e]^T @ G[seg_e]; A (M, KA), G (M, N), dW (E, KA, N)."""
+    """dW[e] = A[seg_e]^T @ G[seg_e]; A (M, KA), G (M, N), dW (E, KA, N).
+    GATHER: row r of A is A[gidx[r] // GATHER_DIV] (gidx < 0: a zero row)."""
     # tiles of one expert are adjacent in launch order: its A and G rows stay in L2
     pid = tl.program_id(0)
     e = tl.program_id(1)
@@ -222,8 +236,15 @@ def _grouped_wgrad_kernel(a_ptr, g_ptr, dw_ptr, offs_ptr, KA, N,
         rows = (m0 + tl.arange(0, BLOCK_M))
         rmask = rows < end
         rows64 = rows.to(tl.int64)
-        a = tl.load(a_ptr + rows64[:, None] * KA + kk[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if GATHER:
+            slot = tl.load(gidx_ptr + rows64, mask=rmask, other=-1)
+            amask = rmask & (slot >= 0)
+            arows = (tl.maximum(slot, 0) // GATHER_DIV).to(tl.int64)
+        else:
+            amask = rmask
+            arows = rows64
+        a = tl.load(a_ptr + arows[:, None] * KA + kk[None, :],
+                    mask=amask[:, None] & kmask[None, :], other=0.0)
         g = tl.load(g_ptr + rows64[:, None] * N + nn[None, :],
                     mask=rmask[:, None] & nmask[None, :], other=0.0)
         if UPCAST:
@@ -247,9 +268,10 @@ def _precision(dtype):
     return dict(IEEE=dtype == torch.float32 or upcast, UPCAST=upcast)
 
 
-def _gemm(a_MK, b_EKN, offsets_E, epilogue=_EPI_PLAIN, h=None, zero_tail=False):
-    """Grouped C = A @ B[e] with an epilogue; b_EKN may be a strided (transposed) view."""
-    M, K = a_MK.shape
+def _gemm(a_MK, b_EKN, offsets_E, epilogue=_EPI_PLAIN, h=None, zero_tail=False, gather=None):
+    """Grouped C = A @ B[e] with an epilogue; b_EKN may be a strided (transposed) view.
+    ``gather=(gidx_M, div)``: C has gidx_M.numel() rows, row r reading A[gidx[r] // div]."""
+    M, K = (gather[0].numel(), a_MK.shape[1]) if gather is not None else a_MK.shape
     E = b_EKN.shape[0]
     N = b_EKN.shape[2] // 2 if epilogue == _EPI_SWIGLU_FWD else b_EKN.shape[2]
     out_cols = 2 * N if epilogue == _EPI_SWIGLU_BWD else N
@@ -261,21 +283,27 @@ def _gemm(a_MK, b_EKN, offsets_E, epilogue=_EPI_PLAIN, h=None, zero_tail=False):
     def grid(meta):
         return ((triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
     _grouped_gemm_kernel[grid](
-        a_MK, b_EKN, c, h if h is not None else c, offsets_E, M, N, K, E,
+        a_MK, b_EKN, c, h if h is not None else c, offsets_E,
+        gather[0] if gather is not None else offsets_E, M, N, K, E,
         a_MK.stride(0), a_MK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2),
-        EPILOGUE=epilogue, **_precision(a_MK.dtype), BLOCK_E=triton.next_power_of_2(E))
+        EPILOGUE=epilogue, **_precision(a_MK.dtype), GATHER=gather is not None,
+        GATHER_DIV=gather[1] if gather is not None else 1, BLOCK_E=triton.next_power_of_2(E))
     return (c, h) if epilogue == _EPI_SWIGLU_FWD else c
 
 
-def _wgrad(a_MK, g_MN, offsets_E, out_dtype):
-    """dW[e] = A[seg_e]^T G[seg_e] -> (E, K, N), accumulated in fp32, stored in out_dtype."""
+def _wgrad(a_MK, g_MN, offsets_E, out_dtype, gather=None):
+    """dW[e] = A[seg_e]^T G[seg_e] -> (E, K, N), accumulated in fp32, stored in out_dtype.
+    ``gather=(gidx_M, div)``: row r of A is A[gidx[r] // div] (as in :func:`_gemm`)."""
     KA, N = a_MK.shape[1], g_MN.shape[1]
     E = offsets_E.numel()
     dw = torch.empty(E, KA, N, device=a_MK.device, dtype=out_dtype)
 
     def grid(meta):
         return (triton.cdiv(KA, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]), E)
-    _grouped_wgrad_kernel[grid](a_MK, g_MN, dw, offsets_E, KA, N, **_precision(a_MK.dtype))
+    _grouped_wgrad_kernel[grid](a_MK.contiguous(), g_MN, dw, offsets_E,
+                                gather[0] if gather is not None else offsets_E, KA, N,
+                                **_precision(a_MK.dtype), GATHER=gather is not None,
+                                GATHER_DIV=gather[1] if gather is not None else 1)
     return dw
 
 
@@ -312,6 +340,53 @@ def _grouped_swiglu_mlp(x_MD, offsets_E, w13_ED2F, w2_EFD, tail=True):
     """Unchecked entry (offsets valid by construction, e.g. from permute)."""
     return _GroupedSwiGLU.apply(x_MD.contiguous(), offsets_E.to(torch.int32).contiguous(),
                                 w13_ED2F.contiguous(), w2_EFD.contiguous(), tail)
+
+
+class _GatheredSwiGLU(torch.autograd.Function):
+    """The grouped SwiGLU MLP reading token rows straight from x_TD (permute fused into the
+    first GEMM's prologue, ScatterMoE-style): row r of the expert-sorted input is
+    x_TD[slot_of_row[r] // K], so the (M, D) permuted copy is neither written in the
+    forward nor kept for the backward (dW13 gathers again). dx comes back as per-row
+    gradients summed per token by permute's deterministic gather-sum.
+    Saves versus permute + grouped MLP: one M x D write and one M x D read in the forward,
+    and M x D of activation memory."""
+
+    @staticmethod
+    def forward(ctx, x_TD, slot_of_row_M, row_map_TK, offsets_E, w13_ED2F, w2_EFD, tail):
+        K = row_map_TK.shape[1]
+        a_MF, h_M2F = _gemm(x_TD, w13_ED2F, offsets_E, _EPI_SWIGLU_FWD, gather=(slot_of_row_M, K))
+        y_MD = _gemm(a_MF, w2_EFD, offsets_E, zero_tail=tail)
+        ctx.save_for_backward(x_TD, slot_of_row_M, row_map_TK, offsets_E, w13_ED2F, w2_EFD,
+                              h_M2F, a_MF)
+        ctx.tail = tail
+        return y_MD
+
+    @staticmethod
+    def backward(ctx, dy_MD):
+        from .permute import _combine
+
+        x_TD, slot, row_map_TK, offs, w13, w2, h_M2F, a_MF = ctx.saved_tensors
+        need_x, _, _, _, need_w13, need_w2, _ = ctx.needs_input_grad
+        dy_MD = dy_MD.contiguous()
+        dx = dw13 = dw2 = None
+        if need_w2:
+            dw2 = _wgrad(a_MF, dy_MD, offs, w2.dtype)
+        if need_x or need_w13:
+            dh_M2F = _gemm(dy_MD, w2.transpose(1, 2), offs, _EPI_SWIGLU_BWD, h=h_M2F)
+            if need_w13:
+                dw13 = _wgrad(x_TD, dh_M2F, offs, w13.dtype, gather=(slot, row_map_TK.shape[1]))
+            if need_x:
+                dx_MD = _gemm(dh_M2F, w13.transpose(1, 2), offs, zero_tail=ctx.tail)
+                dx = _combine(dx_MD, row_map_TK, None, x_TD.dtype)
+        return dx, None, None, None, dw13, dw2, None
+
+
+def _gathered_swiglu_mlp(x_TD, slot_of_row_M, row_map_TK, offsets_E, w13_ED2F, w2_EFD,
+                         tail=True):
+    """Unchecked: (slot_of_row_M, row_map_TK, offsets_E) from permute's ``_sort_slots``."""
+    return _GatheredSwiGLU.apply(x_TD.contiguous(), slot_of_row_M, row_map_TK.contiguous(),
+                                 offsets_E.to(torch.int32).contiguous(), w13_ED2F.contiguous(),
+                                 w2_EFD.contiguous(), tail)
 
 
 # ------------------------------------------------------------------------------ public

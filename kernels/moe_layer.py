@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 
 from ._checks import check_2d, check_float
-from .grouped_mlp import _grouped_swiglu_mlp, grouped_swiglu_mlp_ref
-from .permute import _permute, _unpermute, permute_ref, unpermute_ref
+from .grouped_mlp import _gathered_swiglu_mlp, _grouped_swiglu_mlp, grouped_swiglu_mlp_ref
+from .permute import _permute, _sort_slots, _unpermute, permute_ref, unpermute_ref
 from .routing import route, route_ref
 
 
@@ -43,7 +43,8 @@ def moe_layer_ref(x_TD, logits_TE, w13_ED2F, w2_EFD, *, top_k, score_fn="sigmoid
 def moe_layer_triton(x_TD: torch.Tensor, logits_TE: torch.Tensor, w13_ED2F: torch.Tensor,
                      w2_EFD: torch.Tensor, *, top_k: int, score_fn: str = "sigmoid",
                      expert_bias: Optional[torch.Tensor] = None, n_groups: int = 1,
-                     topk_groups: int = 1, route_scale: float = 1.0, pad_to: int = 1):
+                     topk_groups: int = 1, route_scale: float = 1.0, pad_to: int = 1,
+                     fuse_gather: bool = False):
     """Routed experts of an MoE layer with the Triton kernels.
 
     Args:
@@ -52,6 +53,8 @@ def moe_layer_triton(x_TD: torch.Tensor, logits_TE: torch.Tensor, w13_ED2F: torc
         w13_ED2F: (E, D, 2F) gate|up projections.  w2_EFD: (E, F, D) down projection.
         top_k, score_fn, expert_bias, n_groups, topk_groups, route_scale: as ``route``.
         pad_to: pad each expert segment to a multiple of this (see ``permute``).
+        fuse_gather: gather token rows inside the first expert GEMM instead of writing the
+            permuted (T*K, D) copy (see grouped_mlp._GatheredSwiGLU).
     Returns:
         (out_TD in x's dtype, differentiable w.r.t. x_TD, logits_TE, w13_ED2F and w2_EFD;
          tokens_per_expert_E int32). No host synchronisation.
@@ -77,14 +80,22 @@ def moe_layer_triton(x_TD: torch.Tensor, logits_TE: torch.Tensor, w13_ED2F: torc
     w_TK, idx_TK, counts_E = route(logits_TE, top_k=top_k, score_fn=score_fn,
                                    expert_bias=expert_bias, n_groups=n_groups,
                                    topk_groups=topk_groups, route_scale=route_scale)
-    return routed_experts_unchecked(x_TD, w_TK, idx_TK, w13_ED2F, w2_EFD, pad_to), counts_E
+    return (routed_experts_unchecked(x_TD, w_TK, idx_TK, w13_ED2F, w2_EFD, pad_to, fuse_gather),
+            counts_E)
 
 
-def routed_experts_unchecked(x_TD, weights_TK, indices_TK, w13_ED2F, w2_EFD, pad_to: int = 1):
+def routed_experts_unchecked(x_TD, weights_TK, indices_TK, w13_ED2F, w2_EFD, pad_to: int = 1,
+                             fuse_gather: bool = False):
     """permute -> grouped SwiGLU MLP -> weighted unpermute, without the public functions'
     value checks (each costs a host synchronisation on GPU). Only for callers whose
     indices come from a router (in range by construction) and whose tensors were checked
-    once, e.g. :func:`moe_layer_triton` and the model's MoE layer. Returns out_TD."""
+    once, e.g. :func:`moe_layer_triton` and the model's MoE layer. ``fuse_gather``: the
+    first GEMM reads token rows from x_TD itself (no permuted copy). Returns out_TD."""
+    if fuse_gather:
+        row_map_TK, slot_of_row_M, offs_E = _sort_slots(indices_TK, w13_ED2F.shape[0], pad_to)
+        y_MD = _gathered_swiglu_mlp(x_TD, slot_of_row_M, row_map_TK, offs_E, w13_ED2F, w2_EFD,
+                                    tail=pad_to > 1)
+        return _unpermute(y_MD, row_map_TK, weights_TK.to(y_MD.dtype))
     x_MD, row_map_TK, offs_E = _permute(x_TD, indices_TK, w13_ED2F.shape[0], pad_to)
     y_MD = _grouped_swiglu_mlp(x_MD, offs_E, w13_ED2F, w2_EFD, tail=pad_to > 1)
     return _unpermute(y_MD, row_map_TK, weights_TK.to(y_MD.dtype))

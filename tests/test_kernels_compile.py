@@ -86,24 +86,28 @@ def check_grouped_mlp():
     G = _gpu_module("grouped_mlp")
     gemm = G._grouped_gemm_kernel
     types = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", h_ptr="*bf16", offs_ptr="*i32",
-                 M="i32", N="i32", K="i32", E="i32", stride_am="i32", stride_ak="i32",
+                 gidx_ptr="*i32", M="i32", N="i32", K="i32", E="i32", stride_am="i32", stride_ak="i32",
                  stride_be="i32", stride_bk="i32", stride_bn="i32")
     assert len(gemm.configs) > 1  # the GPU list, not the interpreter's single config
-    for epi in (0, 1, 2):
+    # (epilogue, gather in the prologue): the forward's first GEMM may gather its rows
+    for epi, gather in ((0, False), (1, False), (2, False), (1, True)):
         for cfg in G._prune_gemm_configs(gemm.configs, {}, EPILOGUE=epi):
             k = _compile(gemm.fn, types, dict(EPILOGUE=epi, IEEE=False, UPCAST=False, BLOCK_E=128,
-                                              **cfg.kwargs), cfg.num_warps, cfg.num_stages)
-            assert k.metadata.shared <= 227 * 1024, (epi, cfg)
+                                              GATHER=gather, GATHER_DIV=8, **cfg.kwargs),
+                         cfg.num_warps, cfg.num_stages)
+            assert k.metadata.shared <= 227 * 1024, (epi, gather, cfg)
     # the fp32 (IEEE) variant used by fp32 tests on GPU
     _compile(gemm.fn, {k: v.replace("bf16", "fp32") for k, v in types.items()},
-             dict(EPILOGUE=1, IEEE=True, UPCAST=False, BLOCK_E=128, BLOCK_M=64, BLOCK_N=64,
-                  BLOCK_K=64, GROUP_M=8), 4, 3)
+             dict(EPILOGUE=1, IEEE=True, UPCAST=False, GATHER=False, GATHER_DIV=1, BLOCK_E=128,
+                  BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 3)
     wgrad = G._grouped_wgrad_kernel
     for cfg in wgrad.configs:
-        k = _compile(wgrad.fn, dict(a_ptr="*bf16", g_ptr="*bf16", dw_ptr="*bf16", offs_ptr="*i32",
-                                    KA="i32", N="i32"),
-                     dict(IEEE=False, UPCAST=False, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
-        assert k.metadata.shared <= 227 * 1024, cfg
+        for gather in (False, True):
+            k = _compile(wgrad.fn, dict(a_ptr="*bf16", g_ptr="*bf16", dw_ptr="*bf16",
+                                        offs_ptr="*i32", gidx_ptr="*i32", KA="i32", N="i32"),
+                         dict(IEEE=False, UPCAST=False, GATHER=gather, GATHER_DIV=8, **cfg.kwargs),
+                         cfg.num_warps, cfg.num_stages)
+            assert k.metadata.shared <= 227 * 1024, (gather, cfg)
 
 
 @pytest.mark.parametrize("check", ["routing", "permute", "grouped_mlp"])

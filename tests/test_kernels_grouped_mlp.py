@@ -131,16 +131,19 @@ LAYER_CASES = [
 ]
 
 
+@pytest.mark.parametrize("fuse_gather", [False, True], ids=["permute", "fused-gather"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,D,Fh,E,K,G,TG,fn,pad_to", LAYER_CASES)
-def test_moe_layer_triton_equals_torch_composition(T, D, Fh, E, K, G, TG, fn, pad_to, dtype):
+def test_moe_layer_triton_equals_torch_composition(T, D, Fh, E, K, G, TG, fn, pad_to, dtype,
+                                                   fuse_gather):
     gen = torch.Generator().manual_seed(T + E + pad_to)
     x = torch.randn(T, D, generator=gen).to(DEV, dtype).requires_grad_(True)
     logits = (torch.randn(T, E, generator=gen) * 2).to(DEV).requires_grad_(True)
     bias = ((torch.rand(E, generator=gen) - 0.5) * 0.3).to(DEV) if fn == "sigmoid" else None
     w13, w2 = _weights(E, D, Fh, dtype, gen)
     kw = dict(top_k=K, score_fn=fn, expert_bias=bias, n_groups=G, topk_groups=TG, route_scale=2.5)
-    out, counts = kernels.moe_layer_triton(x, logits, w13, w2, pad_to=pad_to, **kw)
+    out, counts = kernels.moe_layer_triton(x, logits, w13, w2, pad_to=pad_to,
+                                           fuse_gather=fuse_gather, **kw)
     xf, lf, w13f, w2f = _fp32_leaves(x, logits, w13, w2)
     ref, counts_r = kernels.moe_layer_ref(xf, lf, w13f, w2f, **kw)
     assert torch.equal(counts, counts_r) and out.dtype == dtype
@@ -150,6 +153,24 @@ def test_moe_layer_triton_equals_torch_composition(T, D, Fh, E, K, G, TG, fn, pa
     refs = torch.autograd.grad(ref, (xf, lf, w13f, w2f), g)
     for name, a, b in zip(("dx", "dlogits", "dw13", "dw2"), grads, refs):
         assert_close(a, b, dtype, msg=name)
+
+
+@pytest.mark.parametrize("T,D,Fh,E,K,G,TG,fn,pad_to", LAYER_CASES)
+def test_fused_gather_is_bitwise_the_permuted_path(T, D, Fh, E, K, G, TG, fn, pad_to):
+    # gathering rows in the GEMM prologue feeds the same values to the same tiles as
+    # reading the permuted copy, and dx is summed by the same gather-sum: equal bits (fp32)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(T, D, generator=gen).to(DEV).requires_grad_(True)
+    logits = torch.randn(T, E, generator=gen).to(DEV)
+    w13, w2 = _weights(E, D, Fh, torch.float32, gen)
+    w_TK, idx_TK, _ = kernels.route(logits, top_k=K, score_fn=fn, n_groups=G, topk_groups=TG)
+    g = torch.randn(T, D, generator=gen).to(DEV)
+    res = []
+    for fuse in (False, True):
+        out = kernels.routed_experts_unchecked(x, w_TK, idx_TK, w13, w2, pad_to, fuse_gather=fuse)
+        res.append((out, *torch.autograd.grad(out, (x, w13, w2), g)))
+    for name, a, b in zip(("out", "dx", "dw13", "dw2"), *res):
+        assert torch.equal(a, b), name
 
 
 def test_moe_layer_triton_bad_inputs():
@@ -198,14 +219,15 @@ def test_grouped_mlp_real_shapes_gpu(D, Fh, E, K, dtype):
 
 
 @pytest.mark.gpu
-def test_moe_layer_triton_real_shape_gpu():
+@pytest.mark.parametrize("fuse_gather", [False, True], ids=["permute", "fused-gather"])
+def test_moe_layer_triton_real_shape_gpu(fuse_gather):
     T, D, Fh, E, K = 4096, 2048, 768, 128, 8
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(T, D, generator=gen).cuda().bfloat16().requires_grad_(True)
     logits = torch.randn(T, E, generator=gen).cuda().requires_grad_(True)
     w13, w2 = (t.cuda() for t in _weights(E, D, Fh, torch.bfloat16, gen, scale=0.02))
     kw = dict(top_k=K, score_fn="softmax")
-    out, c = kernels.moe_layer_triton(x, logits, w13, w2, **kw)
+    out, c = kernels.moe_layer_triton(x, logits, w13, w2, fuse_gather=fuse_gather, **kw)
     xf, lf, w13f, w2f = _fp32_leaves(x, logits, w13, w2)
     ref, cr = kernels.moe_layer_ref(xf, lf, w13f, w2f, **kw)
     assert torch.equal(c, cr)

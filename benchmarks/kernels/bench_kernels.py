@@ -10,7 +10,8 @@ Kernel microbenchmarks for the MoE layer, each beside baselines measured in the 
     mlp_fwd          triton | grouped_mm | expert_loop               TFLOP/s, % of dense
     mlp_bwd          triton | grouped_mm | expert_loop               TFLOP/s, % of dense
     mlp_fwd_bwd      triton | grouped_mm | expert_loop               TFLOP/s, % of dense
-    moe_layer_fwd    triton (moe_layer_triton) | torch (refs + grouped_mm)   TFLOP/s
+    moe_layer_fwd    triton (moe_layer_triton) | triton_fused_gather (permute gather in
+                     the first GEMM's prologue) | torch (refs + grouped_mm)   TFLOP/s
     moe_layer_fwd_bwd  same                                          TFLOP/s
     dense_matmul     torch (one (T*K) x D x 3F GEMM: the same forward FLOPs, the roofline)
 
@@ -262,12 +263,16 @@ def main(argv=None):
         def layer_triton():
             return kernels.moe_layer_triton(x, logits, w13, w2, **lk)[0]
 
+        def layer_triton_fused():
+            return kernels.moe_layer_triton(x, logits, w13, w2, fuse_gather=True, **lk)[0]
+
         def layer_torch():
             w, i, _ = kernels.route_ref(logits, **lk)
             a_, r_, o_ = kernels.permute_ref(x, i, E)
             return kernels.unpermute_ref(grouped_mm_mlp(a_, o_, w13, w2), r_, w, T)
         go = torch.randn(T, D, device=device, dtype=dtype)
-        for impl, f in (("triton", layer_triton), ("torch", layer_torch)):
+        for impl, f in (("triton", layer_triton), ("triton_fused_gather", layer_triton_fused),
+                        ("torch", layer_torch)):
             with torch.no_grad():
                 record(name, s, T, routing, "moe_layer_fwd", impl, f, flops_fwd, **fk)
 
