@@ -5,7 +5,8 @@ Public API (each with a plain-torch ``*_ref`` that tests and benchmarks share):
     permute(x_TD, indices_TK, E, pad_to=1)     -> (x_MD, row_map_TK, offsets_E)
     unpermute(y_MD, row_map_TK, weights_TK, T) -> out_TD
     grouped_swiglu_mlp(x_MD, offsets_E, w13_ED2F, w2_EFD) -> y_MD
-    moe_layer_triton(x_TD, logits_TE, w13, w2, *, top_k, ...) -> (out_TD, tokens_per_expert_E)
+    moe_layer_triton(x_TD, logits_TE, w13, w2, *, top_k, ..., fuse_gather=False)
+                                               -> (out_TD, tokens_per_expert_E)
     routed_experts_unchecked(x_TD, w_TK, idx_TK, w13, w2)      -> out_TD (no host syncs)
     available()                                -> whether Triton can run here
 

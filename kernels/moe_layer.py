@@ -9,6 +9,9 @@ Shape legend: T tokens, K top_k, E experts, D hidden, F expert FFN size, M = T*K
     y_MD = grouped_swiglu_mlp(x_MD, offs_E, w13_ED2F, w2_EFD)
     out_TD[t] = sum_k w_TK[t, k] * y_MD[row_map_TK[t, k]]
 
+With ``fuse_gather=True`` permute is not materialised: the first GEMM reads x_TD rows
+through the sorted slot order (grouped_mlp._GatheredSwiGLU).
+
 FLOPs: 6 * T*K * D * F forward (active FLOPs), twice that backward. Bytes: see the parts.
 The inner calls skip the value checks of the public functions (indices and offsets are
 valid by construction), so the whole layer runs without a host synchronisation.
