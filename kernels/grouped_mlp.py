@@ -104,6 +104,17 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+@triton.jit
+def _a_rows(gidx_ptr, rows64, rmask, GATHER: tl.constexpr, GATHER_DIV: tl.constexpr):
+    """Rows of A to read for output rows ``rows64`` and their mask: the rows themselves,
+    or with GATHER the token rows gidx[r] // GATHER_DIV (gidx < 0: padding, masked)."""
+    if GATHER:
+        slot = tl.load(gidx_ptr + rows64, mask=rmask, other=-1)
+        return (tl.maximum(slot, 0) // GATHER_DIV).to(tl.int64), rmask & (slot >= 0)
+    else:
+        return rows64, rmask
+
+
 @triton.autotune(configs=_gemm_configs(), key=["N", "K", "EPILOGUE"],
                  prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
@@ -151,13 +162,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, h_ptr, offs_ptr, gidx_ptr, M, N, K
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     ks = tl.arange(0, BLOCK_K)
-    if GATHER:
-        slot = tl.load(gidx_ptr + rows64, mask=rmask, other=-1)
-        amask = rmask & (slot >= 0)
-        arows = (tl.maximum(slot, 0) // GATHER_DIV).to(tl.int64)
-    else:
-        amask = rmask
-        arows = rows64
+    arows, amask = _a_rows(gidx_ptr, rows64, rmask, GATHER, GATHER_DIV)
     a_ptrs = a_ptr + arows[:, None] * stride_am + ks[None, :] * stride_ak
     b_ptrs = (b_ptr + e.to(tl.int64) * stride_be + ks[:, None] * stride_bk
               + cols[None, :] * stride_bn)
@@ -236,13 +241,7 @@ def _grouped_wgrad_kernel(a_ptr, g_ptr, dw_ptr, offs_ptr, gidx_ptr, KA, N,
         rows = (m0 + tl.arange(0, BLOCK_M))
         rmask = rows < end
         rows64 = rows.to(tl.int64)
-        if GATHER:
-            slot = tl.load(gidx_ptr + rows64, mask=rmask, other=-1)
-            amask = rmask & (slot >= 0)
-            arows = (tl.maximum(slot, 0) // GATHER_DIV).to(tl.int64)
-        else:
-            amask = rmask
-            arows = rows64
+        arows, amask = _a_rows(gidx_ptr, rows64, rmask, GATHER, GATHER_DIV)
         a = tl.load(a_ptr + arows[:, None] * KA + kk[None, :],
                     mask=amask[:, None] & kmask[None, :], other=0.0)
         g = tl.load(g_ptr + rows64[:, None] * N + nn[None, :],
