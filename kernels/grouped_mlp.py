@@ -307,11 +307,32 @@ def _wgrad(a_MK, g_MN, offsets_E, out_dtype, gather=None):
 
 
 # ------------------------------------------------------------------------------ autograd
+def _mlp_forward(x, offs, w13, w2, tail, gather=None):
+    """(y_MD, h_M2F, a_MF); x is (M, D) rows, or with ``gather`` the (T, D) tokens."""
+    a_MF, h_M2F = _gemm(x, w13, offs, _EPI_SWIGLU_FWD, gather=gather)
+    return _gemm(a_MF, w2, offs, zero_tail=tail), h_M2F, a_MF
+
+
+def _mlp_backward(dy_MD, x, offs, w13, w2, h_M2F, a_MF, need_x, need_w13, need_w2, tail,
+                  gather=None):
+    """(dx_MD per row, dW13, dW2), each None when not needed."""
+    dy_MD = dy_MD.contiguous()
+    dx = dw13 = dw2 = None
+    if need_w2:
+        dw2 = _wgrad(a_MF, dy_MD, offs, w2.dtype)
+    if need_x or need_w13:
+        dh_M2F = _gemm(dy_MD, w2.transpose(1, 2), offs, _EPI_SWIGLU_BWD, h=h_M2F)
+        if need_w13:
+            dw13 = _wgrad(x, dh_M2F, offs, w13.dtype, gather=gather)
+        if need_x:
+            dx = _gemm(dh_M2F, w13.transpose(1, 2), offs, zero_tail=tail)
+    return dx, dw13, dw2
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MD, offsets_E, w13_ED2F, w2_EFD, tail):
-        a_MF, h_M2F = _gemm(x_MD, w13_ED2F, offsets_E, _EPI_SWIGLU_FWD)
-        y_MD = _gemm(a_MF, w2_EFD, offsets_E, zero_tail=tail)
+        y_MD, h_M2F, a_MF = _mlp_forward(x_MD, offsets_E, w13_ED2F, w2_EFD, tail)
         # h (M, 2F) and a (M, F) are kept: recomputing a from h inside the dW2 kernel
         # would save M*F elements of memory at the cost of a prologue (not done yet)
         ctx.save_for_backward(x_MD, offsets_E, w13_ED2F, w2_EFD, h_M2F, a_MF)
@@ -322,16 +343,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
     def backward(ctx, dy_MD):
         x_MD, offs, w13, w2, h_M2F, a_MF = ctx.saved_tensors
         need_x, _, need_w13, need_w2, _ = ctx.needs_input_grad
-        dy_MD = dy_MD.contiguous()
-        dx = dw13 = dw2 = None
-        if need_w2:
-            dw2 = _wgrad(a_MF, dy_MD, offs, w2.dtype)
-        if need_x or need_w13:
-            dh_M2F = _gemm(dy_MD, w2.transpose(1, 2), offs, _EPI_SWIGLU_BWD, h=h_M2F)
-            if need_w13:
-                dw13 = _wgrad(x_MD, dh_M2F, offs, w13.dtype)
-            if need_x:
-                dx = _gemm(dh_M2F, w13.transpose(1, 2), offs, zero_tail=ctx.tail)
+        dx, dw13, dw2 = _mlp_backward(dy_MD, x_MD, offs, w13, w2, h_M2F, a_MF, need_x,
+                                      need_w13, need_w2, ctx.tail)
         return dx, None, dw13, dw2, None
 
 
@@ -352,9 +365,8 @@ class _GatheredSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, slot_of_row_M, row_map_TK, offsets_E, w13_ED2F, w2_EFD, tail):
-        K = row_map_TK.shape[1]
-        a_MF, h_M2F = _gemm(x_TD, w13_ED2F, offsets_E, _EPI_SWIGLU_FWD, gather=(slot_of_row_M, K))
-        y_MD = _gemm(a_MF, w2_EFD, offsets_E, zero_tail=tail)
+        gather = (slot_of_row_M, row_map_TK.shape[1])
+        y_MD, h_M2F, a_MF = _mlp_forward(x_TD, offsets_E, w13_ED2F, w2_EFD, tail, gather)
         ctx.save_for_backward(x_TD, slot_of_row_M, row_map_TK, offsets_E, w13_ED2F, w2_EFD,
                               h_M2F, a_MF)
         ctx.tail = tail
@@ -366,17 +378,10 @@ class _GatheredSwiGLU(torch.autograd.Function):
 
         x_TD, slot, row_map_TK, offs, w13, w2, h_M2F, a_MF = ctx.saved_tensors
         need_x, _, _, _, need_w13, need_w2, _ = ctx.needs_input_grad
-        dy_MD = dy_MD.contiguous()
-        dx = dw13 = dw2 = None
-        if need_w2:
-            dw2 = _wgrad(a_MF, dy_MD, offs, w2.dtype)
-        if need_x or need_w13:
-            dh_M2F = _gemm(dy_MD, w2.transpose(1, 2), offs, _EPI_SWIGLU_BWD, h=h_M2F)
-            if need_w13:
-                dw13 = _wgrad(x_TD, dh_M2F, offs, w13.dtype, gather=(slot, row_map_TK.shape[1]))
-            if need_x:
-                dx_MD = _gemm(dh_M2F, w13.transpose(1, 2), offs, zero_tail=ctx.tail)
-                dx = _combine(dx_MD, row_map_TK, None, x_TD.dtype)
+        dx_MD, dw13, dw2 = _mlp_backward(dy_MD, x_TD, offs, w13, w2, h_M2F, a_MF, need_x,
+                                         need_w13, need_w2, ctx.tail,
+                                         gather=(slot, row_map_TK.shape[1]))
+        dx = _combine(dx_MD, row_map_TK, None, x_TD.dtype) if dx_MD is not None else None
         return dx, None, None, None, dw13, dw2, None
 
 
