@@ -11,8 +11,10 @@ which samples a rank reads. Per optimizer step:
     at the accumulation boundary:
         all-reduce the step's losses (mean over DP ranks) -> NaN/inf check on every rank alike
         expert-bias update from the exact int64 token counts, SUM-all-reduced over DP ranks
-        [tp/ep > 1: exact gradient norm over all shards, clipping]
+        [tp/ep > 1 at ZeRO 0: exact gradient norm over all shards, clipping]
         engine.step()  (clip when not done above, AdamW, LR schedule)
+A resumed run must have the same config, parallel.tp/ep included (checked against the
+saved config.yaml), and the same number of processes.
 
 Stopping: ``total_steps`` = the first of train.max_steps, train.token_budget and
 train.flop_budget (FLOPs = count_params(cfg).flops_per_token_train x tokens) to be
@@ -330,12 +332,6 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
             raise TrainError(f"cannot resume {latest}: it was written by {meta.get('world_size')} "
                              f"ranks, this run has {world} (the optimizer/loader state is "
                              "per rank); relaunch with the same number of processes")
-        saved_par = meta.get("parallel", {"tp": 1, "ep": 1})
-        if (saved_par.get("tp"), saved_par.get("ep")) != (par.topo.tp, par.topo.ep):
-            raise TrainError(f"cannot resume {latest}: it was written with parallel.tp="
-                             f"{saved_par.get('tp')} / parallel.ep={saved_par.get('ep')}, this run "
-                             f"has tp={par.topo.tp} / ep={par.topo.ep} (the model is sharded "
-                             "per layout); relaunch with the same layout")
     elif (run_dir / ckpt.CKPT_DIR / ckpt.LATEST).exists():
         raise TrainError(f"{run_dir} already holds a run with checkpoints; pass --resume to "
                          "continue it or --out NEW_DIR for a new run")
