@@ -140,9 +140,12 @@ def apply_expert_parallel(model: nn.Module, ep_group=None) -> nn.Module:
     return model
 
 
+EXPERT_PARAMS = ("w13_ED2F", "w2_EFD")  # MoEFeedForward's routed-expert weights
+
+
 def expert_param_names(model: nn.Module) -> list[str]:
     """Names of the sharded (expert) parameters: reduced over expert-data-parallel ranks only."""
-    return [n for n, _ in model.named_parameters() if n.endswith(("w13_ED2F", "w2_EFD"))]
+    return [n for n, _ in model.named_parameters() if n.endswith(EXPERT_PARAMS)]
 
 
 def count_all_reduce(group=None):

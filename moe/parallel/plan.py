@@ -41,8 +41,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ParallelConfig
-from .expert_parallel import apply_expert_parallel, expert_param_names, guarded
-from .tensor_parallel import apply_tensor_parallel
+from .expert_parallel import EXPERT_PARAMS, apply_expert_parallel, expert_param_names, guarded
+from .tensor_parallel import COLUMN_PARALLEL, apply_tensor_parallel
 from .topology import MegatronMPU, Topology, check_layout, init_topology
 
 
@@ -78,9 +78,8 @@ class ParallelPlan:
         """Model file of a (tp rank, ep rank) shard; ``model.pt`` when not model parallel."""
         if not self.model_parallel:
             return "model.pt"
-        t = self.tp_rank if tp_rank is None else tp_rank
-        e = self.ep_rank if ep_rank is None else ep_rank
-        return f"model_tp{t:02d}_ep{e:03d}.pt"
+        return shard_filename(self.tp_rank if tp_rank is None else tp_rank,
+                              self.ep_rank if ep_rank is None else ep_rank)
 
     def all_shard_files(self) -> list[str]:
         return [self.shard_file(t, e) for t in range(self.topo.tp) for e in range(self.topo.ep)]
@@ -112,27 +111,30 @@ class ParallelPlan:
         ``max_norm > 0``. Returns the norm before clipping. Collective over the TP and EP
         groups."""
         experts = set(expert_param_names(model)) if self.topo.ep > 1 else set()
-        params = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-        dev = params[0][1].grad.device if params else torch.device("cpu")
-        # float64 partial sums: replicated, tensor-parallel shards, expert shards
-        sq = torch.zeros(3, dtype=torch.float64, device=dev)
-        for n, p in params:
-            kind = 2 if n in experts else (1 if getattr(p, "tensor_model_parallel", False) else 0)
-            sq[kind] += p.grad.detach().double().pow(2).sum()
-        tp_part, ep_part = sq[1:2].clone(), sq[2:3].clone()
+        params: tuple[list, list, list] = ([], [], [])  # replicated, TP shards, expert shards
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                tp_sharded = getattr(p, "tensor_model_parallel", False)
+                params[2 if n in experts else (1 if tp_sharded else 0)].append(p)
+        dev = next((p.grad.device for ps in params for p in ps), torch.device("cpu"))
+        # squared partial norms (float64); the TP and expert parts summed over their groups
+        sq = [torch.nn.utils.get_total_norm([p.grad for p in ps]).to(dev, torch.float64).square()
+              for ps in params]
         if self.topo.tp > 1:
             g = self.mpu.get_tensor_model_parallel_group()
-            guarded("all_reduce(grad norm, tp)", lambda: dist.all_reduce(tp_part, group=g), g)
+            guarded("all_reduce(grad norm, tp)", lambda: dist.all_reduce(sq[1], group=g), g)
         if self.topo.ep > 1:
             g = self.mpu.get_expert_model_parallel_group()
-            guarded("all_reduce(grad norm, ep)", lambda: dist.all_reduce(ep_part, group=g), g)
-        norm = float((sq[0] + tp_part[0] + ep_part[0]).sqrt())
-        if max_norm > 0:
-            coef = min(1.0, max_norm / (norm + 1e-6))
-            if coef < 1.0:
-                for _, p in params:
-                    p.grad.mul_(coef)
-        return norm
+            guarded("all_reduce(grad norm, ep)", lambda: dist.all_reduce(sq[2], group=g), g)
+        norm = torch.stack(sq).sum().sqrt()
+        if max_norm > 0:  # DeepSpeed's rule: scale by min(1, max_norm / (norm + 1e-6))
+            torch.nn.utils.clip_grads_with_norm_([p for ps in params for p in ps], max_norm, norm)
+        return float(norm)
+
+
+def shard_filename(tp_rank: int, ep_rank: int) -> str:
+    """Checkpoint file of one (tensor-parallel rank, expert-parallel rank) model shard."""
+    return f"model_tp{tp_rank:02d}_ep{ep_rank:03d}.pt"
 
 
 def plan_parallel(parallel: ParallelConfig) -> ParallelPlan:
@@ -171,10 +173,7 @@ def _deepspeed_moe_marker(num_experts: int) -> nn.Module:
     return DeepSpeedMoEMarker(num_experts)
 
 
-# Tensor-parallel projections: column-parallel ones are sharded on dim 0 (outputs),
-# row-parallel ones on dim 1 (inputs); see tensor_parallel.py.
-_COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3")
-_INNER = ".inner.weight"
+_INNER = ".inner.weight"  # the megatron layer inside tensor_parallel._Linear
 
 
 def consolidate_shards(shards: dict[tuple[int, int], dict], tp: int, ep: int) -> dict:
@@ -189,11 +188,11 @@ def consolidate_shards(shards: dict[tuple[int, int], dict], tp: int, ep: int) ->
     for k, v in shards[(0, 0)].items():
         if k.endswith(".inner._extra_state"):
             continue  # megatron's parallel linears keep an (empty) extra state for FP8 recipes
-        if ep > 1 and k.endswith(("w13_ED2F", "w2_EFD")):
+        if ep > 1 and k.endswith(EXPERT_PARAMS):
             out[k] = torch.cat([shards[(0, e)][k] for e in range(ep)], 0)
         elif k.endswith(_INNER):
             name = k[:-len(_INNER)]
-            dim = 0 if name.rsplit(".", 1)[-1] in _COLUMN_PARALLEL else 1
+            dim = 0 if name.rsplit(".", 1)[-1] in COLUMN_PARALLEL else 1  # else row: inputs
             out[name + ".weight"] = torch.cat([shards[(t, 0)][k] for t in range(tp)], dim)
         else:
             out[k] = v
@@ -203,18 +202,16 @@ def consolidate_shards(shards: dict[tuple[int, int], dict], tp: int, ep: int) ->
 def load_consolidated(checkpoint_dir) -> dict:
     """The single-device model state dict of a checkpoint directory written with any
     parallel layout (``model.pt`` as is, or its TP/EP shards merged)."""
-    import json
     from pathlib import Path
 
-    from ..train.checkpoint import load_file
+    from ..train.checkpoint import load_file, read_meta
 
     d = Path(checkpoint_dir)
-    par = json.loads((d / "meta.json").read_text()).get("parallel", {"tp": 1, "ep": 1})
+    par = read_meta(d).get("parallel", {"tp": 1, "ep": 1})
     tp, ep = par["tp"], par["ep"]
     if tp == 1 and ep == 1:
         return load_file(d / "model.pt")
-    shards = {(t, e): load_file(d / f"model_tp{t:02d}_ep{e:03d}.pt")
-              for t in range(tp) for e in range(ep)}
+    shards = {(t, e): load_file(d / shard_filename(t, e)) for t in range(tp) for e in range(ep)}
     return consolidate_shards(shards, tp, ep)
 
 

@@ -21,6 +21,13 @@ from torch import nn
 from ..layers import Attention, SwiGLU
 
 
+# Which projections are sharded how (names as in moe.layers); consolidation reads the same.
+ATTN_COLUMN, ATTN_ROW = ("wq", "wk", "wv"), ("wo",)
+FFN_COLUMN, FFN_ROW = ("w1", "w3"), ("w2",)
+COLUMN_PARALLEL = ATTN_COLUMN + FFN_COLUMN  # output dim (0) sharded
+ROW_PARALLEL = ATTN_ROW + FFN_ROW  # input dim (1) sharded
+
+
 class _Linear(nn.Module):
     """Drop-in for nn.Linear around a megatron parallel linear (which returns (out, bias))."""
 
@@ -84,12 +91,13 @@ def apply_tensor_parallel(model: nn.Module, tp_group=None) -> nn.Module:
                                     perform_initialization=False, params_dtype=dtype)
     for mod in list(model.modules()):
         if isinstance(mod, Attention):
-            for name in ("wq", "wk", "wv"):
-                setattr(mod, name, _parallel_linear(getattr(mod, name), "column", tp, rank, mp_config,
-                                                        tp_group))
-            mod.wo = _parallel_linear(mod.wo, "row", tp, rank, mp_config, tp_group)
+            column, row = ATTN_COLUMN, ATTN_ROW
         elif isinstance(mod, SwiGLU):
-            mod.w1 = _parallel_linear(mod.w1, "column", tp, rank, mp_config, tp_group)
-            mod.w3 = _parallel_linear(mod.w3, "column", tp, rank, mp_config, tp_group)
-            mod.w2 = _parallel_linear(mod.w2, "row", tp, rank, mp_config, tp_group)
+            column, row = FFN_COLUMN, FFN_ROW
+        else:
+            continue
+        for kind, names in (("column", column), ("row", row)):
+            for name in names:
+                setattr(mod, name, _parallel_linear(getattr(mod, name), kind, tp, rank, mp_config,
+                                                    tp_group))
     return model
