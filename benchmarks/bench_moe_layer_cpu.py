@@ -43,7 +43,7 @@ class NaiveMoE(torch.nn.Module):
     def forward(self, x_BSD):
         r = self.ref
         x = x_BSD.reshape(-1, x_BSD.shape[-1])
-        _, w, idx = r._route(x)
+        _, w, idx, _ = r._route(x)
         K = idx.shape[1]
         order = torch.argsort(idx.reshape(-1))
         tok = order // K

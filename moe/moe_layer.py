@@ -185,7 +185,6 @@ class MoEFeedForward(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("tokens_acc_E", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.last_counts_E: Optional[torch.Tensor] = None  # counts of the latest forward
-        self._routed_counts_E: Optional[torch.Tensor] = None  # Triton router -> experts
         self.last_losses: dict[str, float] = {}
 
     # Keep the expert bias in fp32 whatever dtype the module is cast to (megatron-core
@@ -201,6 +200,8 @@ class MoEFeedForward(nn.Module):
 
     # ------------------------------------------------------------------ routing
     def _route(self, x_TD: torch.Tensor):
+        """(logits_TE, weights_TK, indices_TK, counts_E or None): counts only where the
+        router produced them on the device (the Triton kernel), else None."""
         c = self.cfg
         logits_TE = F.linear(x_TD.float(), self.router.weight.float())  # router in fp32
         bias = self.expert_bias if c.balancing in ("aux_free", "aux_free+seq_aux") else None
@@ -212,7 +213,7 @@ class MoEFeedForward(nn.Module):
             gates = scores_TE.gather(1, indices_TK)
             if c.top_k > 1:
                 gates = gates / (gates.sum(-1, keepdim=True) + 1e-20)
-            return logits_TE, gates * c.route_scale, indices_TK
+            return logits_TE, gates * c.route_scale, indices_TK, None
         backend = _resolve_backend(c.kernels, x_TD.device)
         if backend == "triton":
             import kernels  # lazy: moe works without triton installed
@@ -221,16 +222,16 @@ class MoEFeedForward(nn.Module):
                 logits_TE, top_k=c.top_k, score_fn=c.score_fn, expert_bias=bias,
                 n_groups=c.n_groups, topk_groups=c.topk_groups, route_scale=c.route_scale)
             # the kernel's counts: torch.bincount on CUDA would synchronise with the host
-            self._routed_counts_E = counts_E.to(torch.int64)
-        else:
-            weights_TK, indices_TK = route(
-                logits_TE, top_k=c.top_k, score_fn=c.score_fn, expert_bias=bias,
-                n_groups=c.n_groups, topk_groups=c.topk_groups, route_scale=c.route_scale)
-        return logits_TE, weights_TK, indices_TK
+            return logits_TE, weights_TK, indices_TK, counts_E.to(torch.int64)
+        weights_TK, indices_TK = route(
+            logits_TE, top_k=c.top_k, score_fn=c.score_fn, expert_bias=bias,
+            n_groups=c.n_groups, topk_groups=c.topk_groups, route_scale=c.route_scale)
+        return logits_TE, weights_TK, indices_TK, None
 
     # ------------------------------------------------------------------ experts
-    def routed_experts(self, x_TD, weights_TK, indices_TK):
-        """Dropless dispatch -> experts -> weighted combine. Returns (out_TD, counts_E)."""
+    def routed_experts(self, x_TD, weights_TK, indices_TK, counts_E=None):
+        """Dropless dispatch -> experts -> weighted combine. Returns (out_TD, counts_E);
+        ``counts_E``: the router's per-expert counts when it has them (else computed)."""
         c = self.cfg
         backend = _resolve_backend(c.kernels, x_TD.device)
         if backend == "triton":
@@ -240,7 +241,6 @@ class MoEFeedForward(nn.Module):
             # composition runs without host synchronisations
             out_TD = kernels.routed_experts_unchecked(x_TD, weights_TK, indices_TK,
                                                       self.w13_ED2F, self.w2_EFD)
-            counts_E, self._routed_counts_E = self._routed_counts_E, None
             if counts_E is None:  # forced-uniform routing bypasses the routing kernel
                 counts_E = torch.bincount(indices_TK.reshape(-1), minlength=self.n_experts)
             return out_TD, counts_E
@@ -257,8 +257,8 @@ class MoEFeedForward(nn.Module):
         c = self.cfg
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        logits_TE, weights_TK, indices_TK = self._route(x_TD)
-        out_TD, counts_E = self.routed_experts(x_TD, weights_TK, indices_TK)
+        logits_TE, weights_TK, indices_TK, counts_E = self._route(x_TD)
+        out_TD, counts_E = self.routed_experts(x_TD, weights_TK, indices_TK, counts_E)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 

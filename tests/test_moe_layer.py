@@ -109,7 +109,7 @@ def test_bias_update_balances_a_skewed_router():
     assert layer.expert_bias.abs().max() > 0.1
     # gates still come from the UNBIASED scores: recompute them from the router alone
     logits = F.linear(x.reshape(T, D), layer.router.weight)
-    w, idx = layer._route(x.reshape(T, D))[1:]
+    w, idx = layer._route(x.reshape(T, D))[1:3]
     s = compute_scores(logits, "sigmoid").gather(1, idx)
     torch.testing.assert_close(w, s / s.sum(-1, keepdim=True))
 
@@ -199,7 +199,7 @@ def test_layer_equals_naive_per_token_reference():
     x = torch.randn(1, 9, 32, requires_grad=True)
     out, _ = layer(x)
     x2 = x.detach().clone().requires_grad_(True)
-    w, idx = layer._route(x2[0])[1:]
+    w, idx = layer._route(x2[0])[1:3]
     Fh = 16
     rows = []
     for t in range(9):

@@ -79,8 +79,9 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
-def _ep_routed_experts(self: MoEFeedForward, x_TD, weights_TK, indices_TK):
-    """Replacement for MoEFeedForward.routed_experts on an EP rank (bound per instance)."""
+def _ep_routed_experts(self: MoEFeedForward, x_TD, weights_TK, indices_TK, counts_E=None):
+    """Replacement for MoEFeedForward.routed_experts on an EP rank (bound per instance).
+    The router's ``counts_E`` is not needed: dispatch() counts while sorting."""
     P, E, El = self.ep_size, self.n_experts, self.n_local_experts
     group = self.ep_group
     x_MD, order_M, inv_M, counts_E, _ = dispatch(x_TD, indices_TK, E)
@@ -99,7 +100,6 @@ def _ep_routed_experts(self: MoEFeedForward, x_TD, weights_TK, indices_TK):
     inv_perm_R[perm_R] = torch.arange(perm_R.numel(), device=perm_R.device)
     local_counts = recv_PEl.sum(0)
     x_local = x_RD.index_select(0, perm_R)
-    self._routed_counts_E = None  # the Triton router's counts are not used on this path
     if _resolve_backend(self.cfg.kernels, x_local.device) == "triton":
         from kernels.grouped_mlp import _grouped_swiglu_mlp  # offsets valid by construction
 
