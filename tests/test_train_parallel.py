@@ -32,11 +32,16 @@ STEPS = {"train.max_steps": 12, "train.eval_every": 6, "train.ckpt_every": 6}
 GLOBAL_BATCH = 4
 
 
-def _cmd(root: Path, out: Path, nproc: int, extra: dict, *flags) -> list[str]:
+def _train_args(root: Path, out: Path, extra: dict, *flags) -> list[str]:
+    """``moe.cli train`` arguments (after ``-m``) for the tiny test model."""
     cfg_path = root / "c.yaml"
     cfg_path.write_text("name: par\n")
-    train = ["-m", "moe.cli", "train", str(cfg_path), *tiny_overrides(root, **extra),
-             "--out", str(out), "--no-progress", *flags]
+    return ["moe.cli", "train", str(cfg_path), *tiny_overrides(root, **extra), "--out", str(out),
+            "--no-progress", *flags]
+
+
+def _cmd(root: Path, out: Path, nproc: int, extra: dict, *flags) -> list[str]:
+    train = ["-m", *_train_args(root, out, extra, *flags)]
     if nproc == 1:
         return [sys.executable, *train]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -151,10 +156,7 @@ def test_two_node_launch_on_loopback_matches_one_rank(root, one_rank):
     out = root / "two-node"
     port = _free_port()
     extra = {**STEPS, "train.micro_batch_size": 2, "parallel.ep": 2}
-    cfg_path = root / "c.yaml"
-    cfg_path.write_text("name: par\n")
-    train = ["-m", "moe.cli", "train", str(cfg_path), *tiny_overrides(root, **extra),
-             "--out", str(out), "--no-progress"]
+    train = ["-m", *_train_args(root, out, extra)]
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                                "--node_rank", str(node), "--nproc_per_node", "1",
                                "--master_addr", "127.0.0.1", "--master_port", str(port), *train],
@@ -172,19 +174,15 @@ def test_two_node_launch_on_loopback_matches_one_rank(root, one_rank):
     _assert_same_training(one_rank, out, 2)
 
 
-
 def test_deepspeed_launcher_runs_ep2_and_matches_one_rank(root, one_rank):
     """`deepspeed --num_gpus 2 --module moe.cli train ...`: the launcher puts
     --local_rank=N before our arguments (the CLI drops it) and sets the env ranks."""
     out = root / "ds-launcher"
     extra = {**STEPS, "train.micro_batch_size": 2, "parallel.ep": 2}
-    cfg_path = root / "c.yaml"
-    cfg_path.write_text("name: par\n")
     # the `deepspeed` console script is exactly `deepspeed.launcher.runner:main`; running the
     # module keeps the test independent of PATH
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
-           "moe.cli", "train", str(cfg_path), *tiny_overrides(root, **extra), "--out", str(out),
-           "--no-progress"]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+           "--master_port", str(_free_port()), "--module", *_train_args(root, out, extra)]
     r = subprocess.run(cmd, env=_env(root), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _assert_same_training(one_rank, out, 2)
