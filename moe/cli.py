@@ -55,19 +55,9 @@ def _resolve(target: str):
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:
-    """Drop the ``--local_rank=N`` / ``--local_rank N`` that the ``deepspeed`` launcher puts
-    before the user's arguments (it also exports LOCAL_RANK, which is what we read)."""
-    out, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-        elif a.startswith(("--local_rank=", "--local-rank=")):
-            continue
-        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv) and argv[i + 1].isdigit():
-            skip = True
-        else:
-            out.append(a)
-    return out
+    """Drop the ``--local_rank=N`` that the ``deepspeed`` launcher puts before the user's
+    arguments (it also exports LOCAL_RANK, which is what we read)."""
+    return [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
 
 
 def main(argv: list[str] | None = None) -> int:
