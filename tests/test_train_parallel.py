@@ -11,6 +11,7 @@ consolidated sharded checkpoint equals the one-process model.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -103,7 +104,7 @@ LAYOUTS = [(2, 1, 2, 0), (2, 2, 1, 1), (4, 2, 2, 2)]
 
 @pytest.mark.parametrize("nproc,tp,ep,zero", LAYOUTS,
                          ids=[f"n{n}-tp{t}-ep{e}-zero{z}" for n, t, e, z in LAYOUTS])
-def test_layout_trains_the_same_model_as_one_rank(root, one_rank, nproc, tp, ep, zero):
+def test_layout_trains_the_same_model_as_one_rank(root, one_rank, nproc, tp, ep, zero, capsys):
     dp = nproc // tp
     run = _run(root, root / f"n{nproc}-tp{tp}-ep{ep}-zero{zero}", nproc,
                {**STEPS, "train.micro_batch_size": GLOBAL_BATCH // dp,
@@ -119,6 +120,12 @@ def test_layout_trains_the_same_model_as_one_rank(root, one_rank, nproc, tp, ep,
     assert main(["consolidate", str(run), "--out", str(run / "full.pt")]) == 0
     written, merged = ckpt.load_file(run / "full.pt"), load_consolidated(ckpt.latest_checkpoint(run))
     assert set(written) == set(merged) and all(torch.equal(written[k], merged[k]) for k in merged)
+    if tp * ep == 4:  # a checkpoint missing a shard: one error line naming it, exit 2
+        broken = root / "broken-ckpt"
+        shutil.copytree(ckpt.latest_checkpoint(run), broken)
+        (broken / shard_files[-1]).unlink()
+        assert main(["consolidate", str(broken), "--out", str(root / "x.pt")]) == 2
+        assert shard_files[-1] in capsys.readouterr().err
 
 
 def test_ep2_checkpoint_resumes_exactly_at_ep2(root):

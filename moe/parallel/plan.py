@@ -236,7 +236,11 @@ def consolidate_main(argv: list[str]) -> int:
                   "checkpoints", file=sys.stderr)
             return 2
         d = latest
-    state = load_consolidated(d)
+    try:
+        state = load_consolidated(d)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # missing / corrupt shard files
+        print(f"error: cannot consolidate {d}: {e}", file=sys.stderr)
+        return 2
     save_file(state, Path(a.out))
     n = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
     print(f"{d} -> {a.out}: {len(state)} tensors, {n:,} elements")
