@@ -9,6 +9,8 @@ in the same run and interleaved round by round (so background load hits all alik
   * ours-loop  : the same layer with the per-expert loop
   * naive      : argsort + x[idx] + torch._grouped_mm + index_add (autograd-generic indexing)
   * deepspeed  : deepspeed.moe.layer.MoE, dropless (drop_tokens=False), same expert shape
+glibc malloc keeps freed memory (moe.cpu_malloc, as training on CPU does) unless
+``--malloc system``: otherwise every large tensor is page-faulted in afresh each step.
 Rows go to benchmarks/results/moe_layer_cpu.jsonl: median / p20 / p80 / min ms, active
 GFLOP/s, and the ratio to the dense median of the same run.
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_rows, environment  # noqa: E402
 
 from moe import MoEConfig  # noqa: E402
+from moe.cpu_malloc import keep_freed_memory, malloc_mode  # noqa: E402
 from moe.layers import SwiGLU  # noqa: E402
 from moe.moe_layer import MoEFeedForward  # noqa: E402
 
@@ -79,7 +82,12 @@ def main(argv=None):
     p.add_argument("--upstream", choices=["sum", "random"], default="sum",
                    help="gradient fed to the layer output: that of out.sum() (expanded ones, "
                         "the earlier runs' method) or a fixed dense random tensor")
+    p.add_argument("--malloc", choices=["keep-freed", "system"], default="keep-freed",
+                   help="glibc malloc keeps freed memory (the trainer's CPU default) or "
+                        "returns large blocks to the OS on free (the process default)")
     a = p.parse_args(argv)
+    if a.malloc == "keep-freed" and not keep_freed_memory():
+        p.error("--malloc keep-freed needs glibc; pass --malloc system")
     T, D, E, K, Fh = a.tokens, 256, 64, 8, 128
     torch.manual_seed(0)
     cfg = MoEConfig(n_routed=E, n_shared=0, expert_ffn_dim=Fh, top_k=K, kernels="torch")
@@ -126,7 +134,7 @@ def main(argv=None):
         q = statistics.quantiles(ts, n=5)
         rows.append({**env, "bench": "moe_layer_fwd_bwd", "variant": n, "dtype": "float32",
                      "shape": {"T": T, "D": D, "E": E, "K": K, "F": Fh, "shared": 0},
-                     "rounds": a.rounds, "upstream_grad": a.upstream,
+                     "rounds": a.rounds, "upstream_grad": a.upstream, "cpu_malloc": malloc_mode(),
                      "median_ms": med * 1e3, "p20_ms": q[0] * 1e3,
                      "p80_ms": q[3] * 1e3, "min_ms": ts[0] * 1e3,
                      "active_gflops_per_s": flops / med / 1e9,
@@ -142,7 +150,7 @@ def main(argv=None):
         ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         for e in ops[:12]:
             rows.append({**env, "bench": "moe_layer_profile", "variant": "ours",
-                         "upstream_grad": a.upstream, "op": e.key,
+                         "upstream_grad": a.upstream, "cpu_malloc": malloc_mode(), "op": e.key,
                          "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
                          "calls_per_step": e.count / steps})
             print(f"  {e.key:45s} {e.self_cpu_time_total / 1e3 / steps:8.1f} ms/step "

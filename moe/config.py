@@ -140,6 +140,9 @@ class TrainConfig:
     ckpt_every: int = 100
     peak_flops: Optional[float] = None  # FLOP/s for MFU; None: measured matmul peak
     tensorboard: bool = False
+    # CPU runs: keep freed memory in the process (glibc malloc tuning, moe/cpu_malloc.py);
+    # large activations are otherwise page-faulted in again every step (~14% of tiny-moe)
+    cpu_keep_freed_memory: bool = True
 
 
 @dataclass

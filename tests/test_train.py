@@ -243,6 +243,7 @@ def test_train_reduces_eval_loss_and_writes_run_dir(tmp_path):
     assert summary["total_flops"] == pytest.approx(summary["tokens"] * summary["flops_per_token_train"])
     assert summary["final_eval_loss"] == ev[-1]["lm_loss"]
     assert len(summary["maxvio_global"]) == 2
+    assert summary["cpu_malloc"] == "keep-freed"  # train.cpu_keep_freed_memory defaults on
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 40
     ds = json.loads((run / "deepspeed.json").read_text())
     assert ds == deepspeed_config(cfg, 1, "cpu")

@@ -45,6 +45,7 @@ import yaml
 
 from ..accounting import count_params
 from ..config import Config
+from ..cpu_malloc import keep_freed_memory, malloc_mode
 from ..model import build_model
 from ..router import max_violation
 from . import checkpoint as ckpt
@@ -59,6 +60,7 @@ EXIT_DIVERGED = 3
 # they change what is logged/saved, never the trajectory.
 RESUME_MAY_CHANGE = {"train.log_every", "train.eval_every", "train.eval_batches",
                      "train.ckpt_every", "train.tensorboard", "train.peak_flops",
+                     "train.cpu_keep_freed_memory",
                      "data.cache_dir", "parallel.timeout_s"}
 
 
@@ -304,6 +306,8 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
     dp, dp_rank, dp_group = par.dp, par.dp_rank, par.dp_group
     dev = device_type()
     is0 = rank == 0
+    if dev == "cpu" and cfg.train.cpu_keep_freed_memory:
+        keep_freed_memory()
 
     # ---------------- run directory (decided on rank 0, shared with the others)
     if is0:
@@ -559,6 +563,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
             "name": cfg.name, "status": status, "message": message,
             "run_dir": str(run_dir), "world_size": world, "parallel": par.describe(),
             "device": dev, "precision": precision,
+            "cpu_malloc": malloc_mode() if dev == "cpu" else None,
             "zero_stage": cfg.train.zero_stage,
             "params": counts.as_dict(),
             "total_params": counts.total, "active_params": counts.active,
