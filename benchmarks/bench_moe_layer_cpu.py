@@ -71,6 +71,55 @@ def build_deepspeed(D, E, K, Fh):
                drop_tokens=False, use_rts=False)
 
 
+def gemm_floor(layer: MoEFeedForward, x_TD, Fh: int, env: dict, rounds: int) -> list[dict]:
+    """Median time of each GEMM of a fwd+bwd, run alone on operands of the right shapes:
+    the routed experts' six grouped GEMMs (segments from the layer's routing of x) and
+    the dense SwiGLU's six GEMMs (same FLOPs). Their sums bound what removing every
+    non-GEMM cost could reach."""
+    T, D = x_TD.shape
+    E, K = layer.n_experts, layer.cfg.top_k
+    with torch.no_grad():
+        _, _, idx, _ = layer._route(x_TD)
+    offs = torch.cumsum(torch.bincount(idx.reshape(-1), minlength=E), 0).to(torch.int32)
+    M, H = T * K, K * Fh
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    w13, w2 = r(E, D, 2 * Fh), r(E, Fh, D)
+    xm, am, dym, dhm = r(M, D), r(M, Fh), r(M, D), r(M, 2 * Fh)
+    w1, wd = r(D, 2 * H), r(H, D)
+    ad, dyd, dhd = r(T, H), r(T, D), r(T, 2 * H)
+
+    def gmm(A, B):
+        return lambda: torch._grouped_mm(A, B, offs=offs)
+
+    cases = {"moe": {"up": gmm(xm, w13), "down": gmm(am, w2), "dW2": gmm(am.t(), dym),
+                     "da": gmm(dym, w2.transpose(-2, -1)), "dW13": gmm(xm.t(), dhm),
+                     "dx": gmm(dhm, w13.transpose(-2, -1))},
+             "dense": {"up": lambda: x_TD @ w1, "down": lambda: ad @ wd,
+                       "dW2": lambda: ad.t() @ dyd, "da": lambda: dyd @ wd.t(),
+                       "dW13": lambda: x_TD.t() @ dhd, "dx": lambda: dhd @ w1.t()}}
+    out = []
+    for layer_name, gemms in cases.items():
+        total = 0.0
+        for name, fn in gemms.items():
+            for _ in range(3):
+                fn()
+            ts = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            med = statistics.median(ts) * 1e3
+            total += med
+            out.append({**env, "bench": "moe_layer_gemm_floor", "layer": layer_name,
+                        "gemm": name, "cpu_malloc": malloc_mode(), "median_ms": med})
+        out.append({**env, "bench": "moe_layer_gemm_floor", "layer": layer_name,
+                    "gemm": "sum", "cpu_malloc": malloc_mode(), "median_ms": total})
+        print(f"GEMMs alone, {layer_name:5s}: " + "  ".join(
+            f"{r['gemm']} {r['median_ms']:.1f}" for r in out if r["layer"] == layer_name) + " ms")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=4096)
@@ -85,6 +134,9 @@ def main(argv=None):
     p.add_argument("--malloc", choices=["keep-freed", "system"], default="keep-freed",
                    help="glibc malloc keeps freed memory (the trainer's CPU default) or "
                         "returns large blocks to the OS on free (the process default)")
+    p.add_argument("--gemm-floor", action="store_true",
+                   help="also time, alone, the six GEMMs of each layer's fwd+bwd (the "
+                        "experts' grouped GEMMs at this run's routing vs the dense FFN's)")
     a = p.parse_args(argv)
     if a.malloc == "keep-freed" and not keep_freed_memory():
         p.error("--malloc keep-freed needs glibc; pass --malloc system")
@@ -155,6 +207,8 @@ def main(argv=None):
                          "calls_per_step": e.count / steps})
             print(f"  {e.key:45s} {e.self_cpu_time_total / 1e3 / steps:8.1f} ms/step "
                   f"{e.count / steps:8.0f} calls/step")
+    if a.gemm_floor:
+        rows += gemm_floor(ours, x.detach()[0], Fh, env, a.rounds)
     path = append_rows(a.out, rows)
     print(f"rows appended to {path}")
 
