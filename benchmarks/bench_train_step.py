@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import cpu_name, git_commit  # noqa: E402
 from moe.accounting import count_params  # noqa: E402
 from moe.config import load_config  # noqa: E402
+from moe.cpu_malloc import keep_freed_memory, malloc_mode  # noqa: E402
 from moe.layers import SwiGLU  # noqa: E402
 from moe.model import build_model  # noqa: E402
 
@@ -100,7 +101,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step_cpu.jsonl"))
+    p.add_argument("--malloc", choices=["keep-freed", "system"], default="keep-freed",
+                   help="glibc malloc keeps freed memory (what `moe-testbed train` does on CPU "
+                        "by default) or returns large blocks to the OS (the process default)")
     a = p.parse_args(argv)
+    if a.malloc == "keep-freed" and not keep_freed_memory():
+        p.error("--malloc keep-freed needs glibc; pass --malloc system")
 
     from moe.data import TokenBatches
     from moe.train.engine import build_engine, deepspeed_config, init_process_group
@@ -150,7 +156,8 @@ def main(argv=None) -> int:
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "deepspeed": deepspeed.__version__, "git_commit": git_commit(),
             "config": os.path.relpath(a.config, REPO), "overrides": a.overrides,
-            "precision": "fp32", "peak_flops_fp32_matmul_measured": peak,
+            "precision": "fp32", "cpu_malloc": malloc_mode(),
+            "peak_flops_fp32_matmul_measured": peak,
             "peak_flops_all_measurements": peaks,
             "load_avg_1m": os.getloadavg()[0],
             "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -174,7 +181,8 @@ def main(argv=None) -> int:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     print(f"device: {base['device']} ({base['cores']} cores, {base['torch_threads']} torch "
-          f"threads, load {base['load_avg_1m']:.2f}); fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+          f"threads, load {base['load_avg_1m']:.2f}); fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; "
+          f"malloc {base['cpu_malloc']}")
     print("| variant | active params | total params | tokens/s | step s (median) | MFU |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -58,7 +58,8 @@ def main(argv=None):
                      "seq_len": cfg["train"]["seq_len"], "n_routed": cfg["moe"]["n_routed"],
                      "steps": s["steps"], "tokens": s["tokens"],
                      "train_time_s": s["train_time_s"], "tokens_per_s": s["tokens_per_s"],
-                     "final_eval_loss": s["final_eval_loss"]})
+                     "final_eval_loss": s["final_eval_loss"],
+                     "cpu_malloc": s.get("cpu_malloc")})
         print(f"{mode} x{n} (ep={ep}): {s['tokens_per_s']:.0f} tokens/s "
               f"({s['tokens']} tokens, {s['train_time_s']:.1f} s), eval loss {s['final_eval_loss']:.4f}")
     base = next((r["tokens_per_s"] for r in rows if r["procs"] == 1), None)
