@@ -13,7 +13,9 @@ Per MoE layer and forward:
      local expert gives contiguous segments for the grouped GEMM;
   6. run the local experts (torch._grouped_mm, or the Triton grouped SwiGLU MLP with
      moe.kernels=triton / auto on CUDA), undo 5, all-to-all back (splits swapped), combine with the
-     routing weights exactly as the single-device layer does.
+     routing weights exactly as the single-device layer does (torch grouped_mm: the rows'
+     routing weights travel with them in a third all-to-all of M scalars and scale the
+     experts' activation, then the combine is a per-token sum).
 The histogram returned to the layer is this rank's GLOBAL-expert counts, so the
 expert-bias update sees the same numbers as without EP (all-reduced over data-parallel
 ranks by :func:`count_all_reduce`).
@@ -35,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..moe_layer import (MoEFeedForward, _resolve_backend, combine, dispatch, experts_grouped_mm,
-                         experts_loop)
+                         experts_loop, sum_per_token)
 
 
 def guarded(what: str, fn, group=None):
@@ -100,16 +102,23 @@ def _ep_routed_experts(self: MoEFeedForward, x_TD, weights_TK, indices_TK, count
     inv_perm_R[perm_R] = torch.arange(perm_R.numel(), device=perm_R.device)
     local_counts = recv_PEl.sum(0)
     x_local = x_RD.index_select(0, perm_R)
-    if _resolve_backend(self.cfg.kernels, x_local.device) == "triton":
+    offsets_local = torch.cumsum(local_counts, 0).to(torch.int32)
+    backend = _resolve_backend(self.cfg.kernels, x_local.device)
+    if backend == "torch" and self.cfg.dispatch != "loop":
+        # as on one device: each row's routing weight travels with it (one all-to-all of
+        # M scalars) and scales the experts' activation; the combine is a per-token sum
+        weights_M = weights_TK.reshape(-1).index_select(0, order_M).to(x_MD.dtype)
+        w_local = all_to_all(weights_M.unsqueeze(1), recv_splits, send_splits,
+                             group).squeeze(1).index_select(0, perm_R)
+        y_local = experts_grouped_mm(x_local, offsets_local, self.w13_ED2F, self.w2_EFD, w_local)
+        y_MD = all_to_all(y_local.index_select(0, inv_perm_R), send_splits, recv_splits, group)
+        return sum_per_token(y_MD, order_M, inv_M, indices_TK.shape[1]), counts_E
+    if backend == "triton":
         from kernels.grouped_mlp import _grouped_swiglu_mlp  # offsets valid by construction
 
-        y_local = _grouped_swiglu_mlp(x_local, torch.cumsum(local_counts, 0).to(torch.int32),
-                                      self.w13_ED2F, self.w2_EFD)
-    elif self.cfg.dispatch == "loop":
-        y_local = experts_loop(x_local, local_counts, self.w13_ED2F, self.w2_EFD)
+        y_local = _grouped_swiglu_mlp(x_local, offsets_local, self.w13_ED2F, self.w2_EFD)
     else:
-        y_local = experts_grouped_mm(x_local, torch.cumsum(local_counts, 0).to(torch.int32),
-                                     self.w13_ED2F, self.w2_EFD)
+        y_local = experts_loop(x_local, local_counts, self.w13_ED2F, self.w2_EFD)
     y_RD = y_local.index_select(0, inv_perm_R)
     y_MD = all_to_all(y_RD, send_splits, recv_splits, group)
     return combine(y_MD, weights_TK, order_M, inv_M), counts_E
