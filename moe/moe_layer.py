@@ -163,7 +163,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
     (measured here, torch 2.13). Folding w into the (M, F) activation instead of scaling
     the (M, D) output costs a pass over half the bytes and no saved copy of the output.
     Saves x, h = [gate | up], silu(gate) and a (not recomputed: each element-wise pass
-    over (M, F) costs ~2 ms on the 2-core CPU, a third of a grouped GEMM).
+    over (M, F) costs 1-3 ms on the 2-core CPU, a fifth to a third of a grouped GEMM).
     """
 
     @staticmethod
