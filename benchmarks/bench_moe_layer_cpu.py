@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment  # noqa: E402
+from common import add_malloc_option, append_rows, apply_malloc_option, environment  # noqa: E402
 
 from moe import MoEConfig  # noqa: E402
-from moe.cpu_malloc import keep_freed_memory, malloc_mode  # noqa: E402
 from moe.layers import SwiGLU  # noqa: E402
 from moe.moe_layer import MoEFeedForward  # noqa: E402
 
@@ -112,9 +111,9 @@ def gemm_floor(layer: MoEFeedForward, x_TD, Fh: int, env: dict, rounds: int) -> 
             med = statistics.median(ts) * 1e3
             total += med
             out.append({**env, "bench": "moe_layer_gemm_floor", "layer": layer_name,
-                        "gemm": name, "cpu_malloc": malloc_mode(), "median_ms": med})
+                        "gemm": name, "median_ms": med})
         out.append({**env, "bench": "moe_layer_gemm_floor", "layer": layer_name,
-                    "gemm": "sum", "cpu_malloc": malloc_mode(), "median_ms": total})
+                    "gemm": "sum", "median_ms": total})
         print(f"GEMMs alone, {layer_name:5s}: " + "  ".join(
             f"{r['gemm']} {r['median_ms']:.1f}" for r in out if r["layer"] == layer_name) + " ms")
     return out
@@ -131,15 +130,12 @@ def main(argv=None):
     p.add_argument("--upstream", choices=["sum", "random"], default="sum",
                    help="gradient fed to the layer output: that of out.sum() (expanded ones, "
                         "the earlier runs' method) or a fixed dense random tensor")
-    p.add_argument("--malloc", choices=["keep-freed", "system"], default="keep-freed",
-                   help="glibc malloc keeps freed memory (the trainer's CPU default) or "
-                        "returns large blocks to the OS on free (the process default)")
+    add_malloc_option(p)
     p.add_argument("--gemm-floor", action="store_true",
                    help="also time, alone, the six GEMMs of each layer's fwd+bwd (the "
                         "experts' grouped GEMMs at this run's routing vs the dense FFN's)")
     a = p.parse_args(argv)
-    if a.malloc == "keep-freed" and not keep_freed_memory():
-        p.error("--malloc keep-freed needs glibc; pass --malloc system")
+    malloc = apply_malloc_option(p, a)
     T, D, E, K, Fh = a.tokens, 256, 64, 8, 128
     torch.manual_seed(0)
     cfg = MoEConfig(n_routed=E, n_shared=0, expert_ffn_dim=Fh, top_k=K, kernels="torch")
@@ -176,7 +172,7 @@ def main(argv=None):
             step(m)
             times[n].append(time.perf_counter() - t0)
 
-    env = environment()
+    env = {**environment(), "cpu_malloc": malloc}
     flops = 3 * 2 * T * 3 * D * Fh * K  # fwd+bwd matmul FLOPs of the active expert path
     dense_med = statistics.median(times["dense"])
     rows = []
@@ -186,7 +182,7 @@ def main(argv=None):
         q = statistics.quantiles(ts, n=5)
         rows.append({**env, "bench": "moe_layer_fwd_bwd", "variant": n, "dtype": "float32",
                      "shape": {"T": T, "D": D, "E": E, "K": K, "F": Fh, "shared": 0},
-                     "rounds": a.rounds, "upstream_grad": a.upstream, "cpu_malloc": malloc_mode(),
+                     "rounds": a.rounds, "upstream_grad": a.upstream,
                      "median_ms": med * 1e3, "p20_ms": q[0] * 1e3,
                      "p80_ms": q[3] * 1e3, "min_ms": ts[0] * 1e3,
                      "active_gflops_per_s": flops / med / 1e9,
@@ -202,7 +198,7 @@ def main(argv=None):
         ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         for e in ops[:12]:
             rows.append({**env, "bench": "moe_layer_profile", "variant": "ours",
-                         "upstream_grad": a.upstream, "cpu_malloc": malloc_mode(), "op": e.key,
+                         "upstream_grad": a.upstream, "op": e.key,
                          "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
                          "calls_per_step": e.count / steps})
             print(f"  {e.key:45s} {e.self_cpu_time_total / 1e3 / steps:8.1f} ms/step "

@@ -37,10 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import cpu_name, git_commit  # noqa: E402
+from common import add_malloc_option, apply_malloc_option, cpu_name, git_commit  # noqa: E402
 from moe.accounting import count_params  # noqa: E402
 from moe.config import load_config  # noqa: E402
-from moe.cpu_malloc import keep_freed_memory, malloc_mode  # noqa: E402
 from moe.layers import SwiGLU  # noqa: E402
 from moe.model import build_model  # noqa: E402
 
@@ -101,12 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step_cpu.jsonl"))
-    p.add_argument("--malloc", choices=["keep-freed", "system"], default="keep-freed",
-                   help="glibc malloc keeps freed memory (what `moe-testbed train` does on CPU "
-                        "by default) or returns large blocks to the OS (the process default)")
+    add_malloc_option(p)
     a = p.parse_args(argv)
-    if a.malloc == "keep-freed" and not keep_freed_memory():
-        p.error("--malloc keep-freed needs glibc; pass --malloc system")
+    malloc = apply_malloc_option(p, a)
 
     from moe.data import TokenBatches
     from moe.train.engine import build_engine, deepspeed_config, init_process_group
@@ -156,7 +152,7 @@ def main(argv=None) -> int:
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "deepspeed": deepspeed.__version__, "git_commit": git_commit(),
             "config": os.path.relpath(a.config, REPO), "overrides": a.overrides,
-            "precision": "fp32", "cpu_malloc": malloc_mode(),
+            "precision": "fp32", "cpu_malloc": malloc,
             "peak_flops_fp32_matmul_measured": peak,
             "peak_flops_all_measurements": peaks,
             "load_avg_1m": os.getloadavg()[0],

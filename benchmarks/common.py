@@ -50,6 +50,24 @@ def environment() -> dict:
     return env
 
 
+def add_malloc_option(p) -> None:
+    """``--malloc keep-freed|system`` for CPU benchmarks (moe/cpu_malloc.py); the default,
+    kept freed memory, is what ``moe-testbed train`` does on CPU."""
+    p.add_argument("--malloc", choices=["keep-freed", "system"], default="keep-freed",
+                   help="glibc malloc keeps freed memory (the trainer's CPU default) or "
+                        "returns large blocks to the OS on free (the process default)")
+
+
+def apply_malloc_option(p, args) -> str:
+    """Apply ``args.malloc`` to this process (an argparse error off glibc); returns the mode
+    to record per row."""
+    from moe.cpu_malloc import keep_freed_memory, malloc_mode
+
+    if args.malloc == "keep-freed" and not keep_freed_memory():
+        p.error("--malloc keep-freed needs glibc; pass --malloc system")
+    return malloc_mode()
+
+
 def append_rows(name: str, rows: list[dict]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name

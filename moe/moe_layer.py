@@ -123,7 +123,7 @@ class _Combine(torch.autograd.Function):
         g_y = g_w = None
         if ctx.needs_input_grad[0]:
             # d out_t / d y_row = w(row) * g_t: gather g by token, then scale in place
-            w_M = w_TK.reshape(-1).index_select(0, order_M)
+            w_M = weights_by_row(w_TK, order_M)
             g_y = g_TD.index_select(0, order_M // K).mul_(w_M.unsqueeze(1))
         if ctx.needs_input_grad[1]:
             g_w = torch.bmm(y_TKD, g_TD.unsqueeze(-1)).squeeze(-1)
@@ -143,6 +143,11 @@ def combine(y_MD: torch.Tensor, weights_TK: torch.Tensor, order_M: torch.Tensor,
             inv_M: torch.Tensor) -> torch.Tensor:
     """Weighted sum of each token's K expert outputs (inverse of :func:`dispatch`)."""
     return _Combine.apply(y_MD, weights_TK.to(y_MD.dtype), order_M, inv_M)
+
+
+def weights_by_row(weights_TK: torch.Tensor, order_M: torch.Tensor) -> torch.Tensor:
+    """Each sorted row's routing weight (the ``weights_M`` of :func:`experts_grouped_mm`)."""
+    return weights_TK.reshape(-1).index_select(0, order_M)
 
 
 def sum_per_token(y_MD: torch.Tensor, order_M: torch.Tensor, inv_M: torch.Tensor,
@@ -301,7 +306,7 @@ class MoEFeedForward(nn.Module):
             y_MD = experts_loop(x_MD, counts_E, self.w13_ED2F, self.w2_EFD)
             return combine(y_MD, weights_TK, order_M, inv_M), counts_E
         # routing weights folded into the experts' activation; the combine is a plain sum
-        weights_M = weights_TK.reshape(-1).index_select(0, order_M)
+        weights_M = weights_by_row(weights_TK, order_M)
         y_MD = experts_grouped_mm(x_MD, offsets_E, self.w13_ED2F, self.w2_EFD, weights_M)
         return sum_per_token(y_MD, order_M, inv_M, indices_TK.shape[1]), counts_E
 

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..moe_layer import (MoEFeedForward, _resolve_backend, combine, dispatch, experts_grouped_mm,
-                         experts_loop, sum_per_token)
+                         experts_loop, sum_per_token, weights_by_row)
 
 
 def guarded(what: str, fn, group=None):
@@ -107,7 +107,7 @@ def _ep_routed_experts(self: MoEFeedForward, x_TD, weights_TK, indices_TK, count
     if backend == "torch" and self.cfg.dispatch != "loop":
         # as on one device: each row's routing weight travels with it (one all-to-all of
         # M scalars) and scales the experts' activation; the combine is a per-token sum
-        weights_M = weights_TK.reshape(-1).index_select(0, order_M).to(x_MD.dtype)
+        weights_M = weights_by_row(weights_TK, order_M).to(x_MD.dtype)  # sent in x's dtype
         w_local = all_to_all(weights_M.unsqueeze(1), recv_splits, send_splits,
                              group).squeeze(1).index_select(0, perm_R)
         y_local = experts_grouped_mm(x_local, offsets_local, self.w13_ED2F, self.w2_EFD, w_local)
