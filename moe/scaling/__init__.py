@@ -3,9 +3,10 @@
     moe-testbed fit runs/results.csv --out runs/scaling_report      # (wired by moe/cli.py)
 
 Modules: `fits` (Chinchilla approach 3, Kaplan, power laws, L(C), MoE joint laws,
-efficiency leverage), `resample` (`bootstrap`: whole-run resampling; not named
-bootstrap.py so the function does not shadow its module), `results` (the table and its
-validation), `report` (report.md + PNGs, and `fit_main`, the CLI body).
+efficiency leverage), `joint_moe` (Ludziejewski et al.'s joint law in N_active, D and E),
+`resample` (`bootstrap`: whole-run resampling; not named bootstrap.py so the function does
+not shadow its module), `results` (the table and its validation), `report` (report.md +
+PNGs, and `fit_main`, the CLI body).
 The fits need only numpy and scipy; matplotlib is imported when a report is written.
 """
 from moe.scaling.resample import bootstrap, resample_rows
@@ -16,6 +17,7 @@ from moe.scaling.fits import (CHINCHILLA_PUBLISHED, KAPLAN, additive_moe_predict
                               fit_additive_moe, fit_chinchilla, fit_clark, fit_compute_law,
                               fit_power_law, huber, kaplan_loss_D, kaplan_loss_N,
                               load_chinchilla_points, power_law_inverse, power_law_predict)
+from moe.scaling.joint_moe import fit_joint_moe, joint_moe_predict
 from moe.scaling.report import fit_main, split_holdout, write_report
 from moe.scaling.results import (OPTIONAL_COLUMNS, REQUIRED_COLUMNS, ResultsError,
                                  chinchilla_rows, load_results, run_group, validate_rows,
@@ -26,8 +28,9 @@ __all__ = [
     "additive_moe_predict", "bootstrap", "chinchilla_frontier", "chinchilla_grid",
     "chinchilla_objective", "chinchilla_predict", "chinchilla_rows", "clark_expert_transform",
     "clark_predict", "compare_joint_laws", "compute_law_predict", "efficiency_leverage",
-    "fit_additive_moe", "fit_chinchilla", "fit_clark", "fit_compute_law", "fit_main",
-    "fit_power_law", "huber", "kaplan_loss_D", "kaplan_loss_N", "load_chinchilla_points",
-    "load_results", "power_law_inverse", "power_law_predict", "resample_rows", "run_group",
-    "split_holdout", "validate_rows", "write_report", "write_results",
+    "fit_additive_moe", "fit_chinchilla", "fit_clark", "fit_compute_law", "fit_joint_moe",
+    "fit_main", "fit_power_law", "huber", "joint_moe_predict", "kaplan_loss_D",
+    "kaplan_loss_N", "load_chinchilla_points", "load_results", "power_law_inverse",
+    "power_law_predict", "resample_rows", "run_group", "split_holdout", "validate_rows",
+    "write_report", "write_results",
 ]
