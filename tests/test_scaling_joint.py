@@ -1,4 +1,4 @@
-"""Joint MoE law (Ludziejewski et al. 2025): recovery, gradient, errors.
+"""Joint MoE law (Ludziejewski et al. 2025): recovery, gradient, held-out comparison, errors.
 
     python -m pytest tests/test_scaling_joint.py -q
 """
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from moe.scaling import (chinchilla_predict, clark_expert_transform, fit_joint_moe,
-                         joint_moe_predict)
+from moe.scaling import (chinchilla_predict, clark_expert_transform, compare_joint_laws,
+                         fit_joint_moe, joint_moe_predict)
 from moe.scaling.joint_moe import JOINT_PARAMS, _feature_lse_objective, _features
 
 # Paper's sign convention: alpha, beta < 0. Chosen so MoE helps at these sizes: the log of the
@@ -96,6 +96,44 @@ def test_objective_gradient_matches_finite_differences():
     # Both Huber branches were exercised: residuals inside and outside delta = 1e-3.
     resid = np.concatenate(resid)
     assert np.any(resid < 1e-3) and np.any(resid > 1e-3)
+
+
+def test_joint_law_wins_on_its_own_data():
+    # 0.3% log-normal noise; hold out runs at 1e9 active params (3x above the largest
+    # training size), at every token budget and expert count. Clark and additive have no D
+    # term, so they cannot follow the token-budget spread; the joint law can.
+    train = _rows(noise=0.003, seed=1)
+    held = _rows(sizes=(1e9,), noise=0.003, seed=2, tag="ho_")
+    cmp = compare_joint_laws(train, held)
+    assert cmp["better"] == "joint", cmp["reason"]
+    j = cmp["joint"]
+    assert j["error"] is None and j["params"]["converged"]
+    # Measured: held-out RMSE(log L) joint 0.0033 (the noise itself is 0.003), clark 0.071,
+    # additive 0.044; train RMSE joint 0.0023, clark and additive 0.084.
+    assert j["heldout_rmse_log"] < 0.006
+    for other in ("clark", "additive"):
+        assert cmp[other]["error"] is None
+        assert j["heldout_rmse_log"] < 0.2 * cmp[other]["heldout_rmse_log"], other
+    assert len(j["predictions"]) == len(held)
+    assert all(p["predicted"] > 0 for p in j["predictions"])
+    assert "joint held-out RMSE" in cmp["reason"]
+
+
+def test_compare_without_token_variation_reports_joint_error():
+    # A fixed 20 tokens/param ladder (what most tables hold): the joint law is not
+    # identifiable, compare_joint_laws reports that and still picks between the other two.
+    rows = _rows(tpps=(20,), sizes=(1e7, 3e7, 1e8, 3e8, 1e9))
+    train = [r for r in rows if r["params_active"] < 1e9]
+    held = [r for r in rows if r["params_active"] == 1e9]
+    cmp = compare_joint_laws(train, held)
+    assert cmp["joint"]["params"] is None
+    assert "D and N move together" in cmp["joint"]["error"]
+    assert cmp["better"] in ("clark", "additive")
+    # Rows without a "tokens" key at all: reported, not raised.
+    for r in rows:
+        del r["tokens"]
+    cmp = compare_joint_laws(train, held)
+    assert "tokens" in cmp["joint"]["error"] and cmp["better"] in ("clark", "additive")
 
 
 def test_not_identifiable_raises():
