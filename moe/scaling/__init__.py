@@ -3,7 +3,8 @@
     moe-testbed fit runs/results.csv --out runs/scaling_report      # (wired by moe/cli.py)
 
 Modules: `fits` (Chinchilla approach 3, Kaplan, power laws, L(C), MoE joint laws,
-efficiency leverage), `overtraining` (Gadre et al. 2024: loss from N and tokens per
+efficiency leverage), `joint_moe` (Ludziejewski et al.
+2025's joint law over N_active, D and experts), `overtraining` (Gadre et al. 2024: loss from N and tokens per
 parameter, top-1 error from loss, reproduced on their RedPajama runs), `resample`
 (`bootstrap`: whole-run resampling; not named bootstrap.py so the function does not shadow
 its module), `results` (the table and its validation), `report` (report.md + PNGs, and
@@ -18,6 +19,7 @@ from moe.scaling.fits import (CHINCHILLA_PUBLISHED, KAPLAN, additive_moe_predict
                               fit_additive_moe, fit_chinchilla, fit_clark, fit_compute_law,
                               fit_power_law, huber, kaplan_loss_D, kaplan_loss_N,
                               load_chinchilla_points, power_law_inverse, power_law_predict)
+from moe.scaling.joint_moe import fit_joint_moe, joint_moe_predict
 from moe.scaling.overtraining import (downstream_predict, fit_downstream, fit_overtraining,
                                       overtraining_predict)
 from moe.scaling.report import fit_main, split_holdout, write_report
@@ -26,13 +28,15 @@ from moe.scaling.results import (OPTIONAL_COLUMNS, REQUIRED_COLUMNS, ResultsErro
                                  write_results)
 
 __all__ = [
-    "CHINCHILLA_PUBLISHED", "KAPLAN", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "ResultsError",
-    "additive_moe_predict", "bootstrap", "chinchilla_frontier", "chinchilla_grid",
-    "chinchilla_objective", "chinchilla_predict", "chinchilla_rows", "clark_expert_transform",
-    "clark_predict", "compare_joint_laws", "compute_law_predict", "downstream_predict",
-    "efficiency_leverage", "fit_additive_moe", "fit_chinchilla", "fit_clark",
-    "fit_compute_law", "fit_downstream", "fit_main", "fit_overtraining", "fit_power_law",
-    "huber", "kaplan_loss_D", "kaplan_loss_N", "load_chinchilla_points", "load_results",
-    "overtraining_predict", "power_law_inverse", "power_law_predict", "resample_rows",
-    "run_group", "split_holdout", "validate_rows", "write_report", "write_results",
+    "CHINCHILLA_PUBLISHED", "KAPLAN", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS",
+    "ResultsError", "additive_moe_predict", "bootstrap",
+    "chinchilla_frontier", "chinchilla_grid", "chinchilla_objective", "chinchilla_predict",
+    "chinchilla_rows", "clark_expert_transform", "clark_predict", "compare_joint_laws",
+    "compute_law_predict", "downstream_predict", "efficiency_leverage", "fit_additive_moe",
+    "fit_chinchilla", "fit_clark", "fit_compute_law", "fit_downstream", "fit_joint_moe",
+    "fit_main", "joint_moe_predict",
+    "fit_overtraining", "fit_power_law", "huber", "kaplan_loss_D", "kaplan_loss_N",
+    "load_chinchilla_points", "load_results", "overtraining_predict", "power_law_inverse",
+    "power_law_predict", "resample_rows", "run_group",
+    "split_holdout", "validate_rows", "write_report", "write_results",
 ]

@@ -558,16 +558,32 @@ def _experts(rows):
                      for r in rows])
 
 
+def _tokens(rows):
+    """Training tokens per row; a missing "tokens" is a ValueError (reported, not raised)."""
+    if any(r.get("tokens") is None for r in rows):
+        raise ValueError("rows have no 'tokens': the joint MoE law needs each run's training "
+                         "tokens")
+    return _col(rows, "tokens")
+
+
 def compare_joint_laws(train_rows: Sequence[dict], heldout_rows: Sequence[dict], *,
                        active_key: str = "params_active", total_key: str = "params_total",
                        e_start: float = 2.0, e_max: float = 256.0) -> dict:
-    """Fit the Clark and the additive MoE law on train_rows; score both on heldout_rows.
+    """Fit the Clark, the additive and the joint MoE law on train_rows; score on heldout_rows.
 
-    Score: RMSE of log loss (natural log), which is scale-free and is what both fits see.
-    Returns {"clark": {...}, "additive": {...}, "better": name or None, "reason": str}; each
-    law entry has params (or error), train_rmse_log, heldout_rmse_log, and per-row
-    predictions on the held-out rows. With no held-out rows "better" is None.
+    "joint" is Ludziejewski et al. 2025 (`moe.scaling.joint_moe.fit_joint_moe`: active
+    params, training tokens from each row's "tokens", experts; same e_start/e_max as Clark).
+    It needs >= 10 runs and token budgets that vary at fixed size; when a table cannot
+    identify it (e.g. a fixed tokens/param ladder, or rows without "tokens") its entry holds
+    the error and the other two laws are compared as before.
+    Score: RMSE of log loss (natural log), which is scale-free and is what every fit sees.
+    Returns {"clark": {...}, "additive": {...}, "joint": {...}, "better": name or None,
+    "reason": str}; each law entry has params (or error), train_rmse_log, heldout_rmse_log,
+    and per-row predictions on the held-out rows. "better" is the fitted law with the
+    lowest held-out RMSE; with no held-out rows it is None.
     """
+    from moe.scaling.joint_moe import fit_joint_moe, joint_moe_predict  # (imports this module)
+
     train_rows, heldout_rows = list(train_rows), list(heldout_rows)
     out: dict = {}
     y_tr = np.log(_col(train_rows, "final_eval_loss"))
@@ -585,18 +601,24 @@ def compare_joint_laws(train_rows: Sequence[dict], heldout_rows: Sequence[dict],
                                                    _col(rows, "final_eval_loss")),
                      lambda p, rows: additive_moe_predict(p, _col(rows, active_key),
                                                           _col(rows, total_key))),
+        "joint": (lambda rows: fit_joint_moe(_col(rows, active_key), _tokens(rows),
+                                             _experts(rows), _col(rows, "final_eval_loss"),
+                                             e_start=e_start, e_max=e_max),
+                  lambda p, rows: joint_moe_predict(p, _col(rows, active_key), _tokens(rows),
+                                                    _experts(rows))),
     }
     for name, (fit, pred) in laws.items():
-        try:
+        try:  # predictions too: held-out rows can lack a column the fit had (e.g. tokens)
             p = fit(train_rows)
+            tr_pred = pred(p, train_rows)
+            ho_pred = pred(p, heldout_rows) if heldout_rows else np.empty(0)
         except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:
             out[name] = {"params": None, "error": str(exc), "train_rmse_log": float("nan"),
                          "heldout_rmse_log": float("nan"), "predictions": []}
             continue
-        ho_pred = pred(p, heldout_rows) if heldout_rows else np.empty(0)
         out[name] = {
             "params": p, "error": None,
-            "train_rmse_log": rmse(pred(p, train_rows), y_tr),
+            "train_rmse_log": rmse(tr_pred, y_tr),
             "heldout_rmse_log": rmse(ho_pred, y_ho),
             "predictions": [{"name": r.get("name"), "actual": float(r["final_eval_loss"]),
                              "predicted": float(v)} for r, v in zip(heldout_rows, ho_pred)],
@@ -605,7 +627,7 @@ def compare_joint_laws(train_rows: Sequence[dict], heldout_rows: Sequence[dict],
     if not heldout_rows:
         out["better"], out["reason"] = None, "no held-out runs to compare on"
     elif not scores:
-        out["better"], out["reason"] = None, "neither law could be fitted"
+        out["better"], out["reason"] = None, "no law could be fitted"
     else:
         best = min(scores, key=scores.get)
         out["better"] = best
