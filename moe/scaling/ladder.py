@@ -16,7 +16,8 @@ Runner guarantees: a run whose ``summary.json`` says ``done`` is never trained a
 run with a checkpoint resumes from it (``--resume``); a run that fails is recorded in
 ``failures.jsonl`` with its error and the ladder goes on; killing the ladder at any point
 and re-running the same command loses nothing. Results are rewritten atomically into
-``results.csv`` (one row per run) after every run.
+``results.csv`` (one row per run) after every run; the report (fits.json, report.md, PNGs)
+is written to ``<out>/report`` at the end.
 """
 
 from __future__ import annotations
@@ -361,21 +362,6 @@ def write_results(out: Path, runs: list[Run]) -> list[dict]:
     return rows
 
 
-def compare_table(rows: list[dict]) -> str:
-    """Markdown table of the fixed-size comparison runs (balancing / MTP variants)."""
-    cmp_rows = [r for r in rows if r["group"] == "compare"]
-    if not cmp_rows:
-        return ""
-    lines = ["| variant | status | eval loss | MaxVio_global (max over layers) | tokens/s |",
-             "| --- | --- | --- | --- | --- |"]
-    for r in cmp_rows:
-        def f(v, fmt):
-            return "not measured" if v in (None, "") else format(float(v), fmt)
-        lines.append(f"| {r['name'][4:]} | {r['status']} | {f(r['final_eval_loss'], '.4f')} | "
-                     f"{f(r['maxvio'], '.3f')} | {f(r['tokens_per_s'], '.0f')} |")
-    return "\n".join(lines)
-
-
 def ladder_main(argv: list[str]) -> int:
     """``moe-testbed ladder CONFIG [--dry-run] [--out DIR] [--no-report]``."""
     p = argparse.ArgumentParser(prog="moe-testbed ladder", description="Run or plan a scaling ladder.")
@@ -397,18 +383,16 @@ def ladder_main(argv: list[str]) -> int:
     print(f"{len(done)}/{len(rows)} runs done in {time.time() - t0:.0f} s; results: {out / 'results.csv'}")
     if a.no_report:
         return 0 if len(done) == len(rows) else 1
-    grid = [r for r in done if r["group"] == "grid"]
-    from . import ResultsError, write_report
+    from . import ResultsError, validate_rows, write_report
 
     report_dir = out / "report"
     try:
-        path = write_report(grid, report_dir, n_boot=cfg.n_boot, holdout="flag")
+        side: dict = {}
+        grid = validate_rows(done, source="results.csv", side=side)  # compare rows -> side
+        path = write_report(grid, report_dir, n_boot=cfg.n_boot, holdout="flag", side=side,
+                            source=str(out / "results.csv"))
     except ResultsError as exc:
         print(f"error: no report: {exc}", file=sys.stderr)
         return 1
-    table = compare_table(rows)
-    if table:
-        with open(path, "a") as f:
-            f.write("\n\n## Fixed-size comparison: balancing and MTP\n\n" + table + "\n")
     print(f"report: {path}")
     return 0 if len(done) == len(rows) else 1

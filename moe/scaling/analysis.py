@@ -1,0 +1,791 @@
+"""Scaling analysis as data: every fit, interval and prediction in one JSON-ready object.
+
+    python -c "from moe.scaling import analyse, chinchilla_rows; a = analyse(chinchilla_rows(), n_boot=8); print(a['chinchilla']['alpha'])"
+
+`analyse(rows)` runs every law the table supports and returns one dict; `write_fits`
+saves it as `fits.json` and `read_fits` loads it back (checking the schema version).
+report.md and every figure are rendered from that file alone (moe/scaling/report.py), so
+other tools (dashboards, `moe-testbed plan`, a notebook) read the same numbers the report
+prints, and a report can be re-rendered without refitting.
+
+Schema, `schema_version: 1` (NaN and inf are written as null; all keys always present):
+
+    schema_version  1
+    source          the table the runs came from
+    settings        {n_boot, level, seed, holdout, huber_delta}
+    counting        {params: what params_active counts, conventions: [...], flops: ...}
+    notes           [str]: runs skipped and why, defaults filled in
+    runs            [{name, level, kind, n_experts, top_k, sparsity, params_active,
+                      params_total, params_active_nonembed, params_total_nonembed, tokens,
+                      flops, loss, error, maxvio, held_out}]   (fitted and held-out runs)
+    power_laws      {<level>: LAW}, L(N_active) = E + A / N^alpha per sparsity level, with
+                    `x`, `selection` (which runs: one token budget or tokens/param ratio),
+                    `conventions` {params_active | params_active_nonembed: {E, alpha,
+                    objective, converged}} (point fits) and `band` {x, value, lo, hi}
+    compute_laws    {<level>: LAW}, L(C) = a C^b + c (a, b, c), same selection and band
+    chinchilla      LAW over the dense runs: L(N, D) = E + A/N^alpha + B/D^beta, with
+                    derived `a` (N_opt ~ C^a) and `b` (D_opt ~ C^b) as {value, lo, hi} and
+                    `fitted` [{run, predicted}]
+    isoflop         {<level>: approach 2 (Porian et al. 2024) as `fit_isoflop` returns it,
+                    plus status/reason}
+    overtraining    LAW, Gadre et al. 2024: L(N, M) = E + a N^b + beta 6^(b/2) (M N)^b,
+                    N total params, M tokens per parameter (a, b, beta, E)
+    downstream      LAW, Gadre et al. 2024: Err(L) = eps - k exp(-gamma L) (eps, k, gamma)
+    joint_laws      {clark, additive, joint: {status, reason, params, objective, converged,
+                    train_rmse_log, heldout_rmse_log, predictions}, better, reason}
+    efficiency_leverage  [{run, level, el_params, el_compute, reason}]
+    holdout         [{run, quantity (loss|error), law, predicted, lo, hi, actual,
+                      rel_error, bounded}]; rel_error = predicted / actual - 1
+    seed_noise      {runs: [{run, n, losses, mean, std}], std, rel_std} or null
+    compare         [{run, loss, maxvio, tokens_per_s, flops}] or null (the ladder's
+                    fixed-size comparison variants)
+
+A LAW entry: `law` (formula), `status` (ok | unbounded | not_converged | not_fitted),
+`reason`, each parameter as {value, lo, hi, median} (95% percentile bootstrap over whole
+runs by default), `n_runs`, `n_boot`, `failed_replicates`, `objective` (summed Huber of log
+residuals unless `objective_name` says otherwise), `converged` (the point fit's optimiser
+reported success), `bounded`, and `replicates` {param: [value per successful replicate]}
+so later tools propagate uncertainty without refitting. A not-fitted law has status,
+reason, law and n_runs only.
+
+When an interval is unbounded (`bounded: false`, status "unbounded"): the law has no
+residual degree of freedom (as many distinct runs as parameters: the curve interpolates),
+more than half the replicates failed (the interval would describe a minority of
+resamples), or more than (1 - level)/2 of the successful replicates ended on a box bound
+or a degenerate exponent (an exponent at 0 or its cap, an amplitude at its cap): then the
+interval's edge is set by the optimiser's box, not by the data.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from moe.scaling.fits import (HUBER_DELTA, chinchilla_frontier, chinchilla_predict,
+                              compare_joint_laws, fit_chinchilla, fit_compute_law,
+                              fit_power_law, power_law_inverse)
+from moe.scaling.resample import bootstrap
+from moe.scaling.results import ResultsError, run_group, validate_rows
+
+__all__ = ["SCHEMA_VERSION", "analyse", "read_fits", "split_holdout", "write_fits",
+           "law_predict"]
+
+SCHEMA_VERSION = 1
+_FIT_ERRORS = (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError)
+# fit_power_law's box: exponent in [0, max_alpha], log-amplitude in [-50, 50] (x_ref units).
+_MAX_ALPHA = 5.0
+_AMP_BOUND = 50.0
+
+
+# ----------------------------------------------------------------------------- laws
+#
+# Each law the analysis bootstraps is described once: how to fit it on rows, which
+# parameters to keep, how to predict from a parameter dict (point or replicate), and when
+# a fit sits on a box bound. Predictions and bands come from stored parameters only.
+
+
+def _col(rows, key):
+    return np.array([float(r[key]) for r in rows], float)
+
+
+def _pl_predict(p, x):
+    """E + A / x^alpha in log form (A can be ~1e60 in FLOP units)."""
+    x = np.asarray(x, float)
+    return p["E"] + np.exp(math.log(p["A"]) - p["alpha"] * np.log(x))
+
+
+def _cl_predict(p, c):
+    return p["c"] + np.exp(math.log(p["a"]) + p["b"] * np.log(np.asarray(c, float)))
+
+
+def _pl_at_bound(p):
+    return (p["alpha"] <= 1e-6 or p["alpha"] >= _MAX_ALPHA * (1 - 1e-6)
+            or abs(p.get("a_log", 0.0)) >= _AMP_BOUND * (1 - 1e-6))
+
+
+def _chin_at_bound(p):
+    # approach 3 is unbounded in the optimiser; a non-positive exponent is a degenerate
+    # (non-decreasing) law, and an exponent above 5 a step the data cannot support.
+    return not (1e-6 < p["alpha"] < _MAX_ALPHA and 1e-6 < p["beta"] < _MAX_ALPHA)
+
+
+def law_predict(kind: str, params: dict, run: dict) -> float:
+    """Loss (or error, for "downstream") predicted by one law entry's parameters for a run.
+
+    kind: power | compute | chinchilla | overtraining | downstream. `run` is a row of
+    fits.json["runs"] (for downstream, its `loss` is the input). Used by the analysis for
+    held-out predictions and by later tools to propagate replicates.
+    """
+    if kind == "power":
+        return float(_pl_predict(params, run["params_active"]))
+    if kind == "compute":
+        return float(_cl_predict(params, run["flops"]))
+    if kind == "chinchilla":
+        return float(chinchilla_predict(params, run["params_active"], run["tokens"]))
+    if kind == "overtraining":
+        from moe.scaling.overtraining import overtraining_predict
+
+        n = run["params_total"]
+        return float(overtraining_predict(params, n, run["tokens"] / n))
+    if kind == "downstream":
+        from moe.scaling.overtraining import downstream_predict
+
+        return float(downstream_predict(params, run["loss"]))
+    raise ValueError(f"unknown law kind {kind!r}")
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def split_holdout(rows: Sequence[dict], holdout: str | None) -> tuple[list, list]:
+    """Split rows into (train, held_out).
+
+    holdout="none": nothing held out. "flag": rows with held_out true. "largest": in each
+    sparsity level (`run_group`) with >= 4 runs, the run with the most training FLOPs (so
+    >= 3 runs remain to fit the 3-parameter law; the GPT-4-report check, one per level).
+    None: "flag" if any row is flagged, else "largest".
+    """
+    rows = list(rows)
+    if holdout is None:
+        holdout = "flag" if any(r.get("held_out") for r in rows) else "largest"
+    if holdout == "none":
+        return rows, []
+    if holdout == "flag":
+        return ([r for r in rows if not r.get("held_out")], [r for r in rows if r.get("held_out")])
+    if holdout != "largest":
+        raise ValueError(f"holdout must be largest, none or flag; got {holdout!r}")
+    held = set()
+    for g in _groups(rows).values():
+        if len(g) >= 4:
+            held.add(id(max(g, key=lambda r: r["flops"])))
+    return [r for r in rows if id(r) not in held], [r for r in rows if id(r) in held]
+
+
+def _groups(rows) -> "OrderedDict[str, list]":
+    g: dict[str, list] = {}
+    for r in rows:
+        g.setdefault(run_group(r), []).append(r)
+    return OrderedDict(sorted(g.items(), key=lambda kv: (kv[1][0].get("sparsity", 0.0), kv[0])))
+
+
+def _num(v):
+    """A float for JSON (None for NaN/inf/None)."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _clusters(values: np.ndarray, rtol: float) -> list[np.ndarray]:
+    """Index groups of values agreeing within rtol (consecutive in log order)."""
+    order = np.argsort(values, kind="stable")
+    lv = np.log(values[order])
+    out, cur = [], [order[0]]
+    for j in range(1, len(order)):
+        if lv[j] - lv[j - 1] <= math.log1p(rtol):
+            cur.append(order[j])
+        else:
+            out.append(np.array(cur))
+            cur = [order[j]]
+    out.append(np.array(cur))
+    return out
+
+
+def one_recipe_subset(rows: Sequence[dict], rtol: float = 0.1) -> tuple[list, str]:
+    """The runs a 1-D law over size may be fitted on, and a sentence saying which.
+
+    L(N) is a law of size along ONE training recipe: every run at one token budget, or
+    every run at one tokens-per-parameter ratio. When neither holds for the whole level
+    (e.g. an IsoFLOP ladder), the largest such subset (most distinct sizes) is used and the
+    sentence says so; mixing budgets would fit a law of the budgets, not of size.
+    """
+    rows = list(rows)
+    tok = _col(rows, "tokens")
+    ratio = tok / _col(rows, "params_active")
+    best, label = None, ""
+    for name, vals in (("token budget", tok), ("tokens/param ratio", ratio)):
+        for idx in _clusters(vals, rtol):
+            sizes = len({rows[i]["params_active"] for i in idx})
+            if best is None or sizes > best[0]:
+                gm = float(np.exp(np.mean(np.log(vals[idx]))))
+                best, label = (sizes, idx), f"{name} ~ {gm:.3g}"
+    idx = best[1]
+    if len(idx) == len(rows):
+        return rows, f"all {len(rows)} runs ({label})"
+    return ([rows[i] for i in sorted(idx)],
+            f"{len(idx)} of {len(rows)} runs, those at one {label} (the rest vary the "
+            "training recipe, which L(N) does not model)")
+
+
+# ----------------------------------------------------------------------- bootstrap
+
+
+def _estimates(point: dict, samples: dict, names: Sequence[str], level: float) -> dict:
+    q = 100.0 * (1.0 - level) / 2.0
+    out = {}
+    for k in names:
+        s = np.asarray(samples.get(k, []), float)
+        s = s[np.isfinite(s)]
+        if s.size:
+            lo, med, hi = np.percentile(s, [q, 50.0, 100.0 - q])
+        else:
+            lo = med = hi = math.nan
+        out[k] = {"value": _num(point[k]), "lo": _num(lo), "hi": _num(hi), "median": _num(med)}
+    return out
+
+
+def _boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
+              key: Callable, at_bound: Callable, n_boot: int, seed: int, level: float,
+              law: str, progress) -> dict:
+    """Point fit + whole-run bootstrap of one law -> a LAW entry (see module docstring).
+
+    key(run) -> what makes runs distinct for this law (its inputs). A replicate that drew
+    no more distinct runs than the law has parameters fails: its fit interpolates the
+    drawn points exactly, so any curve through them is as good as the one the optimiser
+    happened to stop on (with 4 sizes of a 3-parameter law, 85% of whole-run resamples
+    hold only 3 distinct sizes, and those replicates were what spread the CPU ladder's
+    dense A over 24 decades).
+    """
+    n_distinct = len({key(r) for r in rows})
+
+    def fit_flagged(rs):
+        d = len({key(r) for r in rs})
+        if d <= n_params and d < n_distinct:
+            raise ValueError(f"replicate drew {d} distinct runs for {n_params} parameters")
+        p = dict(fit(rs))
+        p["at_bound"] = float(bool(at_bound(p)))
+        return p
+
+    bs = bootstrap(fit_flagged, rows, n_boot=n_boot, seed=seed, level=level,
+                   params=list(names) + ["at_bound"], keep_samples=True, progress=progress)
+    point = bs["point"]
+    ok = np.isfinite(bs["samples"][names[0]])
+    reps = {k: [float(v) for v in bs["samples"][k][ok]] for k in names}
+    n_ok = int(ok.sum())
+    frac_bound = float(np.mean(bs["samples"]["at_bound"][ok])) if n_ok else 1.0
+    entry = {"law": law, "n_runs": len(rows), "n_boot": int(n_boot),
+             "failed_replicates": int(bs["n_failed"]),
+             "objective": _num(point.get("objective_sum", point.get("objective"))),
+             "converged": bool(point.get("converged", True))}
+    entry.update(_estimates(point, bs["samples"], names, level))
+    reasons = []
+    if n_distinct <= n_params:
+        reasons.append(f"{n_distinct} distinct runs for {n_params} parameters: the curve "
+                       "interpolates them, no residual to estimate an interval from")
+    if n_ok < n_boot / 2:
+        reasons.append(f"{n_boot - n_ok}/{n_boot} bootstrap replicates failed (too few "
+                       "distinct runs drawn)")
+    if frac_bound > (1.0 - level) / 2:
+        reasons.append(f"{100 * frac_bound:.0f}% of replicates end on a bound or a degenerate "
+                       "exponent (the interval edge is the optimiser's box, not the data)")
+    entry["bounded"] = not reasons
+    if not entry["converged"]:
+        entry["status"] = "not_converged"
+        reasons.insert(0, "the point fit's optimiser did not report convergence")
+    else:
+        entry["status"] = "ok" if not reasons else "unbounded"
+    entry["reason"] = "; ".join(reasons)
+    entry["replicates"] = reps
+    return entry
+
+
+def _not_fitted(law: str, n_runs: int, reason: str) -> dict:
+    return {"law": law, "status": "not_fitted", "reason": reason, "n_runs": int(n_runs)}
+
+
+def _params_of(entry: dict, names: Sequence[str]) -> dict:
+    return {k: entry[k]["value"] for k in names}
+
+
+def _replicate_params(entry: dict, names: Sequence[str]) -> list[dict]:
+    reps = entry.get("replicates") or {}
+    n = len(reps.get(names[0], []))
+    return [{k: reps[k][i] for k in names} for i in range(n)]
+
+
+def _band(entry: dict, names, predict, xs: np.ndarray, level: float) -> dict:
+    q = 100.0 * (1.0 - level) / 2.0
+    point = predict(_params_of(entry, names), xs)
+    reps = _replicate_params(entry, names)
+    if reps:
+        with np.errstate(over="ignore", invalid="ignore"):
+            m = np.array([predict(p, xs) for p in reps])
+        lo, hi = np.nanpercentile(m, [q, 100 - q], axis=0)
+    else:
+        lo = hi = np.full_like(xs, np.nan)
+    return {"x": [float(v) for v in xs], "value": [_num(v) for v in point],
+            "lo": [_num(v) for v in lo], "hi": [_num(v) for v in hi]}
+
+
+# ------------------------------------------------------------------------ sections
+
+POWER = ("E", "A", "alpha")
+COMPUTE = ("a", "b", "c")
+CHIN = ("E", "A", "B", "alpha", "beta")
+OVERTRAIN = ("E", "a", "b", "beta")
+DOWNSTREAM = ("eps", "k", "gamma")
+
+
+def _one_d_laws(groups, held_groups, n_boot, seed, level, progress):
+    """Per sparsity level: L(N_active) and L(C) on one recipe, bootstrapped, with bands."""
+    power, compute = {}, {}
+    for gi, (g, gr) in enumerate(groups.items()):
+        sub, selection = one_recipe_subset(gr)
+        distinct = len({r["params_active"] for r in sub})
+        xs_all = gr + held_groups.get(g, [])
+        for key, out, law, names, fit, predict, xkey, seed_off in (
+                ("power", power, "L = E + A / N_active^alpha", POWER, fit_power_law,
+                 _pl_predict, "params_active", 0),
+                ("compute", compute, "L = a C^b + c", COMPUTE, fit_compute_law, _cl_predict,
+                 "flops", 100)):
+            if distinct < 3:
+                out[g] = _not_fitted(law, len(gr), f"{distinct} distinct size(s) along one "
+                                     "recipe; a 3-parameter law needs >= 3 (" + selection + ")")
+                out[g]["selection"] = selection
+                continue
+            try:
+                entry = _boot_law(
+                    lambda rs, f=fit, k=xkey: f(_col(rs, k), _col(rs, "final_eval_loss")),
+                    sub, names, n_params=3, key=lambda r, k=xkey: r[k], at_bound=_pl_at_bound,
+                    n_boot=n_boot, seed=seed + seed_off + gi, level=level, law=law,
+                    progress=progress)
+            except _FIT_ERRORS as exc:
+                out[g] = _not_fitted(law, len(sub), str(exc))
+                out[g]["selection"] = selection
+                continue
+            entry["x"] = xkey
+            entry["selection"] = selection
+            x = _col(xs_all, xkey)
+            grid = np.logspace(np.log10(x.min() / 1.5), np.log10(x.max() * 1.5), 40)
+            entry["band"] = _band(entry, names, predict, grid, level)
+            if key == "power":
+                entry["conventions"] = _conventions(sub)
+            out[g] = entry
+    return power, compute
+
+
+def _conventions(rows):
+    """Point fits of L(N) with embeddings counted (Chinchilla) and not (Kaplan)."""
+    out = {}
+    for key in ("params_active", "params_active_nonembed"):
+        if not all(key in r for r in rows):
+            out[key] = {"status": "not_fitted", "reason": f"the table has no {key} column"}
+            continue
+        try:
+            f = fit_power_law(_col(rows, key), _col(rows, "final_eval_loss"))
+        except _FIT_ERRORS as exc:
+            out[key] = {"status": "not_fitted", "reason": str(exc)}
+            continue
+        out[key] = {"status": "ok", "E": _num(f["E"]), "alpha": _num(f["alpha"]),
+                    "objective": _num(f["objective_sum"]), "converged": bool(f["converged"])}
+    return out
+
+
+def _chinchilla(train, rows, n_boot, seed, level, min_runs, progress):
+    law = "L = E + A / N^alpha + B / D^beta"
+    dense = [r for r in train if r["kind"] == "dense"]
+    if len(dense) < min_runs:
+        return _not_fitted(law, len(dense), f"{len(dense)} dense runs; approach 3 needs "
+                           f">= {min_runs}")
+    ratio_sd = float(np.std(np.log(_col(dense, "tokens") / _col(dense, "params_active"))))
+    if ratio_sd <= 0.1:
+        return _not_fitted(law, len(dense), "tokens/param barely varies across dense runs "
+                           f"(std of log(D/N) = {ratio_sd:.3g}), so the N and D terms cannot "
+                           "be told apart; train some sizes at several token budgets")
+    try:
+        entry = _boot_law(
+            lambda rs: fit_chinchilla(_col(rs, "params_active"), _col(rs, "tokens"),
+                                      _col(rs, "final_eval_loss")),
+            dense, CHIN, n_params=5, key=lambda r: (r["params_active"], r["tokens"]),
+            at_bound=_chin_at_bound, n_boot=n_boot, seed=seed + 200, level=level, law=law,
+            progress=progress)
+    except _FIT_ERRORS as exc:
+        return _not_fitted(law, len(dense), str(exc))
+    # Derived quantities, from the point fit and each replicate (no refit).
+    point = _params_of(entry, CHIN)
+    reps = _replicate_params(entry, CHIN)
+    c_ref = float(max(r["flops"] for r in rows))
+    derived = {"a": lambda p: p["beta"] / (p["alpha"] + p["beta"]),
+               "b": lambda p: p["alpha"] / (p["alpha"] + p["beta"]),
+               "n_opt_at_c_ref": lambda p: chinchilla_frontier(p, c_ref)[0],
+               "loss_opt_at_c_ref": lambda p: chinchilla_frontier(p, c_ref)[2]}
+    samples, pt = {}, {}
+    for k, f in derived.items():
+        pt[k] = f(point)
+        with np.errstate(all="ignore"):
+            samples[k] = [f(p) for p in reps]
+    entry.update(_estimates(pt, samples, list(derived), level))
+    entry["c_ref"] = c_ref
+    entry["fitted"] = [{"run": r["name"], "predicted": _num(chinchilla_predict(
+        point, r["params_active"], r["tokens"]))} for r in dense]
+    return entry
+
+
+def _isoflop(groups, level, n_boot, seed):
+    out = {}
+    try:
+        from moe.scaling.isoflop import fit_isoflop
+    except ImportError:  # pragma: no cover - the module ships with the package
+        return out
+    for gi, (g, gr) in enumerate(groups.items()):
+        try:
+            res = fit_isoflop(_col(gr, "flops"), _col(gr, "params_active"),
+                              _col(gr, "final_eval_loss"), _col(gr, "tokens"),
+                              n_boot=n_boot, seed=seed + 300 + gi, level=level)
+        except _FIT_ERRORS as exc:
+            out[g] = {"status": "not_fitted", "reason": str(exc), "n_runs": len(gr)}
+            continue
+        out[g] = {"status": "ok", "reason": "", "n_runs": len(gr), **res}
+    return out
+
+
+def _overtraining(train, n_boot, seed, level, progress):
+    law = "L = E + a N^b + beta 6^(b/2) (M N)^b"
+    dense = [r for r in train if r["kind"] == "dense"]
+    if len(dense) < 5:
+        return _not_fitted(law, len(dense), f"{len(dense)} dense runs; the over-training law "
+                           "has 4 parameters and needs >= 5")
+    m = _col(dense, "tokens") / _col(dense, "params_total")
+    if np.std(np.log(m)) <= 0.1 or len({r["params_total"] for r in dense}) < 2:
+        return _not_fitted(law, len(dense), "needs several sizes and several tokens/param "
+                           "ratios M among the dense runs (std of log M = "
+                           f"{float(np.std(np.log(m))):.3g})")
+    from moe.scaling.overtraining import fit_overtraining
+
+    def fit(rs):
+        n = _col(rs, "params_total")
+        return fit_overtraining(n, _col(rs, "tokens") / n, _col(rs, "final_eval_loss"))
+
+    def degenerate(p):
+        return not (-_MAX_ALPHA < p["b"] < -1e-6)
+
+    try:
+        entry = _boot_law(fit, dense, OVERTRAIN, n_params=4,
+                          key=lambda r: (r["params_total"], r["tokens"]),
+                          at_bound=degenerate, n_boot=n_boot, seed=seed + 400, level=level,
+                          law=law, progress=progress)
+    except _FIT_ERRORS as exc:
+        return _not_fitted(law, len(dense), str(exc))
+    entry["objective_name"] = "sum of squared residuals (curve_fit least squares, as Gadre et al.)"
+    return entry
+
+
+def _downstream(train, n_boot, seed, level, progress):
+    law = "Err = eps - k exp(-gamma L)"
+    rs = [r for r in train if "error" in r]
+    if len(rs) < 4:
+        return _not_fitted(law, len(rs), f"{len(rs)} runs with an 'error' column; the "
+                           "downstream law has 3 parameters and needs >= 4")
+    from moe.scaling.overtraining import fit_downstream
+
+    def degenerate(p):
+        return not (p["gamma"] > 1e-6 and p["k"] > 0)
+
+    try:
+        entry = _boot_law(lambda rr: fit_downstream(_col(rr, "final_eval_loss"),
+                                                    _col(rr, "error")),
+                          rs, DOWNSTREAM, n_params=3, key=lambda r: r["final_eval_loss"],
+                          at_bound=degenerate, n_boot=n_boot, seed=seed + 500, level=level,
+                          law=law, progress=progress)
+    except _FIT_ERRORS as exc:
+        return _not_fitted(law, len(rs), str(exc))
+    entry["objective_name"] = "sum of squared residuals (curve_fit least squares, as Gadre et al.)"
+    return entry
+
+
+def _joint_laws(train, held):
+    if not any(r["kind"] == "moe" for r in train):
+        reason = "no MoE runs in the table"
+        return {k: {"status": "not_fitted", "reason": reason} for k in ("clark", "additive",
+                                                                         "joint")} | {
+            "better": None, "reason": reason}
+    res = compare_joint_laws(train, held)
+    out = {}
+    for name in ("clark", "additive", "joint"):
+        j = res.get(name)
+        if j is None:
+            out[name] = {"status": "not_fitted", "reason": "law not available"}
+            continue
+        if j["params"] is None:
+            out[name] = {"status": "not_fitted", "reason": j["error"]}
+            continue
+        p = j["params"]
+        obj = p.get("objective_sum", p.get("objective", p.get("rmse_log")))
+        out[name] = {
+            "status": "ok" if p.get("converged", True) else "not_converged", "reason": "",
+            "params": {k: _num(v) for k, v in p.items() if not k.startswith("_")
+                       and isinstance(v, (int, float, np.floating, np.integer))
+                       and not isinstance(v, bool)},
+            "objective": _num(obj), "converged": bool(p.get("converged", True)),
+            "train_rmse_log": _num(j["train_rmse_log"]),
+            "heldout_rmse_log": _num(j["heldout_rmse_log"]),
+            "predictions": [{"run": q["name"], "predicted": _num(q["predicted"]),
+                             "actual": _num(q["actual"])} for q in j["predictions"]]}
+    out["better"], out["reason"] = res["better"], res["reason"]
+    return out
+
+
+def _efficiency_leverage(rows, power, compute):
+    dense_p = power.get("dense")
+    moe = [r for r in rows if r["kind"] == "moe"]
+    if not moe or dense_p is None or dense_p["status"] == "not_fitted":
+        return []
+    pp = _params_of(dense_p, POWER)
+    cp = compute.get("dense")
+    cpp = (None if cp is None or cp["status"] == "not_fitted" else
+           {"E": cp["c"]["value"], "A": cp["a"]["value"], "alpha": -cp["b"]["value"]})
+    out = []
+    for r in moe:
+        L = float(r["final_eval_loss"])
+        row = {"run": r["name"], "level": run_group(r), "el_params": None,
+               "el_compute": None, "reason": ""}
+        if L <= pp["E"]:
+            row["reason"] = (f"loss {L:.4g} is at or below the dense fit's irreducible "
+                             f"E = {pp['E']:.4g}: no dense model reaches it")
+        else:
+            row["el_params"] = _num(float(power_law_inverse(pp, L)) / r["params_active"])
+            if cpp is not None and L > cpp["E"]:
+                row["el_compute"] = _num(float(power_law_inverse(cpp, L)) / r["flops"])
+        out.append(row)
+    return out
+
+
+def _holdout(held, laws: list[tuple[str, str, str, dict, Sequence[str]]], joint, level):
+    """Held-out predictions from every fitted law that covers the run, with intervals."""
+    q = 100.0 * (1.0 - level) / 2.0
+    out = []
+    for r in held:
+        run = _run_record(r)
+        for label, kind, scope, entry, names in laws:
+            if entry is None or entry.get("status") == "not_fitted":
+                continue
+            if scope not in ("all", run_group(r)) and not (scope == "dense" and
+                                                             r["kind"] == "dense"):
+                continue
+            quantity = "error" if kind == "downstream" else "loss"
+            actual = r.get("error") if quantity == "error" else r["final_eval_loss"]
+            if actual is None:
+                continue
+            pred = law_predict(kind, _params_of(entry, names), run)
+            with np.errstate(all="ignore"):
+                reps = [law_predict(kind, p, run) for p in _replicate_params(entry, names)]
+            reps = np.array([v for v in reps if math.isfinite(v)])
+            lo, hi = (np.percentile(reps, [q, 100 - q]) if reps.size else (math.nan, math.nan))
+            out.append({"run": r["name"], "quantity": quantity, "law": label,
+                        "predicted": _num(pred), "lo": _num(lo), "hi": _num(hi),
+                        "actual": _num(actual), "rel_error": _num(pred / actual - 1.0),
+                        "bounded": bool(entry.get("bounded", False))})
+        out += _chained(r, run, laws, q)
+        for name in ("clark", "additive", "joint"):
+            j = joint.get(name, {})
+            for p in j.get("predictions", []) if j.get("status") != "not_fitted" else []:
+                if p["run"] == r["name"] and p["predicted"] is not None:
+                    out.append({"run": r["name"], "quantity": "loss", "law": f"{name} joint law",
+                                "predicted": p["predicted"], "lo": None, "hi": None,
+                                "actual": p["actual"],
+                                "rel_error": _num(p["predicted"] / p["actual"] - 1.0),
+                                "bounded": False})
+    return out
+
+
+def _chained(r, run, laws, q) -> list[dict]:
+    """Gadre et al.'s chain: error predicted from the over-training law's PREDICTED loss.
+
+    The interval pairs replicate i of the loss law with replicate i of the error law (two
+    independent bootstraps, so each pair is a draw from their joint distribution).
+    """
+    ent = {kind: (e, names) for _, kind, _, e, names in laws
+           if kind in ("overtraining", "downstream")}
+    if (r.get("error") is None or r["kind"] != "dense" or len(ent) < 2
+            or any(e is None or e.get("status") == "not_fitted" for e, _ in ent.values())):
+        return []
+    (ot, ot_names), (ds, ds_names) = ent["overtraining"], ent["downstream"]
+
+    def chain(p_ot, p_ds):
+        return law_predict("downstream", p_ds, {**run, "loss": law_predict("overtraining",
+                                                                           p_ot, run)})
+
+    pred = chain(_params_of(ot, ot_names), _params_of(ds, ds_names))
+    with np.errstate(all="ignore"):
+        reps = np.array([chain(a, b) for a, b in zip(_replicate_params(ot, ot_names),
+                                                     _replicate_params(ds, ds_names))])
+    reps = reps[np.isfinite(reps)]
+    lo, hi = np.percentile(reps, [q, 100 - q]) if reps.size else (math.nan, math.nan)
+    return [{"run": r["name"], "quantity": "error",
+             "law": "downstream Err(L(N, M)), chained from the predicted loss",
+             "predicted": _num(pred), "lo": _num(lo), "hi": _num(hi), "actual": r["error"],
+             "rel_error": _num(pred / r["error"] - 1.0),
+             "bounded": bool(ot.get("bounded") and ds.get("bounded"))}]
+
+
+def _seed_noise(rows, seed_rows):
+    """Spread of the final loss over seed repeats (group "seed" rows, `repeat_of`)."""
+    if not seed_rows:
+        return None
+    by_name = {r["name"]: r for r in rows}
+    groups: dict[str, list] = {}
+    for s in seed_rows:
+        base = str(s.get("repeat_of") or "").strip()
+        if base in by_name:
+            groups.setdefault(base, [by_name[base]["final_eval_loss"]])
+        groups.setdefault(base or s["name"], []).append(float(s["final_eval_loss"]))
+    runs, ss, dof, means = [], 0.0, 0, []
+    for name, losses in groups.items():
+        if len(losses) < 2:
+            continue
+        arr = np.array(losses)
+        ss += float(((arr - arr.mean()) ** 2).sum())
+        dof += len(arr) - 1
+        means.append(arr.mean())
+        runs.append({"run": name, "n": len(arr), "losses": [float(v) for v in arr],
+                     "mean": float(arr.mean()), "std": float(arr.std(ddof=1))})
+    if not dof:
+        return None
+    std = math.sqrt(ss / dof)
+    return {"runs": runs, "std": std, "rel_std": std / float(np.mean(means))}
+
+
+def _compare(compare_rows):
+    if not compare_rows:
+        return None
+    return [{"run": r["name"], "loss": _num(r["final_eval_loss"]),
+             "maxvio": _num(r.get("maxvio")), "tokens_per_s": _num(_maybe(r, "tokens_per_s")),
+             "flops": _num(r["flops"])} for r in compare_rows]
+
+
+def _maybe(r, k):
+    try:
+        return float(r.get(k))
+    except (TypeError, ValueError):
+        return None
+
+
+def _run_record(r) -> dict:
+    return {"name": r["name"], "level": run_group(r), "kind": r["kind"],
+            "n_experts": int(r["n_experts"]), "top_k": int(r["top_k"]),
+            "sparsity": _num(r["sparsity"]), "params_active": r["params_active"],
+            "params_total": r["params_total"],
+            "params_active_nonembed": _num(r.get("params_active_nonembed")),
+            "params_total_nonembed": _num(r.get("params_total_nonembed")),
+            "tokens": r["tokens"], "flops": r["flops"], "loss": r["final_eval_loss"],
+            "error": _num(r.get("error")), "maxvio": _num(r.get("maxvio")),
+            "held_out": bool(r.get("held_out"))}
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def analyse(rows: Sequence[dict], *, n_boot: int = 200, holdout: str | None = None,
+            seed: int = 0, level: float = 0.95, source: str = "rows",
+            notes: Sequence[str] = (), side: dict | None = None,
+            chinchilla_min_runs: int = 8, progress: bool | None = None) -> dict:
+    """Fit every law the table supports; return the analysis dict (schema_version 1).
+
+    rows: run dicts (from `load_results`, or e.g. `chinchilla_rows()`); validated again.
+    holdout: "largest" | "flag" | "none" | None (see `split_holdout`): held-out runs enter
+    no fit and are predicted by every law that covers them. n_boot: whole-run bootstrap
+    replicates per law (each re-runs the full multi-start fit). side: {"compare": rows,
+    "seed": rows} as `validate_rows` collects them. A law the data cannot identify is
+    recorded as not fitted with the reason; the analysis never fails because one law has
+    too few runs.
+    """
+    rows = validate_rows(rows, source=source)
+    side = side or {}
+    if holdout is None:
+        holdout = "flag" if any(r.get("held_out") for r in rows) else "largest"
+    train, held = split_holdout(rows, holdout)
+    for r in rows:  # validate_rows returned copies: mark the split the fits used
+        r["held_out"] = any(r is h for h in held)
+    if len(train) < 3:
+        raise ResultsError(f"{source}: only {len(train)} run(s) left to fit after holding out "
+                           f"{len(held)}; a fit needs at least 3")
+    groups, held_groups = _groups(train), _groups(held)
+    has_nonembed = all("params_active_nonembed" in r for r in rows)
+    a: dict = {
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "settings": {"n_boot": int(n_boot), "level": float(level), "seed": int(seed),
+                     "holdout": holdout, "huber_delta": HUBER_DELTA},
+        "counting": {
+            "params": "params_active = parameters used per token, embeddings included "
+                      "(Chinchilla convention); params_active_nonembed excludes embeddings "
+                      "(Kaplan convention)" + ("" if has_nonembed else
+                                              "; this table has no non-embedding counts"),
+            "conventions": ["params_active"] + (["params_active_nonembed"] if has_nonembed
+                                                else []),
+            "flops": "training FLOPs as the table gives them (6 N_active D when absent)"},
+        "notes": list(notes),
+        "runs": [_run_record(r) for r in rows],
+    }
+    a["power_laws"], a["compute_laws"] = _one_d_laws(groups, held_groups, n_boot, seed,
+                                                     level, progress)
+    a["chinchilla"] = _chinchilla(train, rows, n_boot, seed, level, chinchilla_min_runs,
+                                  progress)
+    a["isoflop"] = _isoflop(groups, level, n_boot, seed)
+    a["overtraining"] = _overtraining(train, n_boot, seed, level, progress)
+    a["downstream"] = _downstream(train, n_boot, seed, level, progress)
+    a["joint_laws"] = _joint_laws(train, held)
+    a["efficiency_leverage"] = _efficiency_leverage(rows, a["power_laws"], a["compute_laws"])
+    laws = [(f"L(N_active), {g}", "power", g, e, POWER) for g, e in a["power_laws"].items()]
+    laws += [(f"L(C), {g}", "compute", g, e, COMPUTE) for g, e in a["compute_laws"].items()]
+    laws += [("Chinchilla L(N, D)", "chinchilla", "dense", a["chinchilla"], CHIN),
+             ("over-training L(N, M)", "overtraining", "dense", a["overtraining"], OVERTRAIN),
+             ("downstream Err(L), from the actual loss", "downstream", "all",
+              a["downstream"], DOWNSTREAM)]
+    a["holdout"] = _holdout(held, laws, a["joint_laws"], level)
+    a["seed_noise"] = _seed_noise(rows, side.get("seed"))
+    a["compare"] = _compare(side.get("compare"))
+    return a
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _jsonable(o):
+    """numpy scalars -> float, NaN/inf -> None (strict JSON), containers recursively."""
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, (bool, np.bool_)):
+        return bool(o)
+    if isinstance(o, (int, np.integer)):
+        return int(o)
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, np.ndarray):
+        return _jsonable(o.tolist())
+    if o is None or isinstance(o, str):
+        return o
+    return str(o)
+
+
+def write_fits(analysis: dict, path) -> Path:
+    """Write the analysis as strict JSON (atomic replace); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(analysis), indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_fits(path) -> dict:
+    """Load a fits.json (a file, or a directory holding one); checks schema_version."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "fits.json"
+    try:
+        a = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path}: not JSON ({exc.msg})") from None
+    if not isinstance(a, dict) or a.get("schema_version") != SCHEMA_VERSION:
+        got = a.get("schema_version") if isinstance(a, dict) else None
+        raise ResultsError(f"{path}: schema_version {got!r}; this version reads "
+                           f"{SCHEMA_VERSION}")
+    return a

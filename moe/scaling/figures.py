@@ -1,0 +1,180 @@
+"""Report figures, drawn from a fits.json dict alone (no fitting here).
+
+    python -c "from moe.scaling.analysis import read_fits; from moe.scaling.figures import draw_all; print(draw_all(read_fits('runs/ladder-cpu/report'), 'runs/ladder-cpu/report'))"
+
+Figures are made without pyplot (a Figure with an Agg canvas), so writing a report neither
+switches the caller's backend (a notebook, a GUI) nor leaves figures in pyplot's registry.
+Each function returns the PNG's file name, or None when the analysis has nothing to draw.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["draw_all"]
+
+
+def _figure(figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _save(fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    fig.clear()
+    return name
+
+
+def _color(i):
+    import matplotlib
+
+    cs = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return cs[i % len(cs)]
+
+
+def _levels(fits):
+    """Level names in the analysis' order (power_laws keys first, then any other)."""
+    names = list(fits["power_laws"])
+    for r in fits["runs"]:
+        if r["level"] not in names:
+            names.append(r["level"])
+    return names
+
+
+def _arr(v):
+    return np.array([np.nan if x is None else x for x in v], float)
+
+
+def _clip_y(ax, runs):
+    """Keep the data in view: bootstrap bands of a 4-run fit can reach 10x the losses."""
+    L = np.array([r["loss"] for r in runs])
+    ax.set_ylim(L.min() / 1.15, L.max() * 1.3)
+
+
+def _band(ax, entry, c):
+    if not entry or entry.get("status") == "not_fitted" or "band" not in entry:
+        return
+    b = entry["band"]
+    x = _arr(b["x"])
+    ax.plot(x, _arr(b["value"]), color=c, lw=1.2, ls="-" if entry["bounded"] else "--")
+    if entry["bounded"]:  # an unbounded interval is not drawn as if it meant something
+        ax.fill_between(x, _arr(b["lo"]), _arr(b["hi"]), color=c, alpha=0.2, lw=0)
+
+
+def loss_vs(fits, out, xkey, laws_key, name, xlabel, title):
+    fig, ax = _figure((7, 5))
+    for gi, g in enumerate(_levels(fits)):
+        c = _color(gi)
+        rs = [r for r in fits["runs"] if r["level"] == g]
+        tr = [r for r in rs if not r["held_out"]]
+        ho = [r for r in rs if r["held_out"]]
+        ax.scatter([r[xkey] for r in tr], [r["loss"] for r in tr], color=c, s=18, label=g)
+        if ho:
+            ax.scatter([r[xkey] for r in ho], [r["loss"] for r in ho], color=c, s=70,
+                       marker="*", edgecolor="k", zorder=5)
+        if laws_key:
+            _band(ax, fits[laws_key].get(g), c)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final eval loss")
+    _clip_y(ax, fits["runs"])
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, out, name)
+
+
+def chinchilla_fit(fits, out):
+    ch = fits["chinchilla"]
+    if ch.get("status") == "not_fitted":
+        return None
+    by = {r["name"]: r for r in fits["runs"]}
+    act = np.array([by[f["run"]]["loss"] for f in ch["fitted"]])
+    pred = np.array([f["predicted"] for f in ch["fitted"]])
+    flops = np.array([by[f["run"]]["flops"] for f in ch["fitted"]])
+    fig, ax = _figure((5.5, 5))
+    sc = ax.scatter(act, pred, c=np.log10(flops), s=12, cmap="viridis")
+    lo, hi = min(act.min(), pred.min()), max(act.max(), pred.max())
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    fig.colorbar(sc, ax=ax, label="log10 FLOPs")
+    ax.set_xlabel("actual loss")
+    ax.set_ylabel("approach-3 prediction")
+    ax.set_title("Chinchilla approach 3: predicted vs actual")
+    return _save(fig, out, "chinchilla_fit.png")
+
+
+def isoflop(fits, out):
+    fitted = {g: e for g, e in fits["isoflop"].items() if e.get("status") == "ok"}
+    if not fitted:
+        return None
+    fig, ax = _figure((7, 5))
+    for gi, (g, e) in enumerate(fitted.items()):
+        c = _color(gi)
+        b = e["budgets"]
+        ax.scatter([x["flops"] for x in b], [x["n_opt"] for x in b], color=c, s=25,
+                   label=f"{g}: N* ~ C^{e['exponent']:.3f}")
+        cs = np.array([x["flops"] for x in b])
+        grid = np.logspace(np.log10(cs.min()) - 0.3, np.log10(cs.max()) + 0.3, 20)
+        ax.plot(grid, np.exp(e["intercept"]) * grid ** e["exponent"], color=c, lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training FLOPs (budget)")
+    ax.set_ylabel("compute-optimal N*")
+    ax.set_title("IsoFLOP (approach 2): per-budget optimum and fitted line", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, out, "isoflop.png")
+
+
+def efficiency_leverage(fits, out):
+    el = fits["efficiency_leverage"]
+    if not el:
+        return None
+    sp = {r["name"]: r["sparsity"] for r in fits["runs"]}
+    fig, ax = _figure((6, 4.5))
+    for j, (k, m) in enumerate((("el_params", "o"), ("el_compute", "s"))):
+        pts = [(sp[e["run"]], e[k]) for e in el if e[k] is not None]
+        if pts:
+            ax.scatter(*zip(*pts), marker=m, label=k.replace("el_", "EL "), color=_color(j))
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("sparsity (1 - top_k / n_experts)")
+    ax.set_ylabel("efficiency leverage vs dense")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("Efficiency leverage vs sparsity")
+    return _save(fig, out, "efficiency_leverage.png")
+
+
+def maxvio(fits, out):
+    mv = [r for r in fits["runs"] if r.get("maxvio") is not None]
+    if not mv:
+        return None
+    fig, ax = _figure((max(5, 0.35 * len(mv)), 4))
+    ax.bar(range(len(mv)), [r["maxvio"] for r in mv], color=_color(0))
+    ax.set_xticks(range(len(mv)))
+    ax.set_xticklabels([r["name"] for r in mv], rotation=70, fontsize=6)
+    ax.set_ylabel("MaxVio")
+    ax.set_title("MaxVio per run")
+    return _save(fig, out, "maxvio.png")
+
+
+def draw_all(fits: dict, out_dir) -> list[str]:
+    """Draw every figure the analysis supports into out_dir; returns the PNG names."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [
+        loss_vs(fits, out, "params_active", "power_laws", "loss_vs_active_params.png",
+                "active parameters", "Loss vs active params (stars: held out; bands: "
+                "bootstrap; dashed: interval unbounded)"),
+        loss_vs(fits, out, "params_total", None, "loss_vs_total_params.png",
+                "total parameters", "Loss vs total params"),
+        loss_vs(fits, out, "flops", "compute_laws", "loss_vs_flops.png", "training FLOPs",
+                "Loss vs compute (stars: held out; bands: bootstrap)"),
+        chinchilla_fit(fits, out), isoflop(fits, out), efficiency_leverage(fits, out),
+        maxvio(fits, out)]
+    return [n for n in names if n]
