@@ -3,9 +3,11 @@
     moe-testbed fit runs/results.csv --out runs/scaling_report      # (wired by moe/cli.py)
 
 Modules: `fits` (Chinchilla approach 3, Kaplan, power laws, L(C), MoE joint laws,
-efficiency leverage), `resample` (`bootstrap`: whole-run resampling; not named
-bootstrap.py so the function does not shadow its module), `results` (the table and its
-validation), `report` (report.md + PNGs, and `fit_main`, the CLI body).
+efficiency leverage), `isoflop` (Chinchilla approach 2 as Porian et al. 2024 do it: Akima
+argmin per FLOP budget, OLS of ln N* on ln C, budget bootstrap), `resample` (`bootstrap`:
+whole-run resampling; not named bootstrap.py so the function does not shadow its module),
+`results` (the table and its validation), `report` (report.md + PNGs, and `fit_main`, the
+CLI body).
 The fits need only numpy and scipy; matplotlib is imported when a report is written.
 """
 from moe.scaling.resample import bootstrap, resample_rows
@@ -16,18 +18,20 @@ from moe.scaling.fits import (CHINCHILLA_PUBLISHED, KAPLAN, additive_moe_predict
                               fit_additive_moe, fit_chinchilla, fit_clark, fit_compute_law,
                               fit_power_law, huber, kaplan_loss_D, kaplan_loss_N,
                               load_chinchilla_points, power_law_inverse, power_law_predict)
+from moe.scaling.isoflop import CHINCHILLA_ISOFLOP_BUDGETS, fit_isoflop, isoflop_predict_n
 from moe.scaling.report import fit_main, split_holdout, write_report
 from moe.scaling.results import (OPTIONAL_COLUMNS, REQUIRED_COLUMNS, ResultsError,
                                  chinchilla_rows, load_results, run_group, validate_rows,
                                  write_results)
 
 __all__ = [
-    "CHINCHILLA_PUBLISHED", "KAPLAN", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "ResultsError",
-    "additive_moe_predict", "bootstrap", "chinchilla_frontier", "chinchilla_grid",
-    "chinchilla_objective", "chinchilla_predict", "chinchilla_rows", "clark_expert_transform",
-    "clark_predict", "compare_joint_laws", "compute_law_predict", "efficiency_leverage",
-    "fit_additive_moe", "fit_chinchilla", "fit_clark", "fit_compute_law", "fit_main",
-    "fit_power_law", "huber", "kaplan_loss_D", "kaplan_loss_N", "load_chinchilla_points",
+    "CHINCHILLA_ISOFLOP_BUDGETS", "CHINCHILLA_PUBLISHED", "KAPLAN", "OPTIONAL_COLUMNS",
+    "REQUIRED_COLUMNS", "ResultsError", "additive_moe_predict", "bootstrap",
+    "chinchilla_frontier", "chinchilla_grid", "chinchilla_objective", "chinchilla_predict",
+    "chinchilla_rows", "clark_expert_transform", "clark_predict", "compare_joint_laws",
+    "compute_law_predict", "efficiency_leverage", "fit_additive_moe", "fit_chinchilla",
+    "fit_clark", "fit_compute_law", "fit_isoflop", "fit_main", "fit_power_law", "huber",
+    "isoflop_predict_n", "kaplan_loss_D", "kaplan_loss_N", "load_chinchilla_points",
     "load_results", "power_law_inverse", "power_law_predict", "resample_rows", "run_group",
     "split_holdout", "validate_rows", "write_report", "write_results",
 ]
