@@ -330,6 +330,13 @@ def test_write_report_on_chinchilla_table(tmp_path):
     assert float(row.split("|")[2].split()[0]) == pytest.approx(0.347, rel=0.03)
     assert "| a (N_opt ~ C^a) |" in sec
     assert (tmp_path / "rep" / "chinchilla_fit.png").exists()
+    # approach 2 on the same table: chinchilla_rows tags the runs of the nine IsoFLOP
+    # profiles with their budget, so the analysis gets the module's published-procedure
+    # result (0.486 on these points; Hoffmann et al. publish 0.49 for approach 2)
+    iso = json.loads((tmp_path / "rep" / "fits.json").read_text())["isoflop"]["dense"]
+    assert iso["grouping"] == "flop_budget column" and len(iso["budgets"]) == 9
+    assert iso["exponent"] == pytest.approx(0.486, abs=0.001)
+    assert (tmp_path / "rep" / "isoflop.png").exists() and "- dense: a = 0.4859 [" in text
     assert "| chinchilla_239 | loss | Chinchilla L(N, D) |" in text
 
 

@@ -427,20 +427,32 @@ def _chinchilla(train, rows, n_boot, seed, level, min_runs, progress):
 
 
 def _isoflop(groups, level, n_boot, seed):
+    """Approach 2 per level: runs grouped by their `flop_budget` when the table gives one
+    (runs without it are not on an IsoFLOP profile), else clustered by FLOPs."""
+    from moe.scaling.isoflop import fit_isoflop
+
     out = {}
-    try:
-        from moe.scaling.isoflop import fit_isoflop
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return out
     for gi, (g, gr) in enumerate(groups.items()):
-        try:
-            res = fit_isoflop(_col(gr, "flops"), _col(gr, "params_active"),
-                              _col(gr, "final_eval_loss"), _col(gr, "tokens"),
-                              n_boot=n_boot, seed=seed + 300 + gi, level=level)
-        except _FIT_ERRORS as exc:
-            out[g] = {"status": "not_fitted", "reason": str(exc), "n_runs": len(gr)}
+        tagged = [r for r in gr if "flop_budget" in r]
+        rs = tagged or gr
+        nominal = sorted({r["flop_budget"] for r in tagged}) or None
+        groups_c = ([[i for i, r in enumerate(rs) if r["flop_budget"] == b] for b in nominal]
+                    if nominal else _clusters(_col(rs, "flops"), 0.1))
+        widest = max(len({rs[i]["params_active"] for i in idx}) for idx in groups_c)
+        if widest < 3:
+            out[g] = {"status": "not_fitted", "n_runs": len(rs), "reason": (
+                f"no FLOP budget holds >= 3 sizes (at most {widest}): not an IsoFLOP ladder")}
             continue
-        out[g] = {"status": "ok", "reason": "", "n_runs": len(gr), **res}
+        try:
+            res = fit_isoflop(_col(rs, "flops"), _col(rs, "params_active"),
+                              _col(rs, "final_eval_loss"), _col(rs, "tokens"),
+                              nominal=nominal, n_boot=n_boot, seed=seed + 300 + gi,
+                              level=level)
+        except _FIT_ERRORS as exc:
+            out[g] = {"status": "not_fitted", "reason": str(exc), "n_runs": len(rs)}
+            continue
+        out[g] = {"status": "ok", "reason": "", "n_runs": len(rs),
+                  "grouping": "flop_budget column" if nominal else "clustered FLOPs", **res}
     return out
 
 

@@ -26,6 +26,10 @@ from moe.scaling.results import ResultsError, load_results
 
 __all__ = ["write_report", "render_report", "fit_main", "split_holdout"]
 
+#: The parameters report.md prints per joint law (fits.json keeps every fitted value).
+JOINT_SHOWN = {"clark": ("a", "b", "c", "d", "e_start", "e_max"),
+               "additive": ("E0", "A", "alpha", "B", "beta"),
+               "joint": ("a", "alpha", "gamma", "delta", "b", "beta", "zeta", "omega", "c")}
 STATUS_WORDS = {"unbounded": "interval unbounded", "not_converged": "NOT CONVERGED"}
 
 
@@ -196,8 +200,10 @@ def _isoflop(f) -> list[str]:
         iv = e.get("exponent_interval") or {}
         md.append(f"- {g}: a = {_fmt(e['exponent'])} [{_fmt(iv.get('lo'))}, "
                   f"{_fmt(iv.get('hi'))}] from {len(e['budgets'])} budgets"
-                  + (f"; D* ~ C^{_fmt(e['d_exponent'])}" if e.get("d_exponent") is not None
-                     else "")
+                  + (f"; D* ~ C^b, b = {_fmt(e['d_exponent'])} "
+                     f"[{_fmt((e.get('d_exponent_interval') or {}).get('lo'))}, "
+                     f"{_fmt((e.get('d_exponent_interval') or {}).get('hi'))}]"
+                     if e.get("d_exponent") is not None else "")
                   + (f"; dropped {len(e['dropped'])}: "
                      + "; ".join(f"{_fmt(d['flops'], 3)} ({d['reason']})" for d in e["dropped"])
                      if e.get("dropped") else ""))
@@ -230,9 +236,7 @@ def _joint_laws(f) -> list[str]:
         if e["status"] == "not_fitted":
             md.append(f"| {name} | not fitted: {e['reason']} | | | |")
             continue
-        ps = ", ".join(f"{k}={_fmt(v)}" for k, v in e["params"].items()
-                       if k not in ("n", "n_starts", "n_grid", "nit", "objective",
-                                    "objective_sum", "rmse_log"))
+        ps = ", ".join(f"{k}={_fmt(e['params'].get(k))}" for k in JOINT_SHOWN[name])
         md.append(f"| {name} | {e['status']} | {ps} | {_fmt(e['train_rmse_log'])} | "
                   f"{_fmt(e['heldout_rmse_log'])} |")
     md.append(f"\nBetter on held-out runs: **{j['better'] or 'undecided'}** ({j['reason']}).\n")

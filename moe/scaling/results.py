@@ -43,13 +43,14 @@ REQUIRED_COLUMNS = ("params_active", "tokens", "final_eval_loss")
 #: Documented optional columns, in the order write_results puts them after the required ones.
 OPTIONAL_COLUMNS = ("name", "kind", "n_experts", "top_k", "params_total",
                     "params_active_nonembed", "params_total_nonembed", "flops", "error",
-                    "sparsity", "maxvio", "held_out", "status", "group", "repeat_of", "seed")
+                    "sparsity", "maxvio", "held_out", "status", "group", "repeat_of", "seed",
+                    "flop_budget")
 #: Built-in aliases: documented column <- column read when the documented one is absent.
 ALIASES = {"final_eval_loss": "loss", "params_active": "params"}
 
 # Columns that must be finite and > 0 wherever present (logs are taken of all of them).
 _POSITIVE = ("params_total", "params_active", "params_active_nonembed",
-             "params_total_nonembed", "tokens", "flops", "final_eval_loss")
+             "params_total_nonembed", "tokens", "flops", "final_eval_loss", "flop_budget")
 _KNOWN_GROUPS = ("grid", "compare", "seed")
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"", "0", "false", "no", "n", "f", "none", "null"}
@@ -327,12 +328,22 @@ def chinchilla_rows(drop_highest: int = 5) -> list[dict]:
     """
     from moe.scaling.fits import load_chinchilla_points
 
+    from moe.scaling.isoflop import CHINCHILLA_ISOFLOP_BUDGETS, DEFAULT_RTOL
+
+    def budget(c):
+        # The figure also holds approach-1 runs between the nine IsoFLOP budgets: only runs
+        # within a factor (1 + rtol) of a budget belong to its profile (as fit_isoflop's
+        # `nominal` rule); the rest get no flop_budget.
+        near = min(CHINCHILLA_ISOFLOP_BUDGETS, key=lambda b: abs(math.log(c / b)))
+        return near if abs(math.log(c / near)) <= math.log1p(DEFAULT_RTOL) else ""
+
     N, D, L = load_chinchilla_points(drop_highest)
     return [{"name": f"chinchilla_{i:03d}", "kind": "dense", "n_experts": 1.0, "top_k": 1.0,
              "params_total": float(n), "params_active": float(n),
              "params_active_nonembed": float(n), "params_total_nonembed": float(n),
              "tokens": float(d), "flops": float(6 * n * d), "final_eval_loss": float(l),
-             "sparsity": 0.0, "held_out": False, "status": "done"}
+             "flop_budget": budget(6 * n * d), "sparsity": 0.0, "held_out": False,
+             "status": "done"}
             for i, (n, d, l) in enumerate(zip(N, D, L))]
 
 
