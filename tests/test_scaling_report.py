@@ -396,3 +396,42 @@ def test_ladder_results_table_is_accepted(tmp_path, capsys):
     assert "| e32k2 |" in text  # grouped by the ladder's level names
     # default holdout follows the ladder's held_out flags (the largest size)
     assert "3 held out" in text and "dense_1e+08" in text.split("held out")[1].splitlines()[0]
+
+
+def test_joint_laws_are_bootstrapped_and_predict_held_out_runs(tmp_path):
+    # A ladder that varies tokens/param at every size (what the joint law needs), generated
+    # by Ludziejewski et al.'s law with 0.3% noise; the largest size at 20 tokens/param is
+    # held out in each sparsity level.
+    from moe.scaling import joint_moe_predict
+
+    law = dict(a=35.0, alpha=-0.19, gamma=-0.01, delta=0.2, b=36.0, beta=-0.18, zeta=0.02,
+               omega=-0.5, c=1.4)
+    rng = np.random.default_rng(1)
+    rows = []
+    for ne, k in ((1, 1), (8, 2), (32, 2)):
+        for n in (1e7, 1e8, 3e8, 1e9):
+            for tpp in (5, 20, 80):
+                loss = float(joint_moe_predict(law, n, tpp * n, ne)) * math.exp(rng.normal(0, 0.003))
+                rows.append({"name": f"e{ne}_{n:.0e}_{tpp}", "n_experts": ne, "top_k": k,
+                             "params_active": n, "params_total": n * (1 + (ne - 1) / 3),
+                             "tokens": tpp * n, "final_eval_loss": loss,
+                             "held_out": n == 1e9 and tpp == 20})
+    write_report(rows, tmp_path / "rep", n_boot=6)
+    fits = json.loads((tmp_path / "rep" / "fits.json").read_text())
+    j = fits["joint_laws"]
+    assert j["better"] == "joint"
+    e = j["joint"]
+    assert e["status"] in ("ok", "unbounded") and e["converged"]
+    assert len(e["replicates"]["alpha"]) == e["n_boot"] - e["failed_replicates"] > 0
+    assert e["alpha"]["value"] == pytest.approx(-0.19, abs=0.03)
+    held = [h for h in fits["holdout"] if h["law"] == "Ludziejewski et al. L(N_active, D, E)"]
+    assert sorted(h["run"] for h in held) == ["e1_1e+09_20", "e32_1e+09_20", "e8_1e+09_20"]
+    for h in held:
+        assert h["lo"] <= h["predicted"] <= h["hi"] and abs(h["rel_error"]) < 0.01
+    # the per-level L(N) is fitted along ONE recipe (here 20 tokens/param, the held-out
+    # runs' own) and predicts only runs of that recipe
+    pl = fits["power_laws"]["dense"]
+    assert pl["recipe"]["by"] == "tokens_per_param" and pl["recipe"]["value"] == pytest.approx(20)
+    assert pl["n_runs"] == 3 and "3 of 11 runs" in pl["selection"]
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "Better on held-out runs: **joint**" in text

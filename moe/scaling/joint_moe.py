@@ -200,8 +200,10 @@ def _check_inputs(N_active, D, E, loss):
     X = np.column_stack([np.ones_like(lN), lN])
     resid = lD - X @ np.linalg.lstsq(X, lD, rcond=None)[0]
     if float(np.std(resid)) < 0.05 or float(np.std(lD - lN)) < 0.05:
-        raise ValueError("D and N move together: the D term cannot be identified; train some "
-                         "sizes at several token budgets")
+        what = ("D is the same for every run" if float(np.std(lD)) < 0.05 else
+                "D and N move together")
+        raise ValueError(f"{what}: the D term cannot be identified; train some sizes at "
+                         "several token budgets")
     return N, D, E, loss
 
 

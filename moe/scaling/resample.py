@@ -49,7 +49,8 @@ def _scalars(d: Mapping[str, Any]) -> dict[str, float]:
 def bootstrap(fit_fn: Callable[[Any], Mapping[str, Any]], rows, *, n_boot: int = 200,
               seed: int | None = 0, derived: Mapping[str, Callable[[Mapping], float]] | None = None,
               level: float = 0.95, params: Sequence[str] | None = None,
-              progress: bool | None = None, keep_samples: bool = True) -> dict:
+              progress: bool | None = None, keep_samples: bool = True,
+              replicate_fn: Callable[[Any], Mapping[str, Any]] | None = None) -> dict:
     """Percentile bootstrap of `fit_fn` over whole runs.
 
     fit_fn(rows) -> dict of fitted values (numbers; non-numeric entries are ignored).
@@ -62,6 +63,8 @@ def bootstrap(fit_fn: Callable[[Any], Mapping[str, Any]], rows, *, n_boot: int =
     A replicate whose fit raises ValueError/RuntimeError/LinAlgError (e.g. too few distinct
     runs drawn) or returns non-finite values counts as failed and is left out (n_failed).
     progress: tqdm bar; default on only when n_boot >= 50 and stderr is a terminal.
+    replicate_fn: the fit used for the replicates when it differs from the point fit's
+    (e.g. fewer multi-start points, where measured to reach the same optimum).
 
     Returns {"point": fitted dict on all rows, "n_boot", "n_failed", "level",
              "params": {name: {"estimate", "median", "lo", "hi", "std"}},
@@ -94,7 +97,7 @@ def bootstrap(fit_fn: Callable[[Any], Mapping[str, Any]], rows, *, n_boot: int =
     for b in it:
         idx = rng.integers(0, n, size=n)
         try:
-            fit = fit_fn(resample_rows(rows, idx))
+            fit = (replicate_fn or fit_fn)(resample_rows(rows, idx))
             vals = _scalars(fit)
             for k, f in derived.items():
                 vals[k] = float(f(fit))
