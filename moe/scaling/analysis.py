@@ -124,8 +124,9 @@ def law_predict(kind: str, params: dict, run: dict) -> float:
 
     kind: power | compute | chinchilla | overtraining | downstream | clark | additive |
     joint. `run` is a row of fits.json["runs"] (for downstream, its `loss` is the input).
-    For clark and joint, params must carry e_start and e_max (their entries' `fixed`). Used by the analysis for
-    held-out predictions and by later tools to propagate replicates.
+    For clark and joint, params must carry e_start and e_max (their entries' `fixed`).
+    Used by the analysis for held-out predictions and by later tools to propagate
+    replicates.
     """
     if kind == "power":
         return float(_pl_predict(params, run["params_active"]))
