@@ -80,6 +80,9 @@ def loss_vs(fits, out, xkey, laws_key, name, xlabel, title):
                        marker="*", edgecolor="k", zorder=5)
         if laws_key:
             _band(ax, fits[laws_key].get(g), c)
+        else:  # no law over this axis: join the level's runs so its trend can be read
+            xy = sorted((r[xkey], r["loss"]) for r in rs)
+            ax.plot(*zip(*xy), color=c, lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
