@@ -85,6 +85,7 @@ _FIT_ERRORS = (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError)
 # fit_power_law's box: exponent in [0, max_alpha], log-amplitude in [-50, 50] (x_ref units).
 _MAX_ALPHA = 5.0
 _AMP_BOUND = 50.0
+_CURVE_FIT_OBJECTIVE = "sum of squared residuals (curve_fit least squares, as Gadre et al.)"
 
 
 # ----------------------------------------------------------------------------- laws
@@ -278,8 +279,10 @@ def _estimates(point: dict, samples: dict, names: Sequence[str], level: float) -
 
 def _boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
               key: Callable, at_bound: Callable, n_boot: int, seed: int, level: float,
-              law: str, progress, replicate_fit: Callable | None = None) -> dict:
-    """Point fit + whole-run bootstrap of one law -> a LAW entry (see module docstring).
+              law: str, progress, replicate_fit: Callable | None = None,
+              objective_name: str = "") -> dict:
+    """Point fit + whole-run bootstrap of one law -> a LAW entry (see module docstring), or
+    a not-fitted entry with the reason when the point fit raises.
 
     key(run) -> what makes runs distinct for this law (its inputs). A replicate that drew
     no more distinct runs than the law has parameters fails: its fit interpolates the
@@ -300,9 +303,12 @@ def _boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
             return p
         return fit_flagged
 
-    bs = bootstrap(flagged(fit), rows, n_boot=n_boot, seed=seed, level=level,
-                   params=list(names) + ["at_bound"], keep_samples=True, progress=progress,
-                   replicate_fn=flagged(replicate_fit or fit))
+    try:
+        bs = bootstrap(flagged(fit), rows, n_boot=n_boot, seed=seed, level=level,
+                       params=list(names) + ["at_bound"], keep_samples=True,
+                       progress=progress, replicate_fn=flagged(replicate_fit or fit))
+    except _FIT_ERRORS as exc:  # the point fit itself: the law is not fitted, and why
+        return _not_fitted(law, len(rows), str(exc))
     point = bs["point"]
     ok = np.isfinite(bs["samples"][names[0]])
     reps = {k: [float(v) for v in bs["samples"][k][ok]] for k in names}
@@ -310,8 +316,11 @@ def _boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
     frac_bound = float(np.mean(bs["samples"]["at_bound"][ok])) if n_ok else 1.0
     entry = {"law": law, "n_runs": len(rows), "n_boot": int(n_boot),
              "failed_replicates": int(bs["n_failed"]),
-             "objective": _num(point.get("objective_sum", point.get("objective"))),
+             "objective": _num(point.get("objective_sum", point.get("objective",
+                                                                     point.get("rmse_log")))),
              "converged": bool(point.get("converged", True))}
+    if objective_name:
+        entry["objective_name"] = objective_name
     entry.update(_estimates(point, bs["samples"], names, level))
     reasons = []
     if n_distinct <= n_params:
@@ -388,25 +397,22 @@ def _one_d_laws(groups, held_groups, n_boot, seed, level, progress):
                                      "recipe; a 3-parameter law needs >= 3 (" + selection + ")")
                 out[g]["selection"] = selection
                 continue
-            try:
-                entry = _boot_law(
-                    lambda rs, f=fit, k=xkey: f(_col(rs, k), _col(rs, "final_eval_loss")),
-                    sub, names, n_params=3, key=lambda r, k=xkey: r[k], at_bound=_pl_at_bound,
-                    n_boot=n_boot, seed=seed + seed_off + gi, level=level, law=law,
-                    progress=progress)
-            except _FIT_ERRORS as exc:
-                out[g] = _not_fitted(law, len(sub), str(exc))
-                out[g]["selection"] = selection
+            entry = _boot_law(
+                lambda rs, f=fit, k=xkey: f(_col(rs, k), _col(rs, "final_eval_loss")),
+                sub, names, n_params=3, key=lambda r, k=xkey: r[k], at_bound=_pl_at_bound,
+                n_boot=n_boot, seed=seed + seed_off + gi, level=level, law=law,
+                progress=progress)
+            out[g] = entry
+            entry["selection"] = selection
+            if entry["status"] == "not_fitted":
                 continue
             entry["x"] = xkey
-            entry["selection"] = selection
             entry["recipe"] = recipe
             x = _col(xs_all, xkey)
             grid = np.logspace(np.log10(x.min() / 1.5), np.log10(x.max() * 1.5), 40)
             entry["band"] = _band(entry, names, predict, grid, level)
             if key == "power":
                 entry["conventions"] = _conventions(sub)
-            out[g] = entry
     return power, compute
 
 
@@ -438,15 +444,14 @@ def _chinchilla(train, rows, n_boot, seed, level, min_runs, progress):
         return _not_fitted(law, len(dense), "tokens/param barely varies across dense runs "
                            f"(std of log(D/N) = {ratio_sd:.3g}), so the N and D terms cannot "
                            "be told apart; train some sizes at several token budgets")
-    try:
-        entry = _boot_law(
-            lambda rs: fit_chinchilla(_col(rs, "params_active"), _col(rs, "tokens"),
-                                      _col(rs, "final_eval_loss")),
-            dense, CHIN, n_params=5, key=lambda r: (r["params_active"], r["tokens"]),
-            at_bound=_chin_at_bound, n_boot=n_boot, seed=seed + 200, level=level, law=law,
-            progress=progress)
-    except _FIT_ERRORS as exc:
-        return _not_fitted(law, len(dense), str(exc))
+    entry = _boot_law(
+        lambda rs: fit_chinchilla(_col(rs, "params_active"), _col(rs, "tokens"),
+                                  _col(rs, "final_eval_loss")),
+        dense, CHIN, n_params=5, key=lambda r: (r["params_active"], r["tokens"]),
+        at_bound=_chin_at_bound, n_boot=n_boot, seed=seed + 200, level=level, law=law,
+        progress=progress)
+    if entry["status"] == "not_fitted":
+        return entry
     # Derived quantities, from the point fit and each replicate (no refit).
     point = _params_of(entry, CHIN)
     reps = _replicate_params(entry, CHIN)
@@ -517,15 +522,10 @@ def _overtraining(train, n_boot, seed, level, progress):
     def degenerate(p):
         return not (-_MAX_ALPHA < p["b"] < -1e-6)
 
-    try:
-        entry = _boot_law(fit, dense, OVERTRAIN, n_params=4,
-                          key=lambda r: (r["params_total"], r["tokens"]),
-                          at_bound=degenerate, n_boot=n_boot, seed=seed + 400, level=level,
-                          law=law, progress=progress)
-    except _FIT_ERRORS as exc:
-        return _not_fitted(law, len(dense), str(exc))
-    entry["objective_name"] = "sum of squared residuals (curve_fit least squares, as Gadre et al.)"
-    return entry
+    return _boot_law(fit, dense, OVERTRAIN, n_params=4,
+                     key=lambda r: (r["params_total"], r["tokens"]), at_bound=degenerate,
+                     n_boot=n_boot, seed=seed + 400, level=level, law=law, progress=progress,
+                     objective_name=_CURVE_FIT_OBJECTIVE)
 
 
 def _downstream(train, n_boot, seed, level, progress):
@@ -539,16 +539,10 @@ def _downstream(train, n_boot, seed, level, progress):
     def degenerate(p):
         return not (p["gamma"] > 1e-6 and p["k"] > 0)
 
-    try:
-        entry = _boot_law(lambda rr: fit_downstream(_col(rr, "final_eval_loss"),
-                                                    _col(rr, "error")),
-                          rs, DOWNSTREAM, n_params=3, key=lambda r: r["final_eval_loss"],
-                          at_bound=degenerate, n_boot=n_boot, seed=seed + 500, level=level,
-                          law=law, progress=progress)
-    except _FIT_ERRORS as exc:
-        return _not_fitted(law, len(rs), str(exc))
-    entry["objective_name"] = "sum of squared residuals (curve_fit least squares, as Gadre et al.)"
-    return entry
+    return _boot_law(lambda rr: fit_downstream(_col(rr, "final_eval_loss"), _col(rr, "error")),
+                     rs, DOWNSTREAM, n_params=3, key=lambda r: r["final_eval_loss"],
+                     at_bound=degenerate, n_boot=n_boot, seed=seed + 500, level=level,
+                     law=law, progress=progress, objective_name=_CURVE_FIT_OBJECTIVE)
 
 
 JOINT = {"clark": ("a", "b", "c", "d"), "additive": ("E0", "A", "alpha", "B", "beta"),
@@ -605,25 +599,23 @@ def _joint_laws(train, held, n_boot, seed, level, progress, e_start=2.0, e_max=2
         if j["params"] is None:
             out[name] = _not_fitted(JOINT_LAWS[name], len(train), j["error"])
             continue
-        try:
-            entry = _boot_law(lambda rs, n=name: _joint_fit(n, rs, e_start, e_max), train,
-                              names, n_params=len(names),
-                              key=lambda r: (r["params_active"], r["params_total"], r["tokens"],
-                                             r["n_experts"]),
-                              at_bound=_joint_at_bound(name), n_boot=n_boot,
-                              seed=seed + 600 + i, level=level, law=JOINT_LAWS[name],
-                              progress=progress,
-                              replicate_fit=lambda rs, n=name: _joint_fit(
-                                  n, rs, e_start, e_max, JOINT_REPLICATE_STARTS))
-        except _FIT_ERRORS as exc:
-            out[name] = _not_fitted(JOINT_LAWS[name], len(train), str(exc))
+        entry = _boot_law(lambda rs, n=name: _joint_fit(n, rs, e_start, e_max), train,
+                          names, n_params=len(names),
+                          key=lambda r: (r["params_active"], r["params_total"], r["tokens"],
+                                         r["n_experts"]),
+                          at_bound=_joint_at_bound(name), n_boot=n_boot,
+                          seed=seed + 600 + i, level=level, law=JOINT_LAWS[name],
+                          progress=progress,
+                          replicate_fit=lambda rs, n=name: _joint_fit(
+                              n, rs, e_start, e_max, JOINT_REPLICATE_STARTS),
+                          objective_name=("RMSE of log loss (ordinary least squares)"
+                                          if name == "clark" else ""))
+        out[name] = entry
+        if entry["status"] == "not_fitted":
             continue
         entry["fixed"] = ({"e_start": e_start, "e_max": e_max} if name != "additive" else {})
         entry["train_rmse_log"] = _num(j["train_rmse_log"])
         entry["heldout_rmse_log"] = _num(j["heldout_rmse_log"])
-        if name == "clark":
-            entry["objective_name"] = "RMSE of log loss (ordinary least squares)"
-        out[name] = entry
     out["better"], out["reason"] = res["better"], res["reason"]
     return out
 
