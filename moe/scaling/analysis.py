@@ -20,7 +20,8 @@ Schema, `schema_version: 1` (NaN and inf are written as null; all keys always pr
                       flops, loss, error, maxvio, held_out}]   (fitted and held-out runs)
     power_laws      {<level>: LAW}, L(N_active) = E + A / N^alpha per sparsity level, with
                     `x`, `selection` (which runs: one token budget or tokens/param ratio),
-                    `recipe` {by: tokens | tokens_per_param, value, rtol}, `conventions`
+                    `recipe` {by: tokens | tokens_per_param | tokens_per_nonembed_param,
+                    value, rtol}, `conventions`
                     {params_active | params_active_nonembed: {E, alpha, objective,
                     converged}} (point fits) and `band` {x, value, lo, hi}
     compute_laws    {<level>: LAW}, L(C) = a C^b + c (a, b, c), same selection and band
@@ -41,6 +42,9 @@ Schema, `schema_version: 1` (NaN and inf are written as null; all keys always pr
     holdout         [{run, quantity (loss|error), law, predicted, lo, hi, actual,
                       rel_error, bounded}]; rel_error = predicted / actual - 1
     seed_noise      {runs: [{run, n, losses, mean, std}], std, rel_std} or null
+    sparsity_comparison  [{size, params_active, losses {level: loss}, runs, gaps: [{from,
+                    to, gap (loss of `to` - loss of `from`, levels in sparsity order),
+                    within_noise (|gap| <= seed_noise.std; null when not measured)}]}]
     compare         [{run, loss, maxvio, tokens_per_s, flops}] or null (the ladder's
                     fixed-size comparison variants)
 
@@ -202,22 +206,32 @@ def _num(v):
 
 
 def _clusters(values: np.ndarray, rtol: float) -> list[np.ndarray]:
-    """Index groups of values agreeing within rtol (consecutive in log order)."""
+    """Index groups of values agreeing within rtol: greedy in ascending order, a group
+    spans at most a factor (1 + rtol) from its smallest value (no chaining: 8.2, 9.0, ...,
+    13.5 in 10% steps are several groups, not one)."""
     order = np.argsort(values, kind="stable")
     lv = np.log(values[order])
-    out, cur = [], [order[0]]
+    out, cur, start = [], [order[0]], lv[0]
     for j in range(1, len(order)):
-        if lv[j] - lv[j - 1] <= math.log1p(rtol):
+        if lv[j] - start <= math.log1p(rtol):
             cur.append(order[j])
         else:
             out.append(np.array(cur))
-            cur = [order[j]]
+            cur, start = [order[j]], lv[j]
     out.append(np.array(cur))
     return out
 
 
+_RECIPES = {"tokens": "token budget", "tokens_per_param": "tokens/param ratio",
+            "tokens_per_nonembed_param": "tokens per non-embedding param"}
+
+
 def _recipe_value(r: dict, by: str) -> float:
-    return r["tokens"] if by == "tokens" else r["tokens"] / r["params_active"]
+    if by == "tokens":
+        return r["tokens"]
+    if by == "tokens_per_nonembed_param":
+        return r["tokens"] / r["params_active_nonembed"]
+    return r["tokens"] / r["params_active"]
 
 
 def on_recipe(r: dict, recipe: dict) -> bool:
@@ -235,13 +249,17 @@ def one_recipe_subset(rows: Sequence[dict], held: Sequence[dict] = (),
     (e.g. an IsoFLOP ladder, or Gadre et al.'s over-training grid) the recipe with the most
     distinct sizes (held-out runs counted, ties to the one holding more of them) is used and
     the sentence says so: mixing budgets would fit a law of the budgets, not of size. The
-    recipe {by: tokens | tokens_per_param, value, rtol} also decides which held-out runs
-    the law may predict (`on_recipe`).
+    recipe {by: tokens | tokens_per_param | tokens_per_nonembed_param, value, rtol} also
+    decides which held-out runs the law may predict (`on_recipe`). Ties between recipes
+    that hold the same runs go to the first in that order.
     """
     rows, held = list(rows), list(held)
     allr = rows + held
     best = None
-    for by in ("tokens", "tokens_per_param"):
+    bys = ["tokens", "tokens_per_param"]
+    if all(r.get("params_active_nonembed") for r in allr):  # Kaplan's N: a ladder's rule
+        bys.append("tokens_per_nonembed_param")
+    for by in bys:
         vals = np.array([_recipe_value(r, by) for r in allr])
         for idx in _clusters(vals, rtol):
             sizes = len({allr[i]["params_active"] for i in idx})
@@ -252,8 +270,7 @@ def one_recipe_subset(rows: Sequence[dict], held: Sequence[dict] = (),
                 best = (score, {"by": by, "value": gm, "rtol": rtol})
     recipe = best[1]
     sub = [r for r in rows if on_recipe(r, recipe)]
-    label = ("token budget" if recipe["by"] == "tokens" else "tokens/param ratio") + \
-        f" ~ {recipe['value']:.3g}"
+    label = f"{_RECIPES[recipe['by']]} ~ {recipe['value']:.3g}"
     if len(sub) == len(rows):
         return rows, f"all {len(rows)} runs ({label})", recipe
     return (sub, f"{len(sub)} of {len(rows)} runs, those at one {label} (the rest vary the "
@@ -433,17 +450,30 @@ def _conventions(rows):
     return out
 
 
+def _independent_spread(n: np.ndarray, d: np.ndarray) -> float:
+    """Std of the residual of log D regressed on log N: how much the token budget varies
+    beyond what size explains. A fixed tokens/param rule gives ~0 even when D/N drifts
+    with the embedding share (D = 20 N_nonembed against N_active), and then approach 3
+    cannot separate its N and D terms."""
+    ln, ld = np.log(n), np.log(d)
+    if np.ptp(ln) == 0:
+        return float(np.std(ld))
+    X = np.column_stack([np.ones_like(ln), ln])
+    return float(np.std(ld - X @ np.linalg.lstsq(X, ld, rcond=None)[0]))
+
+
 def _chinchilla(train, rows, n_boot, seed, level, min_runs, progress):
     law = "L = E + A / N^alpha + B / D^beta"
     dense = [r for r in train if r["kind"] == "dense"]
     if len(dense) < min_runs:
         return _not_fitted(law, len(dense), f"{len(dense)} dense runs; approach 3 needs "
                            f">= {min_runs}")
-    ratio_sd = float(np.std(np.log(_col(dense, "tokens") / _col(dense, "params_active"))))
-    if ratio_sd <= 0.1:
-        return _not_fitted(law, len(dense), "tokens/param barely varies across dense runs "
-                           f"(std of log(D/N) = {ratio_sd:.3g}), so the N and D terms cannot "
-                           "be told apart; train some sizes at several token budgets")
+    spread = _independent_spread(_col(dense, "params_active"), _col(dense, "tokens"))
+    if spread <= 0.1:
+        return _not_fitted(law, len(dense), "tokens barely vary independently of size across "
+                           f"dense runs (residual std of log D on log N = {spread:.3g}), so "
+                           "the N and D terms cannot be told apart; train some sizes at "
+                           "several token budgets")
     entry = _boot_law(
         lambda rs: fit_chinchilla(_col(rs, "params_active"), _col(rs, "tokens"),
                                   _col(rs, "final_eval_loss")),
@@ -462,9 +492,9 @@ def _chinchilla(train, rows, n_boot, seed, level, min_runs, progress):
                "loss_opt_at_c_ref": lambda p: chinchilla_frontier(p, c_ref)[2]}
     samples, pt = {}, {}
     for k, f in derived.items():
-        pt[k] = f(point)
-        with np.errstate(all="ignore"):
-            samples[k] = [f(p) for p in reps]
+        with np.errstate(all="ignore"):  # numpy floats: a degenerate replicate gives NaN
+            pt[k] = float(f({n: np.float64(v) for n, v in point.items()}))
+            samples[k] = [float(f({n: np.float64(v) for n, v in p.items()})) for p in reps]
     entry.update(_estimates(pt, samples, list(derived), level))
     entry["c_ref"] = c_ref
     entry["fitted"] = [{"run": r["name"], "predicted": _num(chinchilla_predict(
@@ -508,11 +538,11 @@ def _overtraining(train, n_boot, seed, level, progress):
     if len(dense) < 5:
         return _not_fitted(law, len(dense), f"{len(dense)} dense runs; the over-training law "
                            "has 4 parameters and needs >= 5")
-    m = _col(dense, "tokens") / _col(dense, "params_total")
-    if np.std(np.log(m)) <= 0.1 or len({r["params_total"] for r in dense}) < 2:
+    spread = _independent_spread(_col(dense, "params_total"), _col(dense, "tokens"))
+    if spread <= 0.1 or len({r["params_total"] for r in dense}) < 2:
         return _not_fitted(law, len(dense), "needs several sizes and several tokens/param "
-                           "ratios M among the dense runs (std of log M = "
-                           f"{float(np.std(np.log(m))):.3g})")
+                           "ratios M among the dense runs (residual std of log D on log N = "
+                           f"{spread:.3g})")
     from moe.scaling.overtraining import fit_overtraining
 
     def fit(rs):
@@ -735,6 +765,37 @@ def _seed_noise(rows, seed_rows):
     return {"runs": runs, "std": std, "rel_std": std / float(np.mean(means))}
 
 
+def _sparsity_comparison(rows, noise) -> list[dict]:
+    """Per active size (the table's `size` label, else runs within 5% in params_active and
+    tokens), the loss of every sparsity level and the gap of each MoE level to the next
+    denser one; `within_noise` when the gap is not larger than the seed-noise std."""
+    std = noise["std"] if noise else None
+    groups: dict = {}
+    for r in rows:
+        if str(r.get("size") or "").strip():
+            key = ("label", str(r["size"]).strip())
+        else:
+            key = next((k for k in groups if k[0] == "near" and abs(math.log(
+                r["params_active"] / k[1])) < 0.05 and abs(math.log(r["tokens"] / k[2])) < 0.05),
+                ("near", r["params_active"], r["tokens"]))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for key, rs in sorted(groups.items(), key=lambda kv: min(r["params_active"] for r in kv[1])):
+        if len({run_group(r) for r in rs}) < 2:
+            continue
+        rs = sorted(rs, key=lambda r: (r["sparsity"], run_group(r)))
+        gaps = []
+        for a, b in zip(rs, rs[1:]):
+            gap = b["final_eval_loss"] - a["final_eval_loss"]
+            gaps.append({"from": a["name"], "to": b["name"], "gap": gap,
+                         "within_noise": None if std is None else bool(abs(gap) <= std)})
+        out.append({"size": key[1] if key[0] == "label" else rs[0]["name"],
+                    "params_active": min(r["params_active"] for r in rs),
+                    "losses": {run_group(r): r["final_eval_loss"] for r in rs},
+                    "runs": [r["name"] for r in rs], "gaps": gaps})
+    return out
+
+
 def _compare(compare_rows):
     if not compare_rows:
         return None
@@ -826,6 +887,7 @@ def analyse(rows: Sequence[dict], *, n_boot: int = 200, holdout: str | None = No
              for name, names in JOINT.items()]
     a["holdout"] = _holdout(held, laws, level)
     a["seed_noise"] = _seed_noise(rows, side.get("seed"))
+    a["sparsity_comparison"] = _sparsity_comparison(rows, a["seed_noise"])
     a["compare"] = _compare(side.get("compare"))
     return a
 

@@ -63,7 +63,8 @@ def render_report(fits: dict, out_dir) -> Path:
     pngs = draw_all(fits, out)
     md: list[str] = []
     for section in (_header, _power_laws, _compute_laws, _chinchilla, _isoflop,
-                    _overtraining, _joint_laws, _efficiency_leverage, _seed_noise, _compare,
+                    _overtraining, _joint_laws, _efficiency_leverage, _seed_noise,
+                    _sparsity_comparison, _compare,
                     _maxvio, _holdout):
         md.extend(section(fits))
     md.append("## Figures\n")
@@ -278,6 +279,30 @@ def _seed_noise(f) -> list[str]:
     md += ["| run | repeats | losses | std |", "| --- | --- | --- | --- |"]
     md += [f"| {r['run']} | {r['n']} | {', '.join(_fmt(v, 5) for v in r['losses'])} | "
            f"{_fmt(r['std'])} |" for r in s["runs"]]
+    return md + [""]
+
+
+def _sparsity_comparison(f) -> list[str]:
+    rows = f.get("sparsity_comparison") or []
+    if not rows:
+        return []
+    levels = []
+    for r in rows:
+        levels += [lv for lv in r["losses"] if lv not in levels]
+    sn = f["seed_noise"]
+    md = ["## Sparsity at equal active size\n",
+          "Final eval loss per level at each active size; each gap is the next sparser "
+          "level's loss minus the denser one's (negative: the sparser model is better). "
+          + (f"Gaps not larger than the seed-noise std ({_fmt(sn['std'], 3)}) are marked "
+             "**within noise**." if sn else "Seed noise not measured: no gap can be called "
+             "real or noise.") + "\n",
+          "| size | active params | " + " | ".join(levels) + " | gaps |",
+          "|" + " --- |" * (len(levels) + 3)]
+    for r in rows:
+        gaps = "; ".join(f"{g['to']} {g['gap']:+.4f}" + (" **within noise**" if g["within_noise"]
+                                                         else "") for g in r["gaps"])
+        md.append(f"| {r['size']} | {_fmt(r['params_active'])} | "
+                  + " | ".join(_fmt(r["losses"].get(lv), 5) for lv in levels) + f" | {gaps} |")
     return md + [""]
 
 

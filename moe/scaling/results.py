@@ -44,7 +44,7 @@ REQUIRED_COLUMNS = ("params_active", "tokens", "final_eval_loss")
 OPTIONAL_COLUMNS = ("name", "kind", "n_experts", "top_k", "params_total",
                     "params_active_nonembed", "params_total_nonembed", "flops", "error",
                     "sparsity", "maxvio", "held_out", "status", "group", "repeat_of", "seed",
-                    "flop_budget")
+                    "flop_budget", "size")
 #: Built-in aliases: documented column <- column read when the documented one is absent.
 ALIASES = {"final_eval_loss": "loss", "params_active": "params"}
 
