@@ -132,7 +132,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     zero_stage: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: GPU bf16; CPU bf16 if a probe finds it faster
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100

@@ -114,7 +114,7 @@ def _private_process_group():
 # --------------------------------------------------------------------------------------
 
 
-def test_deepspeed_config_is_generated_from_config(tmp_path):
+def test_deepspeed_config_is_generated_from_config(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, **{"train.zero_stage": 2, "train.grad_accum": 3,
                                 "train.grad_clip": 0.5, "train.betas": "[0.8, 0.9]",
                                 "train.eps": 1e-7, "train.weight_decay": 0.05,
@@ -129,12 +129,20 @@ def test_deepspeed_config_is_generated_from_config(tmp_path):
     assert opt["type"] == "AdamW"
     assert opt["params"]["lr"] == 1e-3 and opt["params"]["betas"] == [0.8, 0.9]
     assert opt["params"]["eps"] == 1e-7 and opt["params"]["weight_decay"] == 0.05
-    # precision auto: fp32 on CPU, bf16 on GPU
-    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    # precision auto: bf16 on GPU; on CPU what the matmul probe finds faster
+    from moe.train import engine
+
+    assert ds["fp16"]["enabled"] is False
+    assert ds["bf16"]["enabled"] is (engine.cpu_bf16_speedup() >= engine.CPU_BF16_MIN_SPEEDUP)
     assert deepspeed_config(cfg, 1, device="cuda")["bf16"]["enabled"] is True
+    json.dumps(ds)  # plain JSON
+    with monkeypatch.context() as m:
+        m.setattr(engine, "cpu_bf16_speedup", lambda: 4.3)  # an AVX512_BF16/AMX part
+        assert deepspeed_config(cfg, 1, device="cpu")["bf16"]["enabled"] is True
+        m.setattr(engine, "cpu_bf16_speedup", lambda: 0.2)  # bf16 emulated: slower
+        assert deepspeed_config(cfg, 1, device="cpu")["bf16"]["enabled"] is False
     cfg.train.precision = "fp32"
     assert deepspeed_config(cfg, 1, device="cuda")["bf16"]["enabled"] is False
-    json.dumps(ds)  # plain JSON
 
 
 def test_lr_schedule_warmup_cosine():
