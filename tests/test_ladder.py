@@ -1,6 +1,8 @@
 """Ladder planning, the resumable runner (with a stub trainer), and bad ladder configs."""
 
 import collections
+import csv
+import json
 import os
 import signal
 import subprocess
@@ -168,17 +170,28 @@ def test_real_tiny_ladder_end_to_end(tmp_path, monkeypatch):
       - {{name: dense}}
       - {{name: moe4, n_routed: 4, top_k: 2}}
     tokens: {{mode: fixed, value: 5120}}
+    seeds: {{runs: [b-dense], seeds: [1]}}
     holdout: [c-moe4]
     n_boot: 20
     """
     path = _ladder(tmp_path, body)
     out = tmp_path / "out"
     assert ladder_main([str(path), "--out", str(out), "--no-progress"]) == 0
-    rows = (out / "results.csv").read_text().splitlines()
-    assert len(rows) == 7 and all(",done" in r for r in rows[1:])
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and all(r["status"] == "done" for r in rows)
+    seed = next(r for r in rows if r["group"] == "seed")
+    assert (seed["name"], seed["repeat_of"], seed["seed"]) == ("b-dense-seed1", "b-dense", "1")
+    assert all(float(r["lr"]) > 0 and int(r["warmup_steps"]) >= 1 and r["precision"] == "fp32"
+               for r in rows)
     report = (out / "report" / "report.md").read_text()
     assert "c-moe4" in report and "Extrapolation" in report
+    assert "tokens: fixed 5120 tokens per run" in report  # the design rules are stated
     assert (out / "report" / "loss_vs_active_params.png").stat().st_size > 1000
+    fits = json.loads((out / "report" / "fits.json").read_text())
+    assert fits["seed_noise"]["runs"][0]["run"] == "b-dense"
+    base_loss = next(float(r["final_eval_loss"]) for r in rows if r["name"] == "b-dense")
+    assert fits["seed_noise"]["runs"][0]["losses"] == [base_loss, float(seed["final_eval_loss"])]
     # a second invocation trains nothing and still succeeds
     before = {p: p.stat().st_mtime for p in out.glob("runs/*/summary.json")}
     assert ladder_main([str(path), "--out", str(out), "--no-progress", "--no-report"]) == 0
@@ -197,3 +210,84 @@ def test_shipped_ladders_plan_and_dry_run(name, capsys):
         assert "GPU-hours" in text
     cmd = default_train_cmd(cfg)
     assert cmd[-3:] == ["-m", "moe.cli", "train"]
+
+
+RULES = """
+name: r
+overrides: [model.vocab_size=512, mtp.depth=0, train.seq_len=32, train.micro_batch_size=4]
+sizes:
+  - {name: xs, d_model: 16, n_layers: 2, n_heads: 2}
+  - {name: s, d_model: 32, n_layers: 2, n_heads: 2}
+sparsities:
+  - {name: dense}
+  - {name: moe4, n_routed: 4, top_k: 2}
+tokens: {mode: per_active_param, value: 20}
+lr: {base: 4.0e-3, base_width: 32, exponent: 1.0, moe_multiplier: 0.5}
+schedule: {warmup_fraction: 0.1, min_warmup: 3}
+seeds: {runs: [s-dense], seeds: [1, 2]}
+holdout: [s-moe4]
+"""
+
+
+def test_token_lr_and_schedule_rules_per_run(tmp_path):
+    from moe.scaling.ladder import design_notes
+
+    cfg, base = load_ladder(_ladder(tmp_path, RULES))
+    runs = plan(cfg, base)
+    by = {r.name: r for r in runs}
+    assert sorted(by) == ["s-dense", "s-dense-seed1", "s-dense-seed2", "s-moe4", "xs-dense",
+                          "xs-moe4"]
+    for r in runs:
+        c = count_params(load_config(base, r.overrides))
+        # 20 tokens per active NON-embedding parameter, rounded up to whole 4 x 32 steps
+        want = 20 * c.active_nonembed
+        assert want <= r.tokens < want + 128 and r.tokens % 128 == 0
+        assert r.steps == r.tokens // 128
+        # lr = 4e-3 * (32 / d)^1, halved for MoE; warm-up 10% of the run's steps (>= 3)
+        d = {"xs": 16, "s": 32}[r.size]
+        assert r.lr == pytest.approx(4e-3 * 32 / d * (0.5 if r.n_experts else 1.0))
+        assert r.warmup_steps == max(3, round(0.1 * r.steps))
+        cfg_run = load_config(base, r.overrides)  # the trainer gets exactly these
+        assert cfg_run.train.token_budget == r.tokens and cfg_run.train.max_steps is None
+        assert cfg_run.train.lr == pytest.approx(r.lr)
+        assert cfg_run.train.warmup_steps == r.warmup_steps
+        assert cfg_run.train.seed == r.seed
+    assert by["xs-dense"].lr == pytest.approx(8e-3) and by["s-moe4"].lr == pytest.approx(2e-3)
+    # each run's schedule ends at its own budget: the small run is not given the big one's
+    assert by["xs-dense"].steps < by["s-dense"].steps
+    seeds = [by["s-dense-seed1"], by["s-dense-seed2"]]
+    assert [(r.group, r.repeat_of, r.seed) for r in seeds] == [("seed", "s-dense", 1),
+                                                               ("seed", "s-dense", 2)]
+    assert by["s-dense"].seed == 0 and seeds[0].tokens == by["s-dense"].tokens
+    notes = "\n".join(design_notes(cfg, runs))
+    assert "20 tokens per active non-embedding parameter" in notes
+    assert "lr = 0.004 x (32 / d_model)^1, x 0.5 for MoE" in notes
+    assert "s-dense (seed 1), s-dense (seed 2)" in notes
+
+
+def test_isoflop_token_rule(tmp_path):
+    body = RULES.replace("tokens: {mode: per_active_param, value: 20}",
+                         "tokens: {mode: isoflop, budgets: [2.0e+10, 8.0e+10], min_ratio: 5, "
+                         "max_ratio: 150}").replace("seeds: {runs: [s-dense], seeds: [1, 2]}\n",
+                                                   "").replace("holdout: [s-moe4]", "")
+    cfg, base = load_ladder(_ladder(tmp_path, body))
+    runs = plan(cfg, base)
+    assert runs, "no run falls inside the ratio window"
+    for r in runs:
+        c = count_params(load_config(base, r.overrides))
+        k = int(r.name.rsplit("-c", 1)[1])
+        assert r.flop_budget == [2e10, 8e10][k]
+        # tokens from the budget (within one step's rounding), ratio inside the window
+        assert abs(r.tokens * c.flops_per_token_train - r.flop_budget) <= 128 * c.flops_per_token_train
+        assert 5 <= (r.flop_budget / c.flops_per_token_train) / c.active_nonembed <= 150
+    # both budgets hold runs, and the same size sits at several budgets
+    assert {r.flop_budget for r in runs} == {2e10, 8e10}
+    assert len({r.name.rsplit("-c", 1)[0] for r in runs}) < len(runs)
+    with pytest.raises(ConfigError, match="tokens.budgets"):
+        load_ladder(_ladder(tmp_path, body.replace("budgets: [2.0e+10, 8.0e+10]", "budgets: []")))
+
+
+def test_seed_runs_must_be_grid_runs(tmp_path):
+    cfg, base = load_ladder(_ladder(tmp_path, RULES.replace("runs: [s-dense]", "runs: [m-dense]")))
+    with pytest.raises(ConfigError, match=r"seeds.runs=\['m-dense'\]"):
+        plan(cfg, base)

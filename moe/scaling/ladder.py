@@ -62,11 +62,52 @@ class SparsitySpec:
 
 @dataclass
 class TokenSpec:
-    # fixed: `value` tokens per run; per_active_param: value x active non-embedding params
-    # (Chinchilla-style ratio); flops: a compute budget of `value` FLOPs per run
-    mode: Literal["fixed", "per_active_param", "flops"] = "fixed"
-    value: float = 1e6
+    """How many tokens each run trains on (its own budget; the LR schedule ends there).
+
+    per_active_param: `value` tokens per active NON-embedding parameter (Chinchilla's 20 by
+    default; Kaplan's convention for N, so the rule does not bend with the vocabulary);
+    isoflop: every size at each FLOP budget of `budgets` whose tokens/param (active
+    non-embedding) falls in [min_ratio, max_ratio], i.e. sizes spread around each budget's
+    optimum, the runs approach 2 needs; flops: one budget of `value` FLOPs per run;
+    fixed: `value` tokens per run (kept for comparison: it over-trains the small sizes and
+    starves the large ones).
+    """
+    mode: Literal["fixed", "per_active_param", "flops", "isoflop"] = "per_active_param"
+    value: float = 20.0
+    budgets: list[float] = field(default_factory=list)  # isoflop: FLOP budgets
+    min_ratio: float = 2.0  # isoflop: tokens per active non-embedding param kept per budget
+    max_ratio: float = 200.0
     min_tokens: int = 0  # floor so the smallest runs see enough data to leave warm-up
+
+
+@dataclass
+class LRSpec:
+    """Learning rate per run: lr = base * (base_width / d_model) ** exponent, times
+    moe_multiplier for MoE levels. exponent 0 is one LR for every width; 1 is the
+    muP-style 1/width of Adam's hidden-layer LR (the constants come from a sweep; see the
+    ladder config's comments). base None: the train config's train.lr."""
+    base: Optional[float] = None
+    base_width: int = 64
+    exponent: float = 0.0
+    moe_multiplier: float = 1.0
+
+
+@dataclass
+class ScheduleSpec:
+    """Warm-up as a fraction of each run's own steps (at least min_warmup steps); the
+    cosine decays to min_lr_ratio at the end of EACH run's budget (the trainer plans the
+    schedule over the run's token budget)."""
+    warmup_fraction: float = 0.05
+    min_warmup: int = 5
+
+
+@dataclass
+class SeedSpec:
+    """Seed repeats: each grid run named in `runs` is trained again with every seed in
+    `seeds` (group "seed" in results.csv, `repeat_of` naming the grid run); their spread is
+    the report's seed-noise floor."""
+    runs: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [1])
 
 
 @dataclass
@@ -89,6 +130,9 @@ class LadderConfig:
     sizes: list[SizeSpec]
     sparsities: list[SparsitySpec]
     tokens: TokenSpec = field(default_factory=TokenSpec)
+    lr: LRSpec = field(default_factory=LRSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    seeds: SeedSpec = field(default_factory=SeedSpec)
     ffn_ratio: float = 4.0
     overrides: list[str] = field(default_factory=list)  # applied to every run
     holdout: list[str] = field(default_factory=list)  # run names, or ["largest"]
@@ -105,17 +149,19 @@ class Run:
     size: str
     sparsity: str
     overrides: list[str]
-    group: str  # "grid" or "compare"
+    group: str  # "grid", "compare" or "seed"
     counts: dict
     tokens: int
     flops: float
     n_experts: int
     top_k: int
     held_out: bool = False
-
-    @property
-    def est_seconds(self) -> float:
-        return self.flops  # placeholder replaced in plan(); kept for dataclass order
+    lr: float = 0.0
+    warmup_steps: int = 0
+    steps: int = 0
+    seed: int = 0
+    flop_budget: Optional[float] = None  # isoflop ladders: the nominal budget
+    repeat_of: str = ""  # seed repeats: the grid run repeated
 
 
 def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
@@ -144,6 +190,21 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
         raise ConfigError(f"ffn_ratio={cfg.ffn_ratio} is invalid: allowed a value > 0")
     if cfg.tokens.value <= 0:
         raise ConfigError(f"tokens.value={cfg.tokens.value} is invalid: allowed a value > 0")
+    if cfg.tokens.mode == "isoflop":
+        if not cfg.tokens.budgets or any(b <= 0 for b in cfg.tokens.budgets):
+            raise ConfigError(f"tokens.budgets={cfg.tokens.budgets} is invalid: allowed a "
+                              "non-empty list of FLOP budgets > 0 (tokens.mode=isoflop)")
+        if not 0 < cfg.tokens.min_ratio < cfg.tokens.max_ratio:
+            raise ConfigError(f"tokens.min_ratio={cfg.tokens.min_ratio} is invalid: allowed "
+                              f"0 < min_ratio < max_ratio={cfg.tokens.max_ratio}")
+    if cfg.lr.base is not None and cfg.lr.base <= 0:
+        raise ConfigError(f"lr.base={cfg.lr.base} is invalid: allowed a value > 0")
+    if cfg.lr.base_width <= 0 or cfg.lr.moe_multiplier <= 0:
+        raise ConfigError(f"lr.base_width={cfg.lr.base_width}, lr.moe_multiplier="
+                          f"{cfg.lr.moe_multiplier} are invalid: allowed values > 0")
+    if not 0 <= cfg.schedule.warmup_fraction < 1:
+        raise ConfigError(f"schedule.warmup_fraction={cfg.schedule.warmup_fraction} is "
+                          "invalid: allowed [0, 1)")
     if cfg.compare is not None:
         if cfg.compare.size not in {s.name for s in cfg.sizes}:
             raise ConfigError(f"compare.size={cfg.compare.size!r} is invalid: allowed one of "
@@ -172,30 +233,73 @@ def _size_overrides(size: SizeSpec, sp: SparsitySpec, ratio: float) -> list[str]
     return ov
 
 
-def plan(cfg: LadderConfig, base: Path) -> list[Run]:
-    """Expand the ladder into runs, validating every run's config before anything trains."""
-    runs: list[Run] = []
+def run_lr(cfg: LadderConfig, base_lr: float, d_model: int, moe: bool) -> float:
+    """The ladder's LR rule (LRSpec): base * (base_width / d_model) ** exponent [* moe]."""
+    lr = (cfg.lr.base or base_lr) * (cfg.lr.base_width / d_model) ** cfg.lr.exponent
+    return lr * (cfg.lr.moe_multiplier if moe else 1.0)
 
-    def make(name, size, sp, extra, group):
+
+def warmup_for(cfg: LadderConfig, steps: int) -> int:
+    """Warm-up steps of a run of `steps` steps (ScheduleSpec), never the whole run."""
+    w = max(cfg.schedule.min_warmup, int(round(cfg.schedule.warmup_fraction * steps)))
+    return max(0, min(w, steps - 1))
+
+
+def _token_budgets(cfg: LadderConfig, c) -> list[tuple[float, Optional[float]]]:
+    """(tokens, nominal FLOP budget or None) for one size x sparsity, before rounding."""
+    t = cfg.tokens
+    if t.mode == "fixed":
+        return [(t.value, None)]
+    if t.mode == "per_active_param":
+        return [(t.value * c.active_nonembed, None)]
+    if t.mode == "flops":
+        return [(t.value / c.flops_per_token_train, None)]
+    out = []
+    for b in t.budgets:  # isoflop: this size at every budget where its ratio is in range
+        tokens = b / c.flops_per_token_train
+        if t.min_ratio <= tokens / c.active_nonembed <= t.max_ratio:
+            out.append((tokens, b))
+    return out
+
+
+def plan(cfg: LadderConfig, base: Path) -> list[Run]:
+    """Expand the ladder into runs, validating every run's config before anything trains.
+
+    Every run gets its token budget, learning rate and warm-up from the ladder's rules
+    (TokenSpec, LRSpec, ScheduleSpec), recorded on the Run and in results.csv.
+    """
+    runs: list[Run] = []
+    base_cfg = load_config(base, list(cfg.overrides))
+    isoflop = cfg.tokens.mode == "isoflop"
+
+    def make(name, size, sp, extra, group, seed=None, repeat_of=""):
         ov = list(cfg.overrides) + _size_overrides(size, sp, cfg.ffn_ratio) + list(extra)
         probe = load_config(base, ov + [f"name={name}"])
         c = count_params(probe)
         tok_per_step = probe.train.micro_batch_size * probe.train.seq_len * probe.train.grad_accum
-        if cfg.tokens.mode == "fixed":
-            tokens = cfg.tokens.value
-        elif cfg.tokens.mode == "per_active_param":
-            tokens = cfg.tokens.value * c.active_nonembed
-        else:
-            tokens = cfg.tokens.value / c.flops_per_token_train
-        tokens = max(int(tokens), cfg.tokens.min_tokens, tok_per_step)
-        tokens = int(math.ceil(tokens / tok_per_step) * tok_per_step)  # whole steps
-        ov += [f"name={name}", "train.max_steps=null", f"train.token_budget={tokens}",
-               "train.flop_budget=null"]
-        load_config(base, ov)  # the exact config the run will use must be valid too
-        runs.append(Run(name=name, size=size.name, sparsity=sp.name, overrides=ov, group=group,
-                        counts=c.as_dict(), tokens=tokens,
-                        flops=tokens * c.flops_per_token_train,
-                        n_experts=sp.n_routed, top_k=sp.top_k if sp.n_routed else 0))
+        budgets = _token_budgets(cfg, c)
+        for tokens, flop_budget in budgets:
+            rname = f"{name}-c{cfg.tokens.budgets.index(flop_budget)}" if isoflop else name
+            tokens = max(int(tokens), cfg.tokens.min_tokens, tok_per_step)
+            tokens = int(math.ceil(tokens / tok_per_step) * tok_per_step)  # whole steps
+            steps = tokens // tok_per_step
+            lr = run_lr(cfg, base_cfg.train.lr, size.d_model, sp.n_routed > 0)
+            warm = warmup_for(cfg, steps)
+            rseed = probe.train.seed if seed is None else seed
+            rov = ov + [f"name={rname}", "train.max_steps=null", f"train.token_budget={tokens}",
+                        "train.flop_budget=null", f"train.lr={lr:.6g}",
+                        f"train.warmup_steps={warm}", f"train.seed={rseed}"]
+            rov += [o for o in extra if o.startswith("train.lr=") or o.startswith(
+                "train.warmup_steps=")]  # a variant's own LR/warm-up wins over the rule
+            load_config(base, rov)  # the exact config the run will use must be valid too
+            runs.append(Run(name=rname, size=size.name, sparsity=sp.name, overrides=rov,
+                            group=group, counts=c.as_dict(), tokens=tokens,
+                            flops=tokens * c.flops_per_token_train,
+                            n_experts=sp.n_routed, top_k=sp.top_k if sp.n_routed else 0,
+                            lr=float(f"{lr:.6g}"), warmup_steps=warm, steps=steps,
+                            seed=rseed, flop_budget=flop_budget,
+                            repeat_of=(f"{repeat_of}-c{cfg.tokens.budgets.index(flop_budget)}"
+                                       if repeat_of and isoflop else repeat_of)))
 
     for size in cfg.sizes:
         for sp in cfg.sparsities:
@@ -203,6 +307,17 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
                 make(f"{size.name}-{sp.name}", size, sp, [], "grid")
             except ConfigError as exc:
                 raise ConfigError(f"ladder run {size.name}-{sp.name}: {exc}") from None
+    grid_names = {f"{r.size}-{r.sparsity}" for r in runs}
+    unknown = set(cfg.seeds.runs) - grid_names
+    if unknown:
+        raise ConfigError(f"seeds.runs={sorted(unknown)} is invalid: allowed grid runs "
+                          f"{sorted(grid_names)}")
+    for rn in cfg.seeds.runs:
+        size = next(s for s in cfg.sizes if rn.startswith(s.name + "-")
+                    and rn[len(s.name) + 1:] in {p.name for p in cfg.sparsities})
+        sp = next(p for p in cfg.sparsities if p.name == rn[len(size.name) + 1:])
+        for sd in cfg.seeds.seeds:
+            make(f"{rn}-seed{sd}", size, sp, [], "seed", seed=sd, repeat_of=rn)
     if cfg.compare is not None:
         size = next(s for s in cfg.sizes if s.name == cfg.compare.size)
         sp = next(s for s in cfg.sparsities if s.name == cfg.compare.sparsity)
@@ -230,9 +345,32 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
     return runs
 
 
+def design_notes(cfg: LadderConfig, runs: list[Run]) -> list[str]:
+    """The ladder's design rules, as sentences for the report header."""
+    t, lr, sc = cfg.tokens, cfg.lr, cfg.schedule
+    tok = {"fixed": f"fixed {t.value:.4g} tokens per run",
+           "per_active_param": f"{t.value:g} tokens per active non-embedding parameter",
+           "flops": f"{t.value:.3g} FLOPs per run",
+           "isoflop": f"IsoFLOP budgets {', '.join(f'{b:.3g}' for b in t.budgets)} FLOPs, sizes "
+                      f"with {t.min_ratio:g}-{t.max_ratio:g} tokens per active non-embedding "
+                      "parameter at each"}[t.mode]
+    rule = (f"lr = {lr.base or 'train.lr'} x ({lr.base_width} / d_model)^{lr.exponent:g}"
+            + (f", x {lr.moe_multiplier:g} for MoE" if lr.moe_multiplier != 1 else ""))
+    lrs = sorted({(r.size, r.lr) for r in runs if r.group == "grid"}, key=lambda x: -x[1])
+    notes = [f"ladder {cfg.name}: tokens: {tok}",
+             f"learning rate: {rule} ({', '.join(f'{s} {v:.3g}' for s, v in lrs)})",
+             f"schedule: linear warm-up over {sc.warmup_fraction:.0%} of each run's steps (at "
+             f"least {sc.min_warmup}), cosine decay to the end of each run's own budget"]
+    seeds = [r for r in runs if r.group == "seed"]
+    if seeds:
+        notes.append("seed repeats: " + ", ".join(f"{r.repeat_of} (seed {r.seed})" for r in seeds))
+    return notes
+
+
 def format_plan(cfg: LadderConfig, runs: list[Run]) -> str:
     head = (f"{'run':20s} {'d':>4s} {'L':>2s} {'E':>3s} {'k':>2s} {'total':>10s} {'active':>10s} "
-            f"{'act-nonemb':>10s} {'tokens':>10s} {'FLOPs':>9s} {'est':>7s}  note")
+            f"{'act-nonemb':>10s} {'tokens':>10s} {'tok/p':>6s} {'lr':>8s} {'FLOPs':>9s} "
+            f"{'est':>7s}  note")
     lines = [f"ladder {cfg.name}: {len(runs)} runs", head, "-" * len(head)]
     tot_s = 0.0
     for r in runs:
@@ -240,10 +378,11 @@ def format_plan(cfg: LadderConfig, runs: list[Run]) -> str:
         est = r.flops / cfg.est_flops_per_s
         tot_s += est
         d = next(s for s in cfg.sizes if s.name == r.size)
-        note = ("held out" if r.held_out else "") + (" compare" if r.group == "compare" else "")
+        note = ("held out" if r.held_out else "") + (f" {r.group}" if r.group != "grid" else "")
         lines.append(f"{r.name:20s} {d.d_model:4d} {d.n_layers:2d} {r.n_experts:3d} {r.top_k:2d} "
                      f"{c['total']:10.3e} {c['active']:10.3e} {c['active_nonembed']:10.3e} "
-                     f"{r.tokens:10.3e} {r.flops:9.2e} {_hms(est):>7s}  {note.strip()}")
+                     f"{r.tokens:10.3e} {r.tokens / c['active_nonembed']:6.1f} {r.lr:8.2e} "
+                     f"{r.flops:9.2e} {_hms(est):>7s}  {note.strip()}")
     lines.append(f"estimated training time {_hms(tot_s)} at {cfg.est_flops_per_s:.2e} FLOP/s "
                  f"(est_flops_per_s); total compute {sum(r.flops for r in runs):.3e} FLOPs")
     if cfg.gpus:
@@ -295,6 +434,9 @@ def run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps([r.__dict__ for r in runs], indent=1, default=str))
     cmd0 = list(train_cmd) if train_cmd is not None else default_train_cmd(cfg)
+    # One local process per run: fork it from a warm server (same isolation, no ~7 s of
+    # imports per run); a launcher (torchrun, srun) or a custom command runs as given.
+    forked = train_cmd is None and not cfg.launcher and _can_fork()
     bar = tqdm(runs, desc=f"ladder {cfg.name}", unit="run", disable=not progress)
     for r in bar:
         run_dir = out / "runs" / r.name
@@ -309,8 +451,11 @@ def run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
             cmd.append("--no-progress")
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        with open(run_dir / "train.log", "ab") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if forked:
+            rc = _train_forked(cmd[len(cmd0):], run_dir / "train.log")
+        else:
+            with open(run_dir / "train.log", "ab") as log:
+                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
         s = _read_summary(run_dir)
         if rc != 0 or s is None or s.get("status") != DONE:
             tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
@@ -324,10 +469,62 @@ def run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
     return write_results(out, runs)
 
 
+def _can_fork() -> bool:
+    import multiprocessing
+
+    return "forkserver" in multiprocessing.get_all_start_methods() and \
+        os.environ.get("MOE_TESTBED_LADDER_FORK", "1") != "0"
+
+
+_FORK_CTX = None
+
+
+def _forkserver():
+    """The multiprocessing context whose server has moe.train.preload imported."""
+    global _FORK_CTX
+    if _FORK_CTX is None:
+        import multiprocessing
+
+        _FORK_CTX = multiprocessing.get_context("forkserver")
+        _FORK_CTX.set_forkserver_preload(["moe.train.preload"])
+    return _FORK_CTX
+
+
+def _train_child(argv: list[str], log_path: str) -> None:  # runs in the forked process
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from moe.cli import main
+
+    try:
+        rc = main(["train", *argv])
+    except SystemExit as exc:
+        rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - report like an interpreter would, then exit 1
+        import traceback
+
+        traceback.print_exc()
+        rc = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(rc or 0))
+
+
+def _train_forked(argv: list[str], log_path: Path) -> int:
+    """`moe-testbed train ARGV` in a process forked from the warm server; its exit code.
+    A run killed by a signal returns 128 + the signal number, as a shell reports it."""
+    p = _forkserver().Process(target=_train_child, args=(list(argv), str(log_path)))
+    p.start()
+    p.join()
+    return p.exitcode if p.exitcode >= 0 else 128 - p.exitcode
+
+
 RESULT_COLUMNS = ["name", "group", "size", "sparsity", "kind", "n_experts", "top_k",
                   "params_total", "params_active", "params_total_nonembed",
                   "params_active_nonembed", "params_embedding", "tokens", "flops",
-                  "final_eval_loss", "maxvio", "tokens_per_s", "wall_time_s", "held_out", "status"]
+                  "final_eval_loss", "maxvio", "tokens_per_s", "wall_time_s", "held_out",
+                  "status", "lr", "warmup_steps", "steps", "seed", "precision", "flop_budget",
+                  "repeat_of"]
 
 
 def write_results(out: Path, runs: list[Run]) -> list[dict]:
@@ -349,6 +546,9 @@ def write_results(out: Path, runs: list[Run]) -> list[dict]:
             "final_eval_loss": s.get("final_eval_loss"), "maxvio": mv,
             "tokens_per_s": s.get("tokens_per_s"), "wall_time_s": s.get("wall_time_s"),
             "held_out": r.held_out, "status": s.get("status", "pending"),
+            "lr": r.lr, "warmup_steps": r.warmup_steps, "steps": r.steps, "seed": r.seed,
+            "precision": s.get("precision"), "flop_budget": r.flop_budget,
+            "repeat_of": r.repeat_of,
         })
     tmp = out / "results.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -390,7 +590,7 @@ def ladder_main(argv: list[str]) -> int:
         side: dict = {}
         grid = validate_rows(done, source="results.csv", side=side)  # compare rows -> side
         path = write_report(grid, report_dir, n_boot=cfg.n_boot, holdout="flag", side=side,
-                            source=str(out / "results.csv"))
+                            source=str(out / "results.csv"), notes=design_notes(cfg, runs))
     except ResultsError as exc:
         print(f"error: no report: {exc}", file=sys.stderr)
         return 1

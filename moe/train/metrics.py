@@ -25,6 +25,7 @@ run killed between a checkpoint and its next rows and then resumed has each step
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -119,11 +120,13 @@ class MetricsLog:
             self.tb.close()
 
 
+@functools.lru_cache(maxsize=None)
 def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32,
                         n: Optional[int] = None, repeats: int = 10) -> float:
     """Best observed FLOP/s of an n x n x n matmul (the MFU denominator when
     ``train.peak_flops`` is unset). Best-of-``repeats`` because the box is shared: the
-    fastest repeat is the closest to what the hardware can do right now."""
+    fastest repeat is the closest to what the hardware can do right now. Cached per
+    process (~1 s on a 2-core CPU)."""
     if n is None:
         # CPU: 1024 already reaches the plateau on an idle 2-core Xeon (~420 GFLOP/s at
         # 1024-4096), but under load from other processes 1024 fell to 134 while 2048 gave
