@@ -137,6 +137,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 20
+    # evaluate the untrained model at step 0 (the start of the eval curve); ladders that
+    # only read the final loss turn it off (a full-split eval is ~3% of a small run)
+    eval_at_start: bool = True
     ckpt_every: int = 100
     peak_flops: Optional[float] = None  # FLOP/s for MFU; None: measured matmul peak
     tensorboard: bool = False

@@ -290,6 +290,16 @@ def test_seed_repeats_and_compare_rows_are_reported_not_fitted(tmp_path):
                                 "flops": pytest.approx(base["flops"])}]
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Pooled std of the final loss over seed repeats" in text and "| cmp-aux |" in text
+    # per-size comparison of the levels, gaps judged against that noise floor
+    comp = {c["size"]: c for c in fits["sparsity_comparison"]}
+    c = next(c for c in comp.values() if "dense_1e+07" in c["runs"])
+    assert c["runs"] == ["dense_1e+07", "moe8k2_1e+07", "moe32k2_1e+07"]
+    by = {r["name"]: r for r in rows}
+    for g in c["gaps"]:
+        gap = by[g["to"]]["final_eval_loss"] - by[g["from"]]["final_eval_loss"]
+        assert g["gap"] == pytest.approx(gap)
+        assert g["within_noise"] == (abs(gap) <= sn["std"])
+    assert "## Sparsity at equal active size" in text
 
 
 def test_fit_main_on_a_public_table(tmp_path):

@@ -9,6 +9,7 @@ optimum can jump between basins.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -46,11 +47,72 @@ def _scalars(d: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _workers(workers: int | None, n_boot: int) -> int:
+    import multiprocessing
+
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1) if n_boot >= 20 else 1
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return max(1, min(int(workers), n_boot))
+
+
+def _map_replicates(replicate: Callable[[int], Any], n_boot: int, workers: int,
+                    progress: bool) -> list:
+    """[replicate(b) for b in range(n_boot)], the work split over `workers` processes.
+
+    Each forked child runs every workers-th replicate and sends back its (pickled) rows;
+    the parent runs its own share meanwhile. Forked, not spawned: the fit closures need no
+    pickling and the children start with the parent's imports. They run numpy/scipy only
+    (no torch op, whose OpenMP pool is not fork-safe). Measured on the 2-core box: the 33
+    runs of the CPU ladder fitted in ~1.5 min with 2 workers instead of ~3.
+    """
+    import multiprocessing
+
+    mine = list(range(0, n_boot, workers))
+    if workers == 1:
+        it = mine
+    else:
+        ctx = multiprocessing.get_context("fork")
+        procs = []
+        for w in range(1, workers):
+            recv, send = ctx.Pipe(duplex=False)
+
+            def child(w=w, send=send):
+                send.send([replicate(b) for b in range(w, n_boot, workers)])
+                send.close()
+
+            pr = ctx.Process(target=child, daemon=True)
+            pr.start()
+            send.close()
+            procs.append((w, pr, recv))
+        it = mine
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="bootstrap", leave=False)
+    out: list = [None] * n_boot
+    for b in it:
+        out[b] = replicate(b)
+    if workers > 1:
+        for w, pr, recv in procs:
+            try:
+                part = recv.recv()
+            except EOFError:
+                pr.join()
+                raise RuntimeError(f"bootstrap worker {w} died (exit code {pr.exitcode})") from None
+            pr.join()
+            for b, row in zip(range(w, n_boot, workers), part):
+                out[b] = row
+    return out
+
+
 def bootstrap(fit_fn: Callable[[Any], Mapping[str, Any]], rows, *, n_boot: int = 200,
               seed: int | None = 0, derived: Mapping[str, Callable[[Mapping], float]] | None = None,
               level: float = 0.95, params: Sequence[str] | None = None,
               progress: bool | None = None, keep_samples: bool = True,
-              replicate_fn: Callable[[Any], Mapping[str, Any]] | None = None) -> dict:
+              replicate_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+              workers: int | None = None) -> dict:
     """Percentile bootstrap of `fit_fn` over whole runs.
 
     fit_fn(rows) -> dict of fitted values (numbers; non-numeric entries are ignored).
@@ -65,6 +127,9 @@ def bootstrap(fit_fn: Callable[[Any], Mapping[str, Any]], rows, *, n_boot: int =
     progress: tqdm bar; default on only when n_boot >= 50 and stderr is a terminal.
     replicate_fn: the fit used for the replicates when it differs from the point fit's
     (e.g. fewer multi-start points, where measured to reach the same optimum).
+    workers: processes sharing the replicates (forked, so fit_fn need not pickle); default
+    the CPU count (at most 4) when n_boot >= 20 and fork exists, else 1. The resamples are
+    drawn up front, so the result is the same for any number of workers.
 
     Returns {"point": fitted dict on all rows, "n_boot", "n_failed", "level",
              "params": {name: {"estimate", "median", "lo", "hi", "std"}},
@@ -84,28 +149,31 @@ def bootstrap(fit_fn: Callable[[Any], Mapping[str, Any]], rows, *, n_boot: int =
     for k, f in derived.items():
         point_vals[k] = float(f(point))
     keys = names + list(derived)
-    samples = {k: np.full(n_boot, np.nan) for k in keys}
     rng = np.random.default_rng(seed)
+    # All resamples drawn up front, in the order a serial loop draws them: the result does
+    # not depend on how the replicates are shared among processes.
+    idx_all = [rng.integers(0, n, size=n) for _ in range(n_boot)]
     if progress is None:
         progress = n_boot >= 50 and sys.stderr.isatty()
-    it = range(n_boot)
-    if progress:
-        from tqdm import tqdm
+    fit_rep = replicate_fn or fit_fn
 
-        it = tqdm(it, desc="bootstrap", leave=False)
-    n_failed = 0
-    for b in it:
-        idx = rng.integers(0, n, size=n)
+    def replicate(b):
+        """Values of replicate b in `keys` order, or None when it failed."""
         try:
-            fit = (replicate_fn or fit_fn)(resample_rows(rows, idx))
+            fit = fit_rep(resample_rows(rows, idx_all[b]))
             vals = _scalars(fit)
             for k, f in derived.items():
                 vals[k] = float(f(fit))
         except (ValueError, RuntimeError, ArithmeticError, LinAlgError):
-            n_failed += 1
-            continue
+            return None
         row = np.array([vals.get(k, np.nan) for k in keys], float)
-        if not np.all(np.isfinite(row)):
+        return row if np.all(np.isfinite(row)) else None
+
+    results = _map_replicates(replicate, n_boot, _workers(workers, n_boot), progress)
+    samples = {k: np.full(n_boot, np.nan) for k in keys}
+    n_failed = 0
+    for b, row in enumerate(results):
+        if row is None:
             n_failed += 1
             continue
         for k, v in zip(keys, row):

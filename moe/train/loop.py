@@ -59,6 +59,7 @@ EXIT_DIVERGED = 3
 # Fields that may differ between a run's saved config and the one it is resumed with:
 # they change what is logged/saved, never the trajectory.
 RESUME_MAY_CHANGE = {"train.log_every", "train.eval_every", "train.eval_batches",
+                     "train.eval_at_start",
                      "train.ckpt_every", "train.tensorboard", "train.peak_flops",
                      "train.cpu_keep_freed_memory",
                      "data.cache_dir", "parallel.timeout_s"}
@@ -451,7 +452,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
             rank=rank, world_size=world, barrier=_barrier)
         last_ckpt_step = counters["step"]
 
-    if counters["step"] == 0:
+    if counters["step"] == 0 and cfg.train.eval_at_start:
         do_eval()  # the untrained baseline: the curve starts at ln(V)-ish
 
     while counters["step"] < total_steps:

@@ -9,8 +9,14 @@ not a fresh interpreter. Measured on the 2-core development box: `import torch,
 megatron.core, deepspeed, matplotlib` costs ~7 s per process (megatron-core alone ~3.8 s),
 which was most of a small ladder run's 9 s wall time.
 """
+import warnings
+
 from moe.train.engine import import_deepspeed
 
+# megatron-core warns at import that Transformer Engine / Apex are absent (four lines per
+# process); the trainer does not use them, and the ladder's log should show the runs.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed",
+                        category=UserWarning)
 import_deepspeed()  # sets DS_ACCELERATOR=cpu first when there is no GPU
 
 import matplotlib  # noqa: E402,F401  (training.png)
