@@ -64,6 +64,9 @@ def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
         "train.lr": 3e-3, "train.warmup_steps": 5, "train.eval_every": 10,
         "train.eval_batches": 4, "train.ckpt_every": 10, "train.log_every": 1,
         "train.peak_flops": 1e11,
+        # pinned: `auto` resolves per machine (bf16 on CPUs with native bf16), and these
+        # tests compare runs to fp32 rounding; bf16 paths are tested where named
+        "train.precision": "fp32",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -118,7 +121,7 @@ def test_deepspeed_config_is_generated_from_config(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, **{"train.zero_stage": 2, "train.grad_accum": 3,
                                 "train.grad_clip": 0.5, "train.betas": "[0.8, 0.9]",
                                 "train.eps": 1e-7, "train.weight_decay": 0.05,
-                                "train.lr": 1e-3})
+                                "train.lr": 1e-3, "train.precision": "auto"})
     ds = deepspeed_config(cfg, world_size=2, device="cpu")
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 3
