@@ -117,6 +117,33 @@ def _private_process_group():
 # --------------------------------------------------------------------------------------
 
 
+def test_cpu_precision_probe_times_the_runs_own_model(tmp_path):
+    """`auto` on CPU times a training step of the run's model cut to one block of each kind
+    (bounded in FLOPs), and answers 0 where bf16 cannot run the model at all."""
+    from moe.train import engine
+
+    cfg = tiny_cfg(tmp_path, **{"model.n_layers": 6, "mtp.depth": 2})
+    probe = engine._probe_config(cfg)
+    assert (probe.model.n_layers, probe.model.first_k_dense, probe.mtp.depth) == (2, 1, 0)
+    assert probe.model.d_model == cfg.model.d_model and probe.moe.n_routed == cfg.moe.n_routed
+    assert (probe.train.micro_batch_size, probe.train.seq_len) == (4, 32)  # small: unchanged
+    assert cfg.model.n_layers == 6  # the run's config is not touched
+    big = tiny_cfg(tmp_path, **{"model.d_model": 512, "model.ffn_dim": 2048, "train.seq_len": 4096,
+                                "train.micro_batch_size": 8, "moe.expert_ffn_dim": 256})
+    pb = engine._probe_config(big)
+    from moe.accounting import count_params
+
+    fl = count_params(pb).flops_per_token_train * pb.train.micro_batch_size * pb.train.seq_len
+    assert fl <= engine.PROBE_STEP_FLOPS and pb.train.micro_batch_size == 1
+    ratio = engine.cpu_bf16_speedup(cfg)
+    assert ratio > 0 and math.isfinite(ratio)
+    # bf16 rows of 40 bytes: torch._grouped_mm refuses them, so bf16 is not an option
+    odd = tiny_cfg(tmp_path, **{"model.d_model": 20, "model.n_heads": 2})
+    assert engine.cpu_bf16_speedup(odd) == 0.0
+    odd.train.precision = "auto"
+    assert engine.resolve_precision(odd, "cpu") == "fp32"
+
+
 def test_deepspeed_config_is_generated_from_config(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, **{"train.zero_stage": 2, "train.grad_accum": 3,
                                 "train.grad_clip": 0.5, "train.betas": "[0.8, 0.9]",
@@ -136,13 +163,13 @@ def test_deepspeed_config_is_generated_from_config(tmp_path, monkeypatch):
     from moe.train import engine
 
     assert ds["fp16"]["enabled"] is False
-    assert ds["bf16"]["enabled"] is (engine.cpu_bf16_speedup() >= engine.CPU_BF16_MIN_SPEEDUP)
+    assert ds["bf16"]["enabled"] is (engine.cpu_bf16_speedup(cfg) >= engine.CPU_BF16_MIN_SPEEDUP)
     assert deepspeed_config(cfg, 1, device="cuda")["bf16"]["enabled"] is True
     json.dumps(ds)  # plain JSON
     with monkeypatch.context() as m:
-        m.setattr(engine, "cpu_bf16_speedup", lambda: 4.3)  # an AVX512_BF16/AMX part
+        m.setattr(engine, "cpu_bf16_speedup", lambda c: 4.3)  # an AVX512_BF16/AMX part
         assert deepspeed_config(cfg, 1, device="cpu")["bf16"]["enabled"] is True
-        m.setattr(engine, "cpu_bf16_speedup", lambda: 0.2)  # bf16 emulated: slower
+        m.setattr(engine, "cpu_bf16_speedup", lambda c: 0.2)  # bf16 emulated: slower
         assert deepspeed_config(cfg, 1, device="cpu")["bf16"]["enabled"] is False
     cfg.train.precision = "fp32"
     assert deepspeed_config(cfg, 1, device="cuda")["bf16"]["enabled"] is False

@@ -39,43 +39,128 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-#: `train.precision: auto` picks bf16 mixed precision on a CPU only when a bf16 matmul
-#: beats fp32 by this factor: the casts around every bf16 matmul and the fp32 master
-#: weights cost part of the gain, so a small edge is not worth the rounding.
-CPU_BF16_MIN_SPEEDUP = 1.5
+#: `train.precision: auto` picks bf16 mixed precision on a CPU only when a whole training
+#: step (forward + backward) of the run's own model is this much faster in bf16: the
+#: casts, the fp32 master weights and the rounding cost part of the gain, so a small edge
+#: is not worth it.
+CPU_BF16_MIN_SPEEDUP = 1.25
+
+#: FLOPs of one probe step (forward + backward): ~0.1-0.2 s in fp32 on a 2-core box.
+PROBE_STEP_FLOPS = 2e10
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_bf16_speedup(n: int = 256, repeats: int = 5) -> float:
-    """fp32 / bf16 time of an n^3 matmul on this CPU (best of `repeats` each): > 1 where
-    bf16 is faster. CPUs with AVX512_BF16 or AMX run bf16 several times faster (one of this
-    workplace's AMD EPYC boxes: 2048^3 949 vs 218 GFLOP/s); without them torch emulates
-    bf16 and it is slower. Measured, not looked up from CPU flags: the flags say what the
-    core can do, not what this torch build does with it. Once per process: ~0.2 s on the
-    2-core development box (no AVX512_BF16), where it measured bf16 at 0.009x fp32."""
+def _probe_config(cfg: Config) -> Config:
+    """The run's model cut to one block of each kind (dense and, for a MoE model, one MoE
+    block; no MTP): same widths, experts, micro-batch and sequence length, so the per-block
+    cost ratio is the run's, at a fraction of the build and step time."""
+    import copy
+
+    p = copy.deepcopy(cfg)
+    m = p.model
+    moe = p.is_moe and m.n_layers > m.first_k_dense
+    m.first_k_dense = min(m.first_k_dense, 1)
+    m.n_layers = m.first_k_dense + 1 if moe else 1
+    p.mtp.depth = 0
+    # bounded cost: at most PROBE_STEP_FLOPS per step (a GPU-sized config probed on a CPU
+    # gets fewer, shorter rows; its ratio is then that of smaller GEMMs, a lower bound)
+    from ..accounting import count_params
+
+    t = p.train
+    fpt = count_params(p).flops_per_token_train
+    tokens = max(64, min(t.micro_batch_size * t.seq_len, int(PROBE_STEP_FLOPS / fpt)))
+    t.seq_len = min(t.seq_len, tokens)
+    t.micro_batch_size = max(1, tokens // t.seq_len)
+    return p
+
+
+@functools.lru_cache(maxsize=32)
+def _step_speedup(key: str, repeats: int) -> float:
+    import copy
     import time
 
+    from ..model import build_model
+
+    cfg = _PROBE_CONFIGS[key]
+    t = cfg.train
     g = torch.Generator().manual_seed(0)  # private: must not advance the global RNG
+    tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + cfg.mtp.depth),
+                           generator=g)
+    rng = torch.get_rng_state()
+    try:
+        fp32 = build_model(cfg)
+    finally:
+        torch.set_rng_state(rng)
     best = {}
-    for dt in (torch.float32, torch.bfloat16):
-        a = torch.randn(n, n, generator=g).to(dt)
-        b = torch.randn(n, n, generator=g).to(dt)
-        a @ b  # warm-up
-        t = float("inf")
-        for _ in range(repeats):
+    for name, model in (("fp32", fp32), ("bf16", copy.deepcopy(fp32).to(torch.bfloat16))):
+        model.train()
+        params = [q for q in model.parameters() if q.requires_grad]
+        # bf16 as DeepSpeed runs it: fp32 master weights, the step on them, copied back
+        master = [q.detach().float().clone().requires_grad_() for q in params] if name == "bf16" else params
+        opt = torch.optim.AdamW(master, lr=1e-9, foreach=False)
+        times = []
+        for _ in range(repeats + 1):  # the first is warm-up
             t0 = time.perf_counter()
-            a @ b
-            t = min(t, time.perf_counter() - t0)
-        best[dt] = t
-    return best[torch.float32] / best[torch.bfloat16]
+            try:
+                model(tokens)["loss"].backward()
+            except RuntimeError:
+                if name == "fp32":
+                    raise
+                # e.g. torch._grouped_mm on CPU needs 16-byte row strides: bf16 with a
+                # d_model or expert width not a multiple of 8 cannot run at all
+                return 0.0
+            if master is not params:
+                for m, q in zip(master, params):
+                    m.grad = None if q.grad is None else q.grad.float()
+            opt.step()
+            if master is not params:
+                with torch.no_grad():
+                    for m, q in zip(master, params):
+                        q.copy_(m)
+            opt.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        best[name] = min(times[1:])
+    return best["fp32"] / best["bf16"]
+
+
+_PROBE_CONFIGS: dict = {}
+
+
+def cpu_bf16_speedup(cfg: Config, repeats: int = 3) -> float:
+    """fp32 / bf16 time of one training step (forward + backward of a micro-batch, and an
+    AdamW step on fp32 master weights copied back for bf16) of ``cfg``'s model cut to one
+    block of each kind, on this CPU: > 1 where bf16 is faster; 0.0 where bf16 cannot run
+    this model at all (torch._grouped_mm on CPU needs rows of a multiple of 16 bytes: a
+    bf16 MoE at d_model 20 fails).
+
+    Measured on the run's own shapes, not on a large matmul. On one of this workplace's
+    AMD EPYC boxes with AVX512_BF16 (2026-11-28) a bf16 matmul ran 3.3x faster than fp32
+    at 256^3 and at the CPU ladder's 2048x48x192, yet whole ladder runs at d_model 48 ran
+    at 0.76x (dense) and 0.43x (8 experts) of fp32's tokens/s; this probe gives 0.6-0.9
+    at every ladder size and so picks fp32 there. It does not see everything: for the
+    README's tiny-moe it measured 1.2-1.7x, while DeepSpeed training on that box ran at
+    0.82x (its grouped GEMMs took 3.4 ms per call inside training against 0.6 ms alone at
+    the same shapes, strides and alignment; cause not found). Pin ``train.precision``
+    where it matters. On CPUs without native bf16 torch emulates it (ratio ~0.01-0.1).
+    Cached per model shape and process; ~0.1-1 s for small models, bounded by
+    PROBE_STEP_FLOPS for large ones."""
+    import dataclasses
+    import json
+
+    probe = _probe_config(cfg)
+    key = json.dumps(dataclasses.asdict(probe), sort_keys=True, default=str)
+    _PROBE_CONFIGS.setdefault(key, probe)
+    return _step_speedup(key, repeats)
 
 
 def resolve_precision(cfg: Config, device: Optional[str] = None) -> str:
     """``train.precision`` with ``auto`` resolved: bf16 on GPU; on CPU bf16 where a probe
-    (`cpu_bf16_speedup`) shows bf16 matmuls >= CPU_BF16_MIN_SPEEDUP x faster, else fp32.
+    (`cpu_bf16_speedup`) shows a training step of this model >= CPU_BF16_MIN_SPEEDUP x
+    faster in bf16, else fp32.
 
     The choice is recorded in summary.json (`precision`) and the checkpoint; a resume on a
-    machine that resolves differently is refused by the optimizer-state check. Set
+    machine that resolves differently is refused by the optimizer-state check. Under
+    several ranks the training loop resolves once on rank 0 and broadcasts. Set
     ``train.precision: fp32`` for bitwise-reproducible CPU runs across machines.
     """
     p = cfg.train.precision
@@ -83,7 +168,7 @@ def resolve_precision(cfg: Config, device: Optional[str] = None) -> str:
         return p
     if (device or device_type()) == "cuda":
         return "bf16"
-    return "bf16" if cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP else "fp32"
+    return "bf16" if cpu_bf16_speedup(cfg) >= CPU_BF16_MIN_SPEEDUP else "fp32"
 
 
 # --------------------------------------------------------------------------------------
