@@ -87,7 +87,7 @@ def test_result_is_plain_json(clean_fit):
             "budgets", "dropped", "unassigned_runs", "n_boot", "failed_replicates", "seed",
             "level", "rtol", "exponent_replicates", "intercept_replicates", "d_exponent",
             "d_intercept", "d_exponent_interval", "d_r2", "d_resid_std",
-            "d_exponent_replicates", "d_intercept_replicates"}
+            "d_exponent_replicates", "d_intercept_replicates", "interval_note"}
     assert set(clean_fit) == keys
     no_tokens = fit_isoflop(*isoflop_runs(BUDGETS)[:3], n_boot=10)
     assert set(no_tokens) == {k for k in keys if not k.startswith("d_")}
@@ -208,6 +208,12 @@ def test_bootstrap_counts_failed_replicates():
     reps = fit["exponent_replicates"]
     assert reps == pytest.approx([fit["exponent"]] * len(reps))
     assert fit_isoflop(C, N, L, n_boot=0)["exponent_interval"] is None
+    # two or three budgets: the replicates all but repeat the point fit, so no interval
+    assert fit["exponent_interval"] is None and "2 kept budgets" in fit["interval_note"]
+    three = fit_isoflop(*isoflop_runs([1e19, 1e20, 1e21])[:3], n_boot=200, seed=0)
+    assert three["exponent_interval"] is None and "needs >= 4" in three["interval_note"]
+    four = fit_isoflop(*isoflop_runs([1e19, 1e20, 1e21, 1e22])[:3], n_boot=200, seed=0)
+    assert four["exponent_interval"] is not None and four["interval_note"] == ""
 
 
 # ------------------------------------------------------------------ digitised Chinchilla

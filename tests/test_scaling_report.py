@@ -445,3 +445,28 @@ def test_joint_laws_are_bootstrapped_and_predict_held_out_runs(tmp_path):
     assert pl["n_runs"] == 3 and "3 of 11 runs" in pl["selection"]
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Better on held-out runs: **joint**" in text
+
+
+def test_efficiency_leverage_needs_a_bounded_dense_curve():
+    """EL comes from the dense L(N) only when that fit is bounded; an IsoFLOP ladder (whose
+    L(N) sees one tokens/param ratio) falls back to the dense Chinchilla L(N, D) at the
+    run's own tokens; with neither, no number and a reason."""
+    from moe.scaling.analysis import _efficiency_leverage
+
+    def law(status, **p):
+        return {"status": status, "reason": "r", **{k: {"value": v} for k, v in p.items()}}
+
+    run = {"name": "m", "kind": "moe", "level": "moe8", "final_eval_loss": 3.0,
+           "params_active": 1e5, "tokens": 2e6, "flops": 1e12}
+    chin = law("ok", E=1.5, A=400.0, B=90.0, alpha=0.4, beta=0.35)
+    unb = {"dense": law("unbounded", E=0.05, A=30.0, alpha=0.2)}
+    (e,) = _efficiency_leverage([run], unb, {}, chin)
+    n = e["el_params"] * run["params_active"]
+    assert 1.5 + 400.0 / n ** 0.4 + 90.0 / 2e6 ** 0.35 == pytest.approx(3.0, rel=1e-12)
+    assert e["basis"].startswith("dense Chinchilla") and e["el_compute"] is None
+    (e,) = _efficiency_leverage([run], unb, {}, None)
+    assert e["el_params"] is None and "unbounded" in e["reason"]
+    ok = {"dense": law("ok", E=1.0, A=30.0, alpha=0.2)}
+    (e,) = _efficiency_leverage([run], ok, {}, chin)
+    assert e["basis"] == "dense L(N)"
+    assert 1.0 + 30.0 / (e["el_params"] * 1e5) ** 0.2 == pytest.approx(3.0, rel=1e-12)

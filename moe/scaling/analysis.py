@@ -38,7 +38,9 @@ Schema, `schema_version: 1` (NaN and inf are written as null; all keys always pr
                     Clark et al. 2022 (a, b, c, d), the additive law (E0, A, alpha, B,
                     beta), Ludziejewski et al. 2025 (a, alpha, gamma, delta, b, beta, zeta,
                     omega, c; exponents signed as in the paper, negative for a falling law)
-    efficiency_leverage  [{run, level, el_params, el_compute, reason}]
+    efficiency_leverage  [{run, level, el_params, el_compute, basis, reason}]; basis: the
+                    dense curve used (dense L(N)/L(C) when ok, else Chinchilla L(N, D) at
+                    the run's tokens), null with a reason when none is usable
     holdout         [{run, quantity (loss|error), law, predicted, lo, hi, actual,
                       rel_error, bounded}]; rel_error = predicted / actual - 1
     seed_noise      {runs: [{run, n, losses, mean, std}], std, rel_std} or null
@@ -650,27 +652,50 @@ def _joint_laws(train, held, n_boot, seed, level, progress, e_start=2.0, e_max=2
     return out
 
 
-def _efficiency_leverage(rows, power, compute):
-    dense_p = power.get("dense")
+def _efficiency_leverage(rows, power, compute, chinchilla=None):
+    """EL per MoE run against the dense runs: the active size a dense model needs to reach
+    the run's loss / the run's active size (and the same in FLOPs). The dense curve is the
+    dense L(N) (and L(C)) fit when its status is ok; else, where the dense runs vary
+    tokens (an IsoFLOP ladder), the Chinchilla L(N, D) fit at the run's own tokens
+    (EL(compute) then not given); else no number, and `reason` says why. `basis` names
+    the curve used."""
     moe = [r for r in rows if r["kind"] == "moe"]
+    dense_p = power.get("dense")
     if not moe or dense_p is None or dense_p["status"] == "not_fitted":
         return []
+    chin = None
+    if dense_p["status"] != "ok" and chinchilla and chinchilla.get("status") == "ok":
+        chin = _params_of(chinchilla, CHIN)
     pp = _params_of(dense_p, POWER)
     cp = compute.get("dense")
-    cpp = (None if cp is None or cp["status"] == "not_fitted" else
+    cpp = (None if cp is None or cp["status"] != "ok" else
            {"E": cp["c"]["value"], "A": cp["a"]["value"], "alpha": -cp["b"]["value"]})
     out = []
     for r in moe:
         L = float(r["final_eval_loss"])
         row = {"run": r["name"], "level": run_group(r), "el_params": None,
-               "el_compute": None, "reason": ""}
-        if L <= pp["E"]:
-            row["reason"] = (f"loss {L:.4g} is at or below the dense fit's irreducible "
-                             f"E = {pp['E']:.4g}: no dense model reaches it")
+               "el_compute": None, "basis": None, "reason": ""}
+        if dense_p["status"] == "ok":
+            row["basis"] = "dense L(N)" + (", dense L(C)" if cpp is not None else "")
+            if L <= pp["E"]:
+                row["reason"] = (f"loss {L:.4g} is at or below the dense fit's irreducible "
+                                 f"E = {pp['E']:.4g}: no dense model reaches it")
+            else:
+                row["el_params"] = _num(float(power_law_inverse(pp, L)) / r["params_active"])
+                if cpp is not None and L > cpp["E"]:
+                    row["el_compute"] = _num(float(power_law_inverse(cpp, L)) / r["flops"])
+        elif chin is not None:
+            row["basis"] = "dense Chinchilla L(N, D) at the run's tokens"
+            gap = L - chin["E"] - chin["B"] / float(r["tokens"]) ** chin["beta"]
+            if gap <= 0:
+                row["reason"] = (f"loss {L:.4g} is at or below what the dense L(N, D) reaches "
+                                 f"at any size with {r['tokens']:.3g} tokens")
+            else:
+                n = (chin["A"] / gap) ** (1.0 / chin["alpha"])
+                row["el_params"] = _num(n / r["params_active"])
         else:
-            row["el_params"] = _num(float(power_law_inverse(pp, L)) / r["params_active"])
-            if cpp is not None and L > cpp["E"]:
-                row["el_compute"] = _num(float(power_law_inverse(cpp, L)) / r["flops"])
+            row["reason"] = (f"dense L(N) fit is {dense_p['status']} ({dense_p.get('reason', '')}) "
+                             "and no Chinchilla fit to fall back on: no dense curve to compare with")
         out.append(row)
     return out
 
@@ -766,14 +791,16 @@ def _seed_noise(rows, seed_rows):
 
 
 def _sparsity_comparison(rows, noise) -> list[dict]:
-    """Per active size (the table's `size` label, else runs within 5% in params_active and
-    tokens), the loss of every sparsity level and the gap of each MoE level to the next
+    """Per active size (the table's `size` label, with its `flop_budget` when given, else
+    runs within 5% in params_active and tokens), the loss of every sparsity level and the gap of each MoE level to the next
     denser one; `within_noise` when the gap is not larger than the seed-noise std."""
     std = noise["std"] if noise else None
     groups: dict = {}
     for r in rows:
         if str(r.get("size") or "").strip():
-            key = ("label", str(r["size"]).strip())
+            # an IsoFLOP ladder trains each size at several budgets: compare within one
+            key = ("label", str(r["size"]).strip()
+                   + (f" @ {r['flop_budget']:.3g} FLOPs" if r.get("flop_budget") else ""))
         else:
             key = next((k for k in groups if k[0] == "near" and abs(math.log(
                 r["params_active"] / k[1])) < 0.05 and abs(math.log(r["tokens"] / k[2])) < 0.05),
@@ -876,7 +903,8 @@ def analyse(rows: Sequence[dict], *, n_boot: int = 200, holdout: str | None = No
     a["overtraining"] = _overtraining(train, n_boot, seed, level, progress)
     a["downstream"] = _downstream(train, n_boot, seed, level, progress)
     a["joint_laws"] = _joint_laws(train, held, n_boot, seed, level, progress)
-    a["efficiency_leverage"] = _efficiency_leverage(rows, a["power_laws"], a["compute_laws"])
+    a["efficiency_leverage"] = _efficiency_leverage(rows, a["power_laws"], a["compute_laws"],
+                                                    a["chinchilla"])
     laws = [(f"L(N_active), {g}", "power", g, e, POWER) for g, e in a["power_laws"].items()]
     laws += [(f"L(C), {g}", "compute", g, e, COMPUTE) for g, e in a["compute_laws"].items()]
     laws += [("Chinchilla L(N, D)", "chinchilla", "dense", a["chinchilla"], CHIN),

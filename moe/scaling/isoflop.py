@@ -20,7 +20,10 @@ language models"; their code, formll/resolving-scaling-law-discrepancies, `inter
    ln N* = intercept + exponent ln C, i.e. N* = exp(intercept) C^exponent.
 4. Uncertainty (`_bootstrap_budgets`): resample the KEPT budgets with replacement (whole
    budgets) and refit the OLS; a replicate with fewer than 2 distinct budgets fails and is
-   counted; percentile interval at `level`. (Porian et al. instead add seed-level noise to
+   counted; percentile interval at `level`. With fewer than MIN_BUDGETS_FOR_INTERVAL (4)
+   kept budgets no interval is given (`interval_note` says why): with 2 every successful
+   replicate is the same line, with 3 nearly all are, so the percentiles would only
+   restate the point estimate (a CPU IsoFLOP ladder with 3 budgets gave [0.445, 0.449]). (Porian et al. instead add seed-level noise to
    every loss, redo each budget's Akima argmin 1000 times, and fit the medians with
    inverse-variance weights; that needs a per-run noise model this testbed does not have.)
 
@@ -176,6 +179,10 @@ def _ols(logc: np.ndarray, logy: np.ndarray) -> dict:
             "resid_std": float(math.sqrt(resid @ resid / dof)) if dof > 0 else None}
 
 
+#: kept budgets below which fit_isoflop gives no exponent interval (see step 4 above)
+MIN_BUDGETS_FOR_INTERVAL = 4
+
+
 def _bootstrap_budgets(logc, logys, n_boot, seed, level):
     """Whole-budget bootstrap of the OLS for each y in logys (same draws for all)."""
     rng = np.random.default_rng(seed)
@@ -218,7 +225,8 @@ def fit_isoflop(flops, n, loss, tokens=None, *, nominal: Sequence[float] | None 
     Returns a plain, JSON-serialisable dict:
       exponent, intercept: ln N* = intercept + exponent ln C (natural log), C in FLOPs;
       exponent_interval: {lo, hi} percentile interval at `level` (None if every replicate
-        failed or n_boot = 0); r2, resid_std (ddof 2; None with 2 budgets) of that OLS;
+        failed, n_boot = 0 or fewer than MIN_BUDGETS_FOR_INTERVAL budgets were kept;
+        interval_note then says which); r2, resid_std (ddof 2; None with 2 budgets) of that OLS;
       n_budgets; budgets: one dict per KEPT budget, ascending C, {flops, flops_range
         ([min, max] of its runs' FLOPs), n_opt, loss_opt (at N*), n_runs, n_sizes (distinct
         N)} (+ d_opt, d_edge with tokens);
@@ -263,8 +271,18 @@ def fit_isoflop(flops, n, loss, tokens=None, *, nominal: Sequence[float] | None 
         logys.append(np.log([b["d_opt"] for b in kept]))
     fits = [_ols(logc, y) for y in logys]
     boots, failed = _bootstrap_budgets(logc, logys, int(n_boot), seed, level)
+    note = ""
+    if len(kept) < MIN_BUDGETS_FOR_INTERVAL:
+        note = (f"no interval: {len(kept)} kept budgets; a whole-budget bootstrap needs >= "
+                f"{MIN_BUDGETS_FOR_INTERVAL} for its replicates to differ from the point fit")
+        for b in boots:
+            b["interval"] = None
+    elif int(n_boot) == 0:
+        note = "no interval: n_boot = 0"
+    elif boots[0]["interval"] is None:
+        note = "no interval: every bootstrap replicate failed"
 
-    out = {"exponent": fits[0]["exponent"], "intercept": fits[0]["intercept"],
+    out = {"interval_note": note, "exponent": fits[0]["exponent"], "intercept": fits[0]["intercept"],
            "exponent_interval": boots[0]["interval"], "r2": fits[0]["r2"],
            "resid_std": fits[0]["resid_std"], "n_budgets": len(kept), "budgets": kept,
            "dropped": dropped, "unassigned_runs": int(np.sum(label < 0)),

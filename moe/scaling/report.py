@@ -198,13 +198,15 @@ def _isoflop(f) -> list[str]:
         if e["status"] != "ok":
             md.append(f"- {g}: not fitted: {e['reason']}.")
             continue
-        iv = e.get("exponent_interval") or {}
-        md.append(f"- {g}: a = {_fmt(e['exponent'])} [{_fmt(iv.get('lo'))}, "
-                  f"{_fmt(iv.get('hi'))}] from {len(e['budgets'])} budgets"
-                  + (f"; D* ~ C^b, b = {_fmt(e['d_exponent'])} "
-                     f"[{_fmt((e.get('d_exponent_interval') or {}).get('lo'))}, "
-                     f"{_fmt((e.get('d_exponent_interval') or {}).get('hi'))}]"
+        def iv(key):
+            i = e.get(key)
+            return f" [{_fmt(i['lo'])}, {_fmt(i['hi'])}]" if i else " (no interval)"
+
+        md.append(f"- {g}: a = {_fmt(e['exponent'])}{iv('exponent_interval')} from "
+                  f"{len(e['budgets'])} budgets"
+                  + (f"; D* ~ C^b, b = {_fmt(e['d_exponent'])}{iv('d_exponent_interval')}"
                      if e.get("d_exponent") is not None else "")
+                  + (f"; {e['interval_note']}" if e.get("interval_note") else "")
                   + (f"; dropped {len(e['dropped'])}: "
                      + "; ".join(f"{_fmt(d['flops'], 3)} ({d['reason']})" for d in e["dropped"])
                      if e.get("dropped") else ""))
@@ -258,12 +260,14 @@ def _efficiency_leverage(f) -> list[str]:
                "no dense power-law fit (needs >= 3 dense sizes along one recipe)"
                if not dense or dense["status"] == "not_fitted" else "nothing to compute")
         return md + [f"Not computed: {why}.\n"]
-    md += ["EL(params) = active size a dense model needs (dense L(N) fit) to reach the run's "
-           "loss / the run's active size; EL(compute) the same with FLOPs and the dense "
-           "L(C). Read with the dense fit's status above.\n",
-           "| run | level | EL(params) | EL(compute) | note |", "| --- | --- | --- | --- | --- |"]
+    md += ["EL(params) = active size a dense model needs to reach the run's loss / the run's "
+           "active size; EL(compute) the same with FLOPs. The dense curve (basis) is the "
+           "dense L(N) and L(C) fits when they are bounded, else the dense Chinchilla "
+           "L(N, D) at the run's tokens. Read with that fit's interval above.\n",
+           "| run | level | EL(params) | EL(compute) | basis | note |",
+           "| --- | --- | --- | --- | --- | --- |"]
     md += [f"| {e['run']} | {e['level']} | {_fmt(e['el_params'])} | {_fmt(e['el_compute'])} "
-           f"| {e['reason']} |" for e in el]
+           f"| {e.get('basis') or '-'} | {e['reason']} |" for e in el]
     return md + [""]
 
 
