@@ -694,8 +694,9 @@ def _efficiency_leverage(rows, power, compute, chinchilla=None):
                 n = (chin["A"] / gap) ** (1.0 / chin["alpha"])
                 row["el_params"] = _num(n / r["params_active"])
         else:
-            row["reason"] = (f"dense L(N) fit is {dense_p['status']} ({dense_p.get('reason', '')}) "
-                             "and no Chinchilla fit to fall back on: no dense curve to compare with")
+            row["reason"] = (f"dense L(N) fit is {dense_p['status']} "
+                             f"({dense_p.get('reason', '')}) and no Chinchilla fit to fall "
+                             "back on: no dense curve to compare with")
         out.append(row)
     return out
 
@@ -792,8 +793,9 @@ def _seed_noise(rows, seed_rows):
 
 def _sparsity_comparison(rows, noise) -> list[dict]:
     """Per active size (the table's `size` label, with its `flop_budget` when given, else
-    runs within 5% in params_active and tokens), the loss of every sparsity level and the gap of each MoE level to the next
-    denser one; `within_noise` when the gap is not larger than the seed-noise std."""
+    runs within 5% in params_active and tokens), the loss of every sparsity level and the
+    gap of each MoE level to the next denser one; `within_noise` when the gap is not
+    larger than the seed-noise std."""
     std = noise["std"] if noise else None
     groups: dict = {}
     for r in rows:

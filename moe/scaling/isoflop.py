@@ -23,9 +23,10 @@ language models"; their code, formll/resolving-scaling-law-discrepancies, `inter
    counted; percentile interval at `level`. With fewer than MIN_BUDGETS_FOR_INTERVAL (4)
    kept budgets no interval is given (`interval_note` says why): with 2 every successful
    replicate is the same line, with 3 nearly all are, so the percentiles would only
-   restate the point estimate (a CPU IsoFLOP ladder with 3 budgets gave [0.445, 0.449]). (Porian et al. instead add seed-level noise to
-   every loss, redo each budget's Akima argmin 1000 times, and fit the medians with
-   inverse-variance weights; that needs a per-run noise model this testbed does not have.)
+   restate the point estimate (a CPU IsoFLOP ladder with 3 budgets gave [0.445, 0.449]).
+   (Porian et al. instead add seed-level noise to every loss, redo each budget's Akima
+   argmin 1000 times, and fit the medians with inverse-variance weights; that needs a
+   per-run noise model this testbed does not have.)
 
 D* (with `tokens`) is found the way Porian et al. find their t*: a second Akima
 interpolation, of ln loss against ln D, on a geometric grid of the same size from the
@@ -226,7 +227,8 @@ def fit_isoflop(flops, n, loss, tokens=None, *, nominal: Sequence[float] | None 
       exponent, intercept: ln N* = intercept + exponent ln C (natural log), C in FLOPs;
       exponent_interval: {lo, hi} percentile interval at `level` (None if every replicate
         failed, n_boot = 0 or fewer than MIN_BUDGETS_FOR_INTERVAL budgets were kept;
-        interval_note then says which); r2, resid_std (ddof 2; None with 2 budgets) of that OLS;
+        interval_note then says which); r2, resid_std (ddof 2; None with 2 budgets) of
+        that OLS;
       n_budgets; budgets: one dict per KEPT budget, ascending C, {flops, flops_range
         ([min, max] of its runs' FLOPs), n_opt, loss_opt (at N*), n_runs, n_sizes (distinct
         N)} (+ d_opt, d_edge with tokens);
@@ -282,7 +284,8 @@ def fit_isoflop(flops, n, loss, tokens=None, *, nominal: Sequence[float] | None 
     elif boots[0]["interval"] is None:
         note = "no interval: every bootstrap replicate failed"
 
-    out = {"interval_note": note, "exponent": fits[0]["exponent"], "intercept": fits[0]["intercept"],
+    out = {"interval_note": note,
+           "exponent": fits[0]["exponent"], "intercept": fits[0]["intercept"],
            "exponent_interval": boots[0]["interval"], "r2": fits[0]["r2"],
            "resid_std": fits[0]["resid_std"], "n_budgets": len(kept), "budgets": kept,
            "dropped": dropped, "unassigned_runs": int(np.sum(label < 0)),

@@ -16,7 +16,6 @@ in both cases.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import socket
@@ -73,18 +72,16 @@ def _probe_config(cfg: Config) -> Config:
     return p
 
 
-@functools.lru_cache(maxsize=32)
-def _step_speedup(key: str, repeats: int) -> float:
+def _step_speedup(cfg: Config, repeats: int) -> float:
+    """fp32 / bf16 step time of the (probe) config ``cfg``; see cpu_bf16_speedup."""
     import copy
     import time
 
     from ..model import build_model
 
-    cfg = _PROBE_CONFIGS[key]
     t = cfg.train
     g = torch.Generator().manual_seed(0)  # private: must not advance the global RNG
-    tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + cfg.mtp.depth),
-                           generator=g)
+    tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len), generator=g)
     rng = torch.get_rng_state()
     try:
         fp32 = build_model(cfg)
@@ -95,7 +92,8 @@ def _step_speedup(key: str, repeats: int) -> float:
         model.train()
         params = [q for q in model.parameters() if q.requires_grad]
         # bf16 as DeepSpeed runs it: fp32 master weights, the step on them, copied back
-        master = [q.detach().float().clone().requires_grad_() for q in params] if name == "bf16" else params
+        master = ([q.detach().float().clone().requires_grad_() for q in params]
+                  if name == "bf16" else params)
         opt = torch.optim.AdamW(master, lr=1e-9, foreach=False)
         times = []
         for _ in range(repeats + 1):  # the first is warm-up
@@ -128,7 +126,8 @@ def _step_speedup(key: str, repeats: int) -> float:
     return best["fp32"] / best["bf16"]
 
 
-_PROBE_CONFIGS: dict = {}
+#: cpu_bf16_speedup's results, per probe config (as JSON) and repeats, for this process
+_SPEEDUPS: dict = {}
 
 
 def cpu_bf16_speedup(cfg: Config, repeats: int = 3) -> float:
@@ -153,9 +152,10 @@ def cpu_bf16_speedup(cfg: Config, repeats: int = 3) -> float:
     import json
 
     probe = _probe_config(cfg)
-    key = json.dumps(dataclasses.asdict(probe), sort_keys=True, default=str)
-    _PROBE_CONFIGS.setdefault(key, probe)
-    return _step_speedup(key, repeats)
+    key = (json.dumps(dataclasses.asdict(probe), sort_keys=True, default=str), repeats)
+    if key not in _SPEEDUPS:
+        _SPEEDUPS[key] = _step_speedup(probe, repeats)
+    return _SPEEDUPS[key]
 
 
 def resolve_precision(cfg: Config, device: Optional[str] = None) -> str:
@@ -181,14 +181,16 @@ def resolve_precision(cfg: Config, device: Optional[str] = None) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def deepspeed_config(cfg: Config, world_size: int = 1, device: Optional[str] = None) -> dict:
+def deepspeed_config(cfg: Config, world_size: int = 1, device: Optional[str] = None,
+                     precision: Optional[str] = None) -> dict:
     """The DeepSpeed config dict for ``cfg`` on ``world_size`` data-parallel ranks.
 
     Pure function of (cfg, world_size, device) -- no process group needed -- so tests can
-    check it and ``deepspeed.json`` in a run directory is exactly what ran.
+    check it and ``deepspeed.json`` in a run directory is exactly what ran. ``precision``:
+    an already resolved ``train.precision`` (the loop passes rank 0's), else resolved here.
     """
     t = cfg.train
-    precision = resolve_precision(cfg, device)
+    precision = precision or resolve_precision(cfg, device)
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,

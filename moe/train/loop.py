@@ -363,7 +363,9 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
     torch.manual_seed(cfg.train.seed)
     model = par.parallelize(build_model(cfg)).to(dev)
     total_steps, stop_rule = plan_total_steps(cfg, dp)
-    ds_cfg = deepspeed_config(cfg, dp, dev)
+    # one precision for every rank: `auto` on CPU is a timing probe, decided on rank 0
+    precision = _broadcast(resolve_precision(cfg, dev) if is0 else None)
+    ds_cfg = deepspeed_config(cfg, dp, dev, precision)
     own_clip = par.model_parallel and cfg.train.zero_stage == 0
     if own_clip:
         ds_cfg["gradient_clipping"] = 0.0  # exact clipping over shards: par.clip_grad_norm_
@@ -378,7 +380,6 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
     counts = count_params(cfg)
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * dp * cfg.train.seq_len
     fpt = counts.flops_per_token_train
-    precision = resolve_precision(cfg, dev)
     counters = {"step": 0, "tokens": 0, "flops": 0.0, "train_seconds": 0.0}
 
     metrics = MetricsLog(run_dir, enabled=is0, tensorboard=cfg.train.tensorboard)
