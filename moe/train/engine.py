@@ -81,7 +81,12 @@ def _step_speedup(cfg: Config, repeats: int) -> float:
 
     t = cfg.train
     g = torch.Generator().manual_seed(0)  # private: must not advance the global RNG
-    tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len), generator=g)
+    # a new batch every step, as in training: the routing, and so the grouped GEMMs' group
+    # sizes, change from step to step; on CPU bf16 torch._grouped_mm takes ~10x longer
+    # with new group sizes than with repeated ones (measured: 7.1 vs 0.7 ms at
+    # 8192x128x128, 16 experts; fp32 1.7 vs 1.8 ms), so a repeated batch hides its cost
+    batches = torch.randint(0, cfg.model.vocab_size, (repeats + 1, t.micro_batch_size, t.seq_len),
+                            generator=g)
     rng = torch.get_rng_state()
     try:
         fp32 = build_model(cfg)
@@ -96,7 +101,7 @@ def _step_speedup(cfg: Config, repeats: int) -> float:
                   if name == "bf16" else params)
         opt = torch.optim.AdamW(master, lr=1e-9, foreach=False)
         times = []
-        for _ in range(repeats + 1):  # the first is warm-up
+        for tokens in batches:  # the first is warm-up
             t0 = time.perf_counter()
             try:
                 model(tokens)["loss"].backward()
@@ -137,15 +142,15 @@ def cpu_bf16_speedup(cfg: Config, repeats: int = 3) -> float:
     this model at all (torch._grouped_mm on CPU needs rows of a multiple of 16 bytes: a
     bf16 MoE at d_model 20 fails).
 
-    Measured on the run's own shapes, not on a large matmul. On one of this workplace's
-    AMD EPYC boxes with AVX512_BF16 (2026-11-28) a bf16 matmul ran 3.3x faster than fp32
-    at 256^3 and at the CPU ladder's 2048x48x192, yet whole ladder runs at d_model 48 ran
-    at 0.76x (dense) and 0.43x (8 experts) of fp32's tokens/s; this probe gives 0.6-0.9
-    at every ladder size and so picks fp32 there. It does not see everything: for the
-    README's tiny-moe it measured 1.2-1.7x, while DeepSpeed training on that box ran at
-    0.82x (its grouped GEMMs took 3.4 ms per call inside training against 0.6 ms alone at
-    the same shapes, strides and alignment; cause not found). Pin ``train.precision``
-    where it matters. On CPUs without native bf16 torch emulates it (ratio ~0.01-0.1).
+    Measured on the run's own shapes and changing batches, not on a large matmul. On one
+    of this workplace's AMD EPYC boxes with AVX512_BF16 (2026-11-28) a bf16 matmul ran
+    3.3x faster than fp32 at 256^3 and at the CPU ladder's 2048x48x192, yet whole
+    DeepSpeed runs ran at 0.76x (ladder d_model 48, dense), 0.43x (d 48, 8 experts) and
+    0.82x (the README's tiny-moe) of fp32's tokens/s: bf16 grouped GEMMs on CPU are ~10x
+    slower when the group sizes change between calls, as routing makes them do. This probe
+    measured 0.69-0.73, 0.30-0.32 and 0.95 for those three, so picks fp32 for each (with
+    one repeated batch it had said 1.2-1.7x for tiny-moe). On CPUs without native bf16
+    torch emulates it (ratio ~0.01-0.1).
     Cached per model shape and process; ~0.1-1 s for small models, bounded by
     PROBE_STEP_FLOPS for large ones."""
     import dataclasses
