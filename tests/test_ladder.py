@@ -212,7 +212,7 @@ def test_real_tiny_ladder_end_to_end(tmp_path, monkeypatch):
     assert before == {p: p.stat().st_mtime for p in out.glob("runs/*/summary.json")}
 
 
-@pytest.mark.parametrize("name", ["cpu", "cpu-isoflop", "h100", "multinode"])
+@pytest.mark.parametrize("name", ["cpu", "cpu-isoflop", "cpu-seeds", "h100", "multinode"])
 def test_shipped_ladders_plan_and_dry_run(name, capsys):
     from moe.scaling.ladder import default_train_cmd, ladder_main
 
