@@ -28,6 +28,10 @@ Schema, `schema_version: 1` (NaN and inf are written as null; all keys always pr
     chinchilla      LAW over the dense runs: L(N, D) = E + A/N^alpha + B/D^beta, with
                     derived `a` (N_opt ~ C^a) and `b` (D_opt ~ C^b) as {value, lo, hi} and
                     `fitted` [{run, predicted}]
+    chinchilla_levels  {<MoE level>: LAW}, the same approach 3 over one MoE level's runs
+                    (with its derived a, b, n_opt_at_c_ref, loss_opt_at_c_ref); `moe-testbed
+                    plan` uses it when no joint law is fitted. Absent from fits.json files
+                    written before it existed (readers treat a missing key as {}).
     isoflop         {<level>: approach 2 (Porian et al. 2024) as `fit_isoflop` returns it,
                     plus status/reason}
     overtraining    LAW, Gadre et al. 2024: L(N, M) = E + a N^b + beta 6^(b/2) (M N)^b,
@@ -464,23 +468,28 @@ def _independent_spread(n: np.ndarray, d: np.ndarray) -> float:
     return float(np.std(ld - X @ np.linalg.lstsq(X, ld, rcond=None)[0]))
 
 
-def _chinchilla(train, rows, n_boot, seed, level, min_runs, progress):
+def _chinchilla(train, rows, n_boot, seed, level, min_runs, progress, group=None):
+    """Approach 3 over the dense runs, or (group given) over one MoE level's runs."""
     law = "L = E + A / N^alpha + B / D^beta"
-    dense = [r for r in train if r["kind"] == "dense"]
+    dense = ([r for r in train if r["kind"] == "dense"] if group is None else
+             [r for r in train if run_group(r) == group])
+    what = "dense" if group is None else f"{group}"
     if len(dense) < min_runs:
-        return _not_fitted(law, len(dense), f"{len(dense)} dense runs; approach 3 needs "
+        return _not_fitted(law, len(dense), f"{len(dense)} {what} runs; approach 3 needs "
                            f">= {min_runs}")
     spread = _independent_spread(_col(dense, "params_active"), _col(dense, "tokens"))
     if spread <= 0.1:
         return _not_fitted(law, len(dense), "tokens barely vary independently of size across "
-                           f"dense runs (residual std of log D on log N = {spread:.3g}), so "
+                           f"{what} runs (residual std of log D on log N = {spread:.3g}), so "
                            "the N and D terms cannot be told apart; train some sizes at "
                            "several token budgets")
     entry = _boot_law(
         lambda rs: fit_chinchilla(_col(rs, "params_active"), _col(rs, "tokens"),
                                   _col(rs, "final_eval_loss")),
         dense, CHIN, n_params=5, key=lambda r: (r["params_active"], r["tokens"]),
-        at_bound=_chin_at_bound, n_boot=n_boot, seed=seed + 200, level=level, law=law,
+        at_bound=_chin_at_bound, n_boot=n_boot,
+        seed=seed + 200 + (0 if group is None else 50 + sum(map(ord, group)) % 50),
+        level=level, law=law,
         progress=progress)
     if entry["status"] == "not_fitted":
         return entry
@@ -901,6 +910,9 @@ def analyse(rows: Sequence[dict], *, n_boot: int = 200, holdout: str | None = No
                                                      level, progress)
     a["chinchilla"] = _chinchilla(train, rows, n_boot, seed, level, chinchilla_min_runs,
                                   progress)
+    a["chinchilla_levels"] = {
+        g: _chinchilla(train, rows, n_boot, seed, level, chinchilla_min_runs, progress, g)
+        for g, gr in groups.items() if any(r["kind"] == "moe" for r in gr)}
     a["isoflop"] = _isoflop(groups, level, n_boot, seed)
     a["overtraining"] = _overtraining(train, n_boot, seed, level, progress)
     a["downstream"] = _downstream(train, n_boot, seed, level, progress)

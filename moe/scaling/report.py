@@ -62,7 +62,8 @@ def render_report(fits: dict, out_dir) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     pngs = draw_all(fits, out)
     md: list[str] = []
-    for section in (_header, _power_laws, _compute_laws, _chinchilla, _isoflop,
+    for section in (_header, _power_laws, _compute_laws, _chinchilla, _chinchilla_levels,
+                    _isoflop,
                     _overtraining, _joint_laws, _efficiency_leverage, _seed_noise,
                     _sparsity_comparison, _compare,
                     _maxvio, _holdout):
@@ -188,6 +189,18 @@ def _chinchilla(f) -> list[str]:
                     [("a", "a (N_opt ~ C^a)"), ("b", "b (D_opt ~ C^b)"),
                      ("n_opt_at_c_ref", f"N_opt at C={_fmt(c, 3)}"),
                      ("loss_opt_at_c_ref", f"L_opt at C={_fmt(c, 3)}")])
+
+
+def _chinchilla_levels(f) -> list[str]:
+    md = []
+    for g, e in (f.get("chinchilla_levels") or {}).items():
+        c = e.get("c_ref")
+        md += _one_law(f"## Chinchilla approach 3 on the {g} runs: L(N_active, D)", e,
+                       ("E", "A", "B", "alpha", "beta"),
+                       [("a", "a (N_opt ~ C^a)"), ("b", "b (D_opt ~ C^b)"),
+                        ("n_opt_at_c_ref", f"N_opt at C={_fmt(c, 3)}"),
+                        ("loss_opt_at_c_ref", f"L_opt at C={_fmt(c, 3)}")])
+    return md
 
 
 def _isoflop(f) -> list[str]:
