@@ -5,6 +5,7 @@
     moe-testbed plot-run RUN_DIR                  loss curves and per-layer MaxVio PNG
     moe-testbed fit RESULTS [--out DIR]           scaling-law fits + report from a results table
     moe-testbed ladder CONFIG [--dry-run]         run / plan a scaling ladder
+    moe-testbed plan FITS --flops C [...]         compute-optimal runs from fitted laws
     moe-testbed consolidate CKPT --out FILE       one state dict from a sharded checkpoint
 
 Bad configs fail here, before any compute, with one line naming the field.
@@ -40,6 +41,8 @@ COMMANDS = {
     "plot-run": ("moe.train.plots:plot_run_main", "plot a run directory"),
     "fit": ("moe.scaling:fit_main", "fit scaling laws to a results table and write a report"),
     "ladder": ("moe.scaling.ladder:ladder_main", "run or plan a scaling ladder"),
+    "plan": ("moe.scaling.planner:plan_main",
+             "plan compute-optimal dense/MoE runs at a FLOP budget from a fits.json"),
     "consolidate": ("moe.parallel.plan:consolidate_main",
                     "merge a TP/EP-sharded checkpoint into one model state dict"),
 }

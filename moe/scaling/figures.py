@@ -181,3 +181,54 @@ def draw_all(fits: dict, out_dir) -> list[str]:
         chinchilla_fit(fits, out), isoflop(fits, out), efficiency_leverage(fits, out),
         maxvio(fits, out)]
     return [n for n in names if n]
+
+
+def draw_plan(curves: dict, path) -> str:
+    """`moe-testbed plan`'s figure: left, predicted loss vs active params at each budget
+    (one curve per expert count, bootstrap band, optimum marked); right, the optimal
+    N_active vs compute with its band (shaded: the fitted runs' FLOP range)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(12, 4.6))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    styles = ["-", "--", ":", "-."]
+    labels = []
+    for bi, b in enumerate(curves["budgets"]):
+        for c in b["curves"]:
+            if c["label"] not in labels:
+                labels.append(c["label"])
+            col = _color(labels.index(c["label"]))
+            ls = styles[bi % len(styles)]
+            ax1.plot(c["n"], c["loss"], ls, color=col,
+                     label=f"{c['label']}, C={b['flops']:.2g}")
+            if c["lo"] is not None:
+                ax1.fill_between(c["n"], c["lo"], c["hi"], color=col, alpha=0.12, lw=0)
+            ax1.plot(*c["opt"], "o", color=col, ms=6, mec="k")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("active parameters")
+    ax1.set_ylabel("predicted loss")
+    ax1.set_title(f"Loss at each budget ({int(curves['level'] * 100)}% bands; dots: optimum)")
+    lo_all = [c["opt"][1] for b in curves["budgets"] for c in b["curves"]]
+    if lo_all:
+        ax1.set_ylim(min(lo_all) * 0.95, max(lo_all) * 1.25)
+    ax1.legend(fontsize=7)
+    for f in curves["frontier"]:
+        col = _color(labels.index(f["label"]) if f["label"] in labels else 0)
+        ax2.plot(f["c"], f["n"], color=col, label=f["label"])
+        if f["lo"] is not None:
+            ax2.fill_between(f["c"], f["lo"], f["hi"], color=col, alpha=0.12, lw=0)
+    a, b = curves["fitted_flops"]
+    ax2.axvspan(a, b, color="0.85", zorder=0, label="fitted runs' FLOPs")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("training FLOPs")
+    ax2.set_ylabel("compute-optimal active parameters")
+    ax2.set_title("Optimal N_active vs compute (right of grey: extrapolation)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clear()
+    return path.name

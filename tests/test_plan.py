@@ -1,0 +1,272 @@
+"""`moe-testbed plan`: compute-optimal plans from fits.json (moe/scaling/planner.py)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from moe.accounting import count_params
+from moe.cli import main as cli_main
+from moe.config import load_config
+from moe.scaling.analysis import write_fits
+from moe.scaling.fits import chinchilla_frontier, chinchilla_predict
+from moe.scaling.joint_moe import joint_moe_predict
+from moe.scaling.planner import (LawForm, build_plan, choose_layout, chinchilla_form,
+                                 dense_compute_for_loss, frontier, joint_form, write_plan)
+
+ROOT = Path(__file__).resolve().parents[1]
+ISOFLOP = ROOT / "benchmarks" / "results" / "ladder_cpu_isoflop"
+LADDER_CPU = ROOT / "benchmarks" / "results" / "ladder_cpu"
+HOFFMANN = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+ROW_KEYS = {"name", "experts", "top_k", "law", "law_status", "n_active", "n_total", "tokens",
+            "flops", "loss", "el", "intervals", "el_reason", "replicates", "extrapolation",
+            "layout", "layout_reason", "gpu_hours", "wall_hours", "config", "geometry"}
+
+
+def _law_entry(point: dict, reps: list[dict] | None = None, status: str = "ok") -> dict:
+    e = {"law": "L = E + A / N^alpha + B / D^beta", "status": status, "reason": "",
+         "bounded": status == "ok", "n_runs": 12}
+    for k, v in point.items():
+        e[k] = {"value": v, "lo": None, "hi": None, "median": None}
+    e["replicates"] = {k: [r[k] for r in reps] for k in point} if reps else {}
+    return e
+
+
+def _chinchilla_fits(point=HOFFMANN, reps=None) -> dict:
+    """A fits.json dict holding a dense Chinchilla law and the runs it was 'fitted' on
+    (sizes at several token budgets, flops = 6 N D)."""
+    runs = []
+    for n in (4e7, 1e8, 4e8, 1e9):
+        for tpp in (5, 20, 80):
+            d = n * tpp
+            runs.append({"name": f"n{n:g}-t{tpp}", "level": "dense", "kind": "dense",
+                         "n_experts": 0, "top_k": 0, "params_active": n, "params_total": n,
+                         "tokens": d, "flops": 6 * n * d, "held_out": False,
+                         "loss": float(chinchilla_predict(point, n, d))})
+    return {"schema_version": 1, "source": "synthetic", "settings": {"level": 0.95},
+            "runs": runs, "chinchilla": _law_entry(point, reps),
+            "joint_laws": {"joint": {"status": "not_fitted", "reason": "no MoE runs in the table"}}}
+
+
+def _write(tmp_path, fits) -> Path:
+    return write_fits(fits, tmp_path / "fits" / "fits.json")
+
+
+# ---------------------------------------------------------------------------- laws
+
+
+def test_hoffmann_published_law_gives_published_optimum():
+    # ANCHORS.md: E 1.69, A 406.4, B 410.7, alpha 0.34, beta 0.28 at C = 1e21
+    n, d, L = frontier(chinchilla_form(HOFFMANN), 1e21)
+    assert n == pytest.approx(1.824e9, rel=5e-3)
+    assert d == pytest.approx(9.136e10, rel=5e-3)
+    assert L == pytest.approx(2.3289, rel=5e-4)
+
+
+def test_dense_plan_at_1e21_from_the_published_law(tmp_path):
+    plan = build_plan(_write(tmp_path, _chinchilla_fits()), [1e21], experts=[0],
+                      base=ROOT / "configs" / "tiny-dense.yaml")
+    (row,) = plan["rows"]
+    assert row["law"].startswith("Chinchilla approach 3")
+    assert row["n_active"] == pytest.approx(1.824e9, rel=5e-3)
+    assert row["tokens"] == pytest.approx(9.136e10, rel=5e-3)
+    assert row["loss"]["value"] == pytest.approx(2.3289, rel=5e-4)
+    assert row["loss"]["lo"] is None and row["intervals"]["n_active"]["lo"] is None  # no replicates
+    assert row["el"] == 1.0
+    assert abs(row["geometry"]["config_active_rel_err"]) <= 0.05
+
+
+def test_intervals_are_the_replicates_frontiers(tmp_path):
+    rng = np.random.default_rng(0)
+    reps = [{"E": 1.69 + rng.normal(0, 0.02), "A": 406.4 * math.exp(rng.normal(0, 0.1)),
+             "B": 410.7 * math.exp(rng.normal(0, 0.1)), "alpha": 0.34 + rng.normal(0, 0.01),
+             "beta": 0.28 + rng.normal(0, 0.01)} for _ in range(300)]
+    plan = build_plan(_write(tmp_path, _chinchilla_fits(reps=reps)), [1e21], experts=[0],
+                      base=ROOT / "configs" / "tiny-dense.yaml")
+    (row,) = plan["rows"]
+    # independent: fits.chinchilla_frontier on each replicate, 2.5/97.5 percentiles
+    fr = np.array([chinchilla_frontier(p, 1e21) for p in reps])
+    lo, hi = np.percentile(fr, [2.5, 97.5], axis=0)
+    assert row["intervals"]["n_active"]["lo"] == pytest.approx(lo[0], rel=1e-9)
+    assert row["intervals"]["n_active"]["hi"] == pytest.approx(hi[0], rel=1e-9)
+    assert row["intervals"]["tokens"]["lo"] == pytest.approx(lo[1], rel=1e-9)
+    assert row["loss"]["lo"] == pytest.approx(lo[2], rel=1e-9)
+    assert row["loss"]["hi"] == pytest.approx(hi[2], rel=1e-9)
+    assert row["replicates"] == {"used": 300, "total": 300, "no_optimum": 0}
+    assert row["loss"]["lo"] < row["loss"]["value"] < row["loss"]["hi"]
+
+
+def test_joint_law_at_fixed_experts_is_a_chinchilla_form_and_its_optimum_is_the_minimum():
+    p = {"a": 30.0, "alpha": -0.30, "gamma": 0.01, "delta": -0.05, "b": 200.0, "beta": -0.3,
+         "zeta": -0.004, "omega": 0.02, "c": 1.7}
+    N = np.logspace(6, 10, 7)
+    D = np.logspace(8, 12, 7)
+    for E in (1, 8, 64):
+        f = joint_form(p, E)
+        np.testing.assert_allclose(f.loss(N, D), joint_moe_predict(p, N, D, E), rtol=1e-12)
+        n, d, L = frontier(f, 1e21)
+        assert 6 * n * d == pytest.approx(1e21, rel=1e-12)
+        ns = np.logspace(math.log10(n) - 1, math.log10(n) + 1, 4001)  # brute force on C = 6ND
+        losses = f.loss(ns, 1e21 / (6 * ns))
+        assert ns[np.argmin(losses)] == pytest.approx(n, rel=2e-3)
+        assert L == pytest.approx(losses.min(), rel=1e-9)
+
+
+def test_dense_compute_for_loss_inverts_the_frontier():
+    f = chinchilla_form(HOFFMANN)
+    for C in (1e18, 1e21, 1e24):
+        L = frontier(f, C)[2]
+        assert dense_compute_for_loss(f, L) == pytest.approx(C, rel=1e-9)
+    assert dense_compute_for_loss(f, 1.6) == math.inf  # below E: no dense compute reaches it
+    assert not LawForm(1.7, 5.0, -0.1, 5.0, 0.3).ok and frontier(LawForm(1.7, 5, -0.1, 5, .3), 1e20) is None
+
+
+# ------------------------------------------------------------------------ memory
+
+
+def test_layout_counts_weights_grads_and_adam_states_under_zero_and_ep():
+    cfg = load_config(ROOT / "configs" / "qwen3-30b-a3b.yaml", ["train.precision=bf16"])
+    c = count_params(cfg)
+    routed, dense = c.routed_experts, c.total - c.routed_experts
+    gib = 2 ** 30
+    lay, _ = choose_layout(cfg, 8, 80.0, headroom=0.25)
+    # hand count at the chosen layout: bf16 weights 2 + grads 2 + fp32 master/m/v 12
+    z, ep = lay["zero"], lay["ep"]
+    part = lambda n, ranks: n * (2 + (2 / ranks if z >= 2 else 2) + (12 / ranks if z >= 1 else 12))
+    assert lay["states_gib_per_gpu"] * gib == pytest.approx(part(dense, 8) + part(routed / ep, 8 // ep))
+    assert lay["states_gib_per_gpu"] <= 80 * 0.75
+    # 30.5B params x 16 bytes cannot sit on one 80 GiB GPU unsharded
+    assert (z, ep) != (0, 1) and c.total * 16 > 60 * gib
+    none, least = choose_layout(cfg, 1, 80.0)
+    assert none is None and least == pytest.approx(c.total * 16 / gib)
+
+
+# ---------------------------------------------------------------- end to end, CLI
+
+
+def test_plan_from_the_committed_isoflop_ladder(tmp_path, capsys):
+    out = tmp_path / "plan"
+    rc = cli_main(["plan", str(ISOFLOP), "--flops", "1e13,1e14", "--gpus", "8",
+                   "--gpu-mem-gib", "80", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    plan = json.loads((out / "plan.json").read_text())
+    assert [r["name"] for r in plan["rows"]] == ["dense_1e13", "moe8_1e13", "dense_1e14",
+                                                 "moe8_1e14"]
+    for r in plan["rows"]:
+        assert set(r) == ROW_KEYS
+        assert r["law"].startswith("Ludziejewski")  # the joint law is preferred
+        lo, hi = r["loss"]["lo"], r["loss"]["hi"]
+        assert lo < r["loss"]["value"] < hi
+        assert r["intervals"]["n_active"]["lo"] < r["n_active"] < r["intervals"]["n_active"]["hi"]
+        assert r["extrapolation"] == pytest.approx(r["flops"] / 1.00159232e12, rel=1e-6)
+        assert r["layout"]["ep"] >= 1 and r["gpu_hours"] > 0
+        cfg = load_config(out / r["config"])  # a config that loads and matches the plan
+        c = count_params(cfg)
+        assert c.active == pytest.approx(r["n_active"], rel=0.05)
+        assert c.total == pytest.approx(r["n_total"], rel=0.05)
+        assert cfg.moe.n_routed == r["experts"] and cfg.model.vocab_size == 384
+        assert cfg.train.token_budget >= r["tokens"] * 0.99
+    moe = [r for r in plan["rows"] if r["experts"]]
+    assert all(r["el"] > 1 for r in moe) and all(r["n_total"] > r["n_active"] for r in moe)
+    md = (out / "plan.md").read_text()
+    assert "99.8x** the largest run" in md and "ASSUMED" in md
+    assert (out / "plan.png").stat().st_size > 10_000
+
+
+def test_a_planned_config_trains(tmp_path):
+    from moe.train import train
+
+    plan = build_plan(ISOFLOP, [1e13], experts=[8])
+    write_plan(plan, tmp_path / "plan")
+    cfg = load_config(tmp_path / "plan" / "moe8_1e13.yaml",
+                      ["train.token_budget=8192", "train.warmup_steps=1", "train.precision=fp32"])
+    res = train(cfg, tmp_path / "run", progress=False)
+    s = res.summary
+    assert res.exit_code == 0 and s["status"] == "done"
+    assert s["params"]["active"] == count_params(cfg).active
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--flops", "1e10"], "below the smallest fitted run"),
+    (["--flops", "1e29"], "above 1e+28"),
+    (["--flops", "lots"], "--flops 'lots' is invalid"),
+    (["--flops", "1e13", "--gpus", "8", "--gpu-mem-gib", "1e-7"], "memory: no planned model fits"),
+    (["--flops", "1e13", "--gpus", "8"], "--gpus and --gpu-mem-gib go together"),
+    (["--flops", "1e13", "--experts", "1"], "--experts [1] is invalid"),
+    (["--flops", "1e13", "--mfu", "2"], "--mfu 2.0 is invalid"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, args, says):
+    rc = cli_main(["plan", str(ISOFLOP), "--out", str(tmp_path / "p")] + args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err and says in err, err
+    assert not (tmp_path / "p").exists()
+
+
+def test_fits_without_a_plannable_law(tmp_path, capsys):
+    # the fixed-ratio CPU ladder: every run at 20 tokens per parameter
+    rc = cli_main(["plan", str(LADDER_CPU), "--flops", "1e13", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no token variation" in err and "cannot be planned" in err
+    fits = _chinchilla_fits()
+    fits["chinchilla"] = {"status": "not_fitted", "reason": "5 dense runs; approach 3 needs >= 8"}
+    rc = cli_main(["plan", str(_write(tmp_path, fits)), "--flops", "1e21",
+                   "--out", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no law that can plan" in err and "approach 3 needs >= 8" in err
+
+
+def test_per_level_approach_3_when_no_joint_law(tmp_path):
+    fits = _chinchilla_fits()
+    moe = dict(HOFFMANN, E=1.60, A=300.0)  # a MoE level that is better at every size
+    for r in list(fits["runs"]):
+        fits["runs"].append(dict(r, name=r["name"] + "-e8", level="moe8", kind="moe",
+                                 n_experts=8, top_k=2, params_total=3 * r["params_active"],
+                                 loss=float(chinchilla_predict(moe, r["params_active"],
+                                                               r["tokens"]))))
+    fits["chinchilla_levels"] = {"moe8": _law_entry(moe)}
+    plan = build_plan(_write(tmp_path, fits), [1e21], base=ROOT / "configs" / "tiny-moe.yaml")
+    dense, m8 = plan["rows"]
+    assert (dense["experts"], m8["experts"], m8["top_k"]) == (0, 8, 2)
+    assert m8["law"] == "Chinchilla approach 3 L(N, D), moe8"
+    n, d, L = frontier(chinchilla_form(moe), 1e21)
+    assert (m8["n_active"], m8["tokens"], m8["loss"]["value"]) == pytest.approx((n, d, L))
+    # EL: dense compute on the published frontier reaching the MoE optimum's loss, / C
+    assert m8["el"] == pytest.approx(dense_compute_for_loss(chinchilla_form(HOFFMANN), L) / 1e21)
+    assert m8["el"] > 1
+    assert abs(m8["geometry"]["config_active_rel_err"]) <= 0.05
+
+
+def test_analysis_fits_approach_3_per_moe_level():
+    from moe.scaling.analysis import analyse
+
+    moe = dict(HOFFMANN, E=1.60, A=300.0)
+    rows = []
+    for n in (4e7, 1e8, 4e8, 1e9):
+        for tpp in (5, 20, 80):
+            d = n * tpp
+            rows.append({"name": f"d-{n:g}-{tpp}", "kind": "dense", "n_experts": 0, "top_k": 0,
+                         "params_active": n, "tokens": d, "flops": 6 * n * d,
+                         "final_eval_loss": float(chinchilla_predict(HOFFMANN, n, d))})
+            rows.append({"name": f"m-{n:g}-{tpp}", "kind": "moe", "n_experts": 8, "top_k": 2,
+                         "sparsity": "moe8", "params_active": n, "params_total": 3 * n,
+                         "tokens": d, "flops": 6 * n * d,
+                         "final_eval_loss": float(chinchilla_predict(moe, n, d))})
+    a = analyse(rows, n_boot=3, holdout="none")
+    (level,) = a["chinchilla_levels"]
+    e = a["chinchilla_levels"][level]
+    assert level == "moe8" and e["n_runs"] == 12
+    # the level's law is approach 3 on that level's runs only (fit_chinchilla, same data)
+    from moe.scaling.fits import fit_chinchilla
+
+    m = [r for r in rows if r["kind"] == "moe"]
+    ref = fit_chinchilla([r["params_active"] for r in m], [r["tokens"] for r in m],
+                         [r["final_eval_loss"] for r in m])
+    for k in ("E", "A", "B", "alpha", "beta"):
+        assert e[k]["value"] == pytest.approx(ref[k], rel=1e-9), k
+    assert e["status"] in ("ok", "unbounded") and len(e["replicates"]["E"]) >= 1
+    # and it differs from the dense law (fitted on the dense runs)
+    assert a["chinchilla"]["E"]["value"] != pytest.approx(e["E"]["value"], rel=1e-3)
