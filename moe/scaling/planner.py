@@ -290,6 +290,15 @@ class Family:
         return config_from_dict(data)
 
 
+def _rel(path) -> str:
+    """A path as the user would type it: relative to the working directory when under it."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
 def _resolved_dict(path: Path, overrides: Sequence[str] = ()) -> dict:
     return apply_overrides(read_yaml(Path(path)), list(overrides))
 
@@ -302,7 +311,7 @@ def family_from_ladder(path) -> Family:
     big = max(lcfg.sizes, key=lambda s: s.d_model * s.n_layers)
     shared = [s.n_shared for s in lcfg.sparsities if s.n_routed]
     layers = sorted({s.n_layers for s in lcfg.sizes})
-    return Family(name=f"ladder {lcfg.name}", source=str(path), base=data,
+    return Family(name=f"ladder {lcfg.name}", source=_rel(path), base=data,
                   aspect=big.d_model / big.n_layers, head_dim=big.d_model // big.n_heads,
                   ffn_ratio=lcfg.ffn_ratio, expert_ratio=0.0,
                   n_shared=shared[0] if shared else 0, first_k_dense=0,
@@ -315,7 +324,7 @@ def family_from_config(path) -> Family:
     cfg = config_from_dict(copy.deepcopy(data))
     m, e = cfg.model, cfg.moe
     hd = m.hdim
-    return Family(name=f"preset {cfg.name}", source=str(path), base=data,
+    return Family(name=f"preset {cfg.name}", source=_rel(path), base=data,
                   aspect=m.d_model / m.n_layers, head_dim=hd, ffn_ratio=m.ffn_dim / m.d_model,
                   expert_ratio=(e.expert_ffn_dim / m.d_model) if e.enabled else
                   m.ffn_dim / m.d_model / 4,
@@ -870,7 +879,7 @@ def build_plan(fits_path, flops: Sequence[float], *, experts: Optional[Sequence[
         lp = Path(ladder) if ladder else ladder_for_fits(fits, fp)
         if lp is not None:
             s.family = family_from_ladder(lp)
-            notes.append(f"configs follow the ladder the fits came from ({lp}): its base "
+            notes.append(f"configs follow the ladder the fits came from ({_rel(lp)}): its base "
                          "config, size rule, LR rule and schedule")
         else:
             s.family = None
