@@ -305,3 +305,102 @@ def test_seed_runs_must_be_grid_runs(tmp_path):
     cfg, base = load_ladder(_ladder(tmp_path, RULES.replace("runs: [s-dense]", "runs: [m-dense]")))
     with pytest.raises(ConfigError, match=r"seeds.runs=\['m-dense'\]"):
         plan(cfg, base)
+
+
+# ---------------------------------------------------------------- epoch accounting (issue 17)
+
+
+def _tiny_corpus(root: Path, n_docs: int = 12) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (root / f"d{i:02d}.txt").write_text(f"document {i}: " + "alpha beta gamma delta\n" * 40)
+    return root
+
+
+EPOCHS = """
+name: ep
+overrides: [data.corpus={corpus}, data.tokenizer=bytes, model.vocab_size=300, mtp.depth=0,
+            train.seq_len=32, train.micro_batch_size=4]
+sizes:
+  - {{name: xs, d_model: 16, n_layers: 2, n_heads: 2}}
+sparsities:
+  - {{name: dense}}
+  - {{name: moe4, n_routed: 4, top_k: 2}}
+tokens: {{mode: fixed, value: {tokens}}}
+"""
+
+
+def test_ladder_refuses_runs_over_max_epochs_before_training(tmp_path, monkeypatch, capsys):
+    from moe.data import prepare_data
+    from moe.scaling.ladder import ladder_main
+
+    monkeypatch.setenv("MOE_TESTBED_CACHE", str(tmp_path / "cache"))
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    path = _ladder(tmp_path, EPOCHS.format(corpus=corpus, tokens=40000))
+    out = tmp_path / "out"
+    # the corpus is not prepared yet: --dry-run estimates (bytes on disk) and only warns
+    assert ladder_main([str(path), "--dry-run"]) == 0
+    cap = capsys.readouterr()
+    assert "ESTIMATED" in cap.out and "~" in cap.out and cap.err.startswith("warning: ")
+    assert not (tmp_path / "cache" / "data").exists()  # a dry run prepares nothing
+    # a real ladder prepares the corpus once, then refuses with one line naming the run
+    assert ladder_main([str(path), "--out", str(out), "--no-progress"]) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    train_tokens = len(prepare_data(str(corpus), "bytes", 300, val_fraction=0.02,
+                                    progress=False).train)
+    assert len(err) == 1 and err[0].startswith("error: ladder ep: run xs-"), err
+    assert f"{40000 / train_tokens:.2f} epochs" in err[0] and f"{train_tokens:,} training" in err[0]
+    assert "max_epochs=1" in err[0]
+    assert not (out / "runs").exists()  # nothing trained
+    # --dry-run now reads the prepared cache: exact epochs, the same refusal (exit 2)
+    assert ladder_main([str(path), "--dry-run"]) == 2
+    cap = capsys.readouterr()
+    assert f"{train_tokens:,} training tokens; prepared cache" in cap.out
+    assert f"{40000 / train_tokens:.3g}" in cap.out and cap.err.startswith("error: ")
+    # raising max_epochs lets it plan; the epochs are in the table and the plan
+    path.write_text(path.read_text() + "max_epochs: 100\n")
+    assert ladder_main([str(path), "--dry-run"]) == 0
+    assert "every run within it" in capsys.readouterr().out
+
+
+def test_dry_run_without_the_corpus_reports_unknown_epochs(tmp_path, capsys):
+    from moe.scaling.ladder import ladder_main
+
+    path = _ladder(tmp_path, EPOCHS.format(corpus=tmp_path / "nope", tokens=4096))
+    assert ladder_main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs unknown" in out and "does not exist" in out and str(tmp_path / "nope") in out
+    # a real ladder stops on it before anything trains: one error line, exit 2
+    assert ladder_main([str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ladder ep:") and "does not exist" in err[0]
+
+
+@pytest.mark.parametrize("name", ["h100", "multinode"])
+def test_gpu_ladders_ask_for_a_user_corpus(name, capsys):
+    from moe.scaling.ladder import ladder_main
+
+    assert ladder_main([str(ROOT / f"configs/ladder/{name}.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "data.corpus '/path/to/your/corpus': epochs unknown" in out
+    cfg, _ = load_ladder(ROOT / f"configs/ladder/{name}.yaml")
+    assert cfg.max_epochs == 1.0
+
+
+def test_results_csv_has_epochs_and_report_flags_repeats(tmp_path):
+    from moe.scaling.analysis import analyse
+
+    cfg, base = load_ladder(_ladder(tmp_path, SMALL))
+    runs = plan(cfg, base)
+    for r in runs:  # as attach_epochs sets them, from a corpus of 8192 training tokens
+        r.train_tokens, r.epochs, r.epochs_exact = 8192, r.tokens / 8192, True
+    rows = run_ladder(cfg, base, tmp_path / "out", runs, train_cmd=STUB, progress=False)
+    with open(tmp_path / "out" / "results.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [float(r["epochs"]) for r in table] == [0.5] * 4  # 4096 tokens each
+    for r in rows:
+        r["epochs"] = 2.5 if r["name"] == "s-dense" else 0.5
+    a = analyse(rows, n_boot=0)
+    assert any("s-dense (2.5)" in n and "more than 1 epoch" in n for n in a["notes"])
+    assert {r["name"]: r["epochs"] for r in a["runs"]}["s-dense"] == 2.5

@@ -282,6 +282,7 @@ def test_train_reduces_eval_loss_and_writes_run_dir(tmp_path):
     assert summary["final_eval_loss"] == ev[-1]["lm_loss"]
     assert len(summary["maxvio_global"]) == 2
     assert summary["cpu_malloc"] == "keep-freed"  # train.cpu_keep_freed_memory defaults on
+    assert summary["epochs"] == summary["tokens"] / summary["data"]["train_tokens"] < 1
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 40
     ds = json.loads((run / "deepspeed.json").read_text())
     assert ds == deepspeed_config(cfg, 1, "cpu")
@@ -289,6 +290,27 @@ def test_train_reduces_eval_loss_and_writes_run_dir(tmp_path):
     sd = ckpt.load_file(ckpt.latest_checkpoint(run) / "model.pt")
     biases = [v for k, v in sd.items() if k.endswith("expert_bias")]
     assert len(biases) == 2 and all(b.dtype == torch.float32 and b.abs().sum() > 0 for b in biases)
+
+
+def test_run_over_one_epoch_warns_once_and_records_epochs(tmp_path, capsys):
+    """Issue 17: repeated data is announced before training and counted in summary.json."""
+    from moe.cli import main
+
+    corpus = make_corpus(tmp_path / "small", n_docs=2)  # ~2k training tokens
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("name: tiny-test\n")
+    rc = main(["train", str(cfg_path), *tiny_overrides(tmp_path, **{
+        "data.corpus": str(corpus), "data.val_fraction": 0.5, "train.max_steps": 24,
+        "train.eval_every": 1000, "train.ckpt_every": 1000}), "--out", str(out),
+        "--no-progress"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    epochs = 24 * 4 * 32 / summary["data"]["train_tokens"]
+    assert summary["epochs"] == pytest.approx(epochs) and summary["planned_epochs"] == summary["epochs"]
+    assert epochs > 1
+    warn = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: ")]
+    assert len(warn) == 1 and f"{epochs:.2f} epochs" in warn[0] and "tiny-test" in warn[0], warn
 
 
 def test_token_and_flop_budgets_stop_first(tmp_path):

@@ -858,7 +858,20 @@ def _run_record(r) -> dict:
             "params_total_nonembed": _num(r.get("params_total_nonembed")),
             "tokens": r["tokens"], "flops": r["flops"], "loss": r["final_eval_loss"],
             "error": _num(r.get("error")), "maxvio": _num(r.get("maxvio")),
-            "held_out": bool(r.get("held_out"))}
+            "held_out": bool(r.get("held_out")),
+            **({"epochs": _num(r["epochs"])} if "epochs" in r else {})}
+
+
+def epoch_notes(rows: Sequence[dict]) -> list[str]:
+    """A note naming the runs that passed over their data more than once (column epochs)."""
+    over = sorted((r for r in rows if r.get("epochs", 0) > 1.0), key=lambda r: -r["epochs"])
+    if not over:
+        return []
+    names = ", ".join(f"{r['name']} ({r['epochs']:.3g})" for r in over[:12])
+    more = f" and {len(over) - 12} more" if len(over) > 12 else ""
+    return [f"WARNING: {len(over)} fitted run(s) trained more than 1 epoch of their data "
+            f"(repeated tokens change the loss curve; the fit mixes in repetition): "
+            f"{names}{more}"]
 
 
 # --------------------------------------------------------------------------- entry
@@ -903,7 +916,7 @@ def analyse(rows: Sequence[dict], *, n_boot: int = 200, holdout: str | None = No
             "conventions": ["params_active"] + (["params_active_nonembed"] if has_nonembed
                                                 else []),
             "flops": "training FLOPs as the table gives them (6 N_active D when absent)"},
-        "notes": list(notes),
+        "notes": list(notes) + epoch_notes(rows),
         "runs": [_run_record(r) for r in rows],
     }
     a["power_laws"], a["compute_laws"] = _one_d_laws(groups, held_groups, n_boot, seed,

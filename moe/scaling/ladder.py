@@ -138,6 +138,10 @@ class LadderConfig:
     holdout: list[str] = field(default_factory=list)  # run names, or ["largest"]
     compare: Optional[CompareSpec] = None
     launcher: str = ""  # e.g. "torchrun --nproc_per_node 8"; empty: one local process
+    # refuse to start when a run would pass over its training split more often than this
+    # (repeated data changes the loss curve; a law fitted over 1- and 10-epoch runs is a law
+    # of the repetition). Checked against the prepared corpus' token count before training.
+    max_epochs: float = 1.0
     est_flops_per_s: float = 2e10  # achieved training FLOP/s assumed by --dry-run
     gpus: int = 0  # devices one run occupies; > 0 makes --dry-run print GPU-hours
     n_boot: int = 200
@@ -162,6 +166,11 @@ class Run:
     seed: int = 0
     flop_budget: Optional[float] = None  # isoflop ladders: the nominal budget
     repeat_of: str = ""  # seed repeats: the grid run repeated
+    # (corpus, tokenizer, vocab_size, cache_dir, val_fraction) of the run's config
+    data_key: tuple = ()
+    train_tokens: Optional[int] = None  # its corpus' training split (attach_epochs)
+    epochs: Optional[float] = None  # tokens / train_tokens; None: corpus size unknown
+    epochs_exact: bool = False  # False: from an estimated corpus size (--dry-run)
 
 
 def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
@@ -188,6 +197,8 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
                               f"allowed <= n_routed={s.n_routed}")
     if cfg.ffn_ratio <= 0:
         raise ConfigError(f"ffn_ratio={cfg.ffn_ratio} is invalid: allowed a value > 0")
+    if not cfg.max_epochs > 0:
+        raise ConfigError(f"max_epochs={cfg.max_epochs} is invalid: allowed a value > 0")
     if cfg.tokens.value <= 0:
         raise ConfigError(f"tokens.value={cfg.tokens.value} is invalid: allowed a value > 0")
     if cfg.tokens.mode == "isoflop":
@@ -291,7 +302,9 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
                         f"train.warmup_steps={warm}", f"train.seed={rseed}"]
             rov += [o for o in extra if o.startswith("train.lr=") or o.startswith(
                 "train.warmup_steps=")]  # a variant's own LR/warm-up wins over the rule
-            load_config(base, rov)  # the exact config the run will use must be valid too
+            rc = load_config(base, rov)  # the exact config the run will use must be valid too
+            dkey = (rc.data.corpus, rc.data.tokenizer, rc.model.vocab_size, rc.data.cache_dir,
+                    rc.data.val_fraction)
             runs.append(Run(name=rname, size=size.name, sparsity=sp.name, overrides=rov,
                             group=group, counts=c.as_dict(), tokens=tokens,
                             flops=tokens * c.flops_per_token_train,
@@ -299,7 +312,8 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
                             lr=float(f"{lr:.6g}"), warmup_steps=warm, steps=steps,
                             seed=rseed, flop_budget=flop_budget,
                             repeat_of=(f"{repeat_of}-c{cfg.tokens.budgets.index(flop_budget)}"
-                                       if repeat_of and isoflop else repeat_of)))
+                                       if repeat_of and isoflop else repeat_of),
+                            data_key=dkey))
 
     for size in cfg.sizes:
         for sp in cfg.sparsities:
@@ -345,6 +359,47 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
     return runs
 
 
+def attach_epochs(runs: list[Run], build: bool = False, progress: bool = False) -> list:
+    """Set every run's ``train_tokens``/``epochs`` from its corpus' training split.
+
+    Each distinct (corpus, tokenizer, vocab, cache, val_fraction) is counted once
+    (:func:`moe.data.train_token_count`): ``build=True`` prepares what is not cached yet
+    (so the runs then find it) and raises DataError for an unusable corpus; ``build=False``
+    (``--dry-run``) reads a prepared cache or estimates, and leaves ``epochs`` None with
+    the reason when the corpus cannot be found. Returns the CorpusSize of each corpus.
+    """
+    from ..data import train_token_count
+
+    sizes: dict = {}
+    for r in runs:
+        if r.data_key not in sizes:
+            corpus, tok, vocab, cache, vf = r.data_key
+            sizes[r.data_key] = train_token_count(corpus, tok, vocab, cache, vf, build=build,
+                                                  progress=progress)
+        cs = sizes[r.data_key]
+        r.train_tokens = cs.train_tokens
+        r.epochs = r.tokens / cs.train_tokens if cs.train_tokens else None
+        r.epochs_exact = cs.exact
+    return list(sizes.values())
+
+
+def over_epochs(cfg: LadderConfig, runs: list[Run]) -> list[Run]:
+    """Runs whose (known) epochs exceed ``cfg.max_epochs``, most epochs first."""
+    over = [r for r in runs if r.epochs is not None and r.epochs > cfg.max_epochs]
+    return sorted(over, key=lambda r: -r.epochs)
+
+
+def epochs_message(cfg: LadderConfig, over: list[Run]) -> str:
+    """One line naming the worst run, its epochs and the corpus size."""
+    w = over[0]
+    more = f"; {len(over) - 1} more run(s) exceed it" if len(over) > 1 else ""
+    est = "" if w.epochs_exact else " (corpus size ESTIMATED, not prepared yet)"
+    return (f"ladder {cfg.name}: run {w.name} would train {w.epochs:.2f} epochs "
+            f"({w.tokens:,} tokens over data.corpus {w.data_key[0]!r} of {w.train_tokens:,} "
+            f"training tokens{est}) > max_epochs={cfg.max_epochs:g}{more}; use a larger "
+            "corpus, fewer tokens per run, or raise max_epochs")
+
+
 def design_notes(cfg: LadderConfig, runs: list[Run]) -> list[str]:
     """The ladder's design rules, as sentences for the report header."""
     t, lr, sc = cfg.tokens, cfg.lr, cfg.schedule
@@ -364,13 +419,26 @@ def design_notes(cfg: LadderConfig, runs: list[Run]) -> list[str]:
     seeds = [r for r in runs if r.group == "seed"]
     if seeds:
         notes.append("seed repeats: " + ", ".join(f"{r.repeat_of} (seed {r.seed})" for r in seeds))
+    known = [r for r in runs if r.epochs is not None]
+    if known:
+        hi = max(known, key=lambda r: r.epochs)
+        notes.append(f"data: at most {hi.epochs:.3g} epochs per run ({hi.name}; "
+                     f"max_epochs {cfg.max_epochs:g})")
     return notes
 
 
-def format_plan(cfg: LadderConfig, runs: list[Run]) -> str:
+def _fmt_epochs(r: Run) -> str:
+    if r.epochs is None:
+        return "?"
+    return ("" if r.epochs_exact else "~") + f"{r.epochs:.3g}"
+
+
+def format_plan(cfg: LadderConfig, runs: list[Run], sizes: Optional[list] = None) -> str:
+    """The --dry-run table; ``sizes`` (attach_epochs' CorpusSize list) adds the data lines.
+    The epochs column is ``?`` when the corpus size is unknown, ``~x`` when estimated."""
     head = (f"{'run':20s} {'d':>4s} {'L':>2s} {'E':>3s} {'k':>2s} {'total':>10s} {'active':>10s} "
-            f"{'act-nonemb':>10s} {'tokens':>10s} {'tok/p':>6s} {'lr':>8s} {'FLOPs':>9s} "
-            f"{'est':>7s}  note")
+            f"{'act-nonemb':>10s} {'tokens':>10s} {'tok/p':>6s} {'epochs':>7s} {'lr':>8s} "
+            f"{'FLOPs':>9s} {'est':>7s}  note")
     lines = [f"ladder {cfg.name}: {len(runs)} runs", head, "-" * len(head)]
     tot_s = 0.0
     for r in runs:
@@ -381,13 +449,32 @@ def format_plan(cfg: LadderConfig, runs: list[Run]) -> str:
         note = ("held out" if r.held_out else "") + (f" {r.group}" if r.group != "grid" else "")
         lines.append(f"{r.name:20s} {d.d_model:4d} {d.n_layers:2d} {r.n_experts:3d} {r.top_k:2d} "
                      f"{c['total']:10.3e} {c['active']:10.3e} {c['active_nonembed']:10.3e} "
-                     f"{r.tokens:10.3e} {r.tokens / c['active_nonembed']:6.1f} {r.lr:8.2e} "
+                     f"{r.tokens:10.3e} {r.tokens / c['active_nonembed']:6.1f} "
+                     f"{_fmt_epochs(r):>7s} {r.lr:8.2e} "
                      f"{r.flops:9.2e} {_hms(est):>7s}  {note.strip()}")
     lines.append(f"estimated training time {_hms(tot_s)} at {cfg.est_flops_per_s:.2e} FLOP/s "
                  f"(est_flops_per_s); total compute {sum(r.flops for r in runs):.3e} FLOPs")
     if cfg.gpus:
         lines.append(f"estimated cost {tot_s / 3600 * cfg.gpus:,.1f} GPU-hours "
                      f"({cfg.gpus} GPUs per run, runs one after another)")
+    for cs in sizes or []:
+        if cs.train_tokens is None:
+            lines.append(f"data.corpus {cs.corpus!r}: epochs unknown: {cs.note}")
+        else:
+            lines.append(f"data.corpus {cs.corpus!r}: {cs.train_tokens:,} training tokens; "
+                         f"{cs.note}")
+    if sizes is not None:
+        known = [r for r in runs if r.epochs is not None]
+        over = over_epochs(cfg, runs)
+        if known:
+            hi = max(known, key=lambda r: r.epochs)
+            lines.append(f"epochs per run {min(r.epochs for r in known):.3g}..{hi.epochs:.3g} "
+                         f"(max_epochs {cfg.max_epochs:g}): "
+                         + (f"{len(over)} run(s) over it, worst {over[0].name}" if over
+                            else "every run within it"))
+        if len(known) < len(runs):
+            lines.append(f"epochs of {len(runs) - len(known)} run(s) unknown until their "
+                         "data.corpus exists; the ladder checks max_epochs before training")
     return "\n".join(lines)
 
 
@@ -524,7 +611,7 @@ RESULT_COLUMNS = ["name", "group", "size", "sparsity", "kind", "n_experts", "top
                   "params_active_nonembed", "params_embedding", "tokens", "flops",
                   "final_eval_loss", "maxvio", "tokens_per_s", "wall_time_s", "held_out",
                   "status", "lr", "warmup_steps", "steps", "seed", "precision", "flop_budget",
-                  "repeat_of"]
+                  "repeat_of", "epochs"]
 
 
 def write_results(out: Path, runs: list[Run]) -> list[dict]:
@@ -549,6 +636,8 @@ def write_results(out: Path, runs: list[Run]) -> list[dict]:
             "lr": r.lr, "warmup_steps": r.warmup_steps, "steps": r.steps, "seed": r.seed,
             "precision": s.get("precision"), "flop_budget": r.flop_budget,
             "repeat_of": r.repeat_of,
+            # a finished run's own count (summary.json); else the plan's (None: unknown)
+            "epochs": s.get("epochs", r.epochs),
         })
     tmp = out / "results.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -573,7 +662,22 @@ def ladder_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     cfg, base = load_ladder(a.config)
     runs = plan(cfg, base)
-    print(format_plan(cfg, runs))
+    from ..data import DataError
+
+    # Epoch accounting before anything trains: --dry-run reads the prepared caches (or
+    # estimates); a real ladder prepares each corpus once here, then the runs find it.
+    try:
+        sizes = attach_epochs(runs, build=not a.dry_run, progress=not a.no_progress)
+    except DataError as exc:
+        print(f"error: ladder {cfg.name}: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(cfg, runs, sizes))
+    over = over_epochs(cfg, runs)
+    if over and (not a.dry_run or over[0].epochs_exact):
+        print(f"error: {epochs_message(cfg, over)}", file=sys.stderr)
+        return 2
+    if over:
+        print(f"warning: {epochs_message(cfg, over)}", file=sys.stderr)
     if a.dry_run:
         return 0
     out = Path(a.out or f"runs/ladder-{cfg.name}")

@@ -20,7 +20,8 @@ this testbed's ladder wrote it or another group published it; `--column NAME=SOU
                fitted), group ("grid" or empty rows are fitted; "compare" rows are the
                ladder's fixed-size variants and "seed" rows its seed repeats, both reported
                beside the fits, never fitted), repeat_of (the grid run a seed row repeats),
-               seed
+               seed, epochs (tokens / the corpus' training tokens: passes over the data;
+               runs above 1 are flagged in the report, repeated data bends the curve)
 
 Sizes come from the run's config; the fits never re-derive them. Validation happens here,
 before any fitting, and fails with one line naming the file, the column and the row: a fit
@@ -44,7 +45,7 @@ REQUIRED_COLUMNS = ("params_active", "tokens", "final_eval_loss")
 OPTIONAL_COLUMNS = ("name", "kind", "n_experts", "top_k", "params_total",
                     "params_active_nonembed", "params_total_nonembed", "flops", "error",
                     "sparsity", "maxvio", "held_out", "status", "group", "repeat_of", "seed",
-                    "flop_budget", "size")
+                    "flop_budget", "size", "epochs")
 #: Built-in aliases: documented column <- column read when the documented one is absent.
 ALIASES = {"final_eval_loss": "loss", "params_active": "params"}
 
@@ -195,7 +196,7 @@ def _validate_row(raw: dict, i: int, source: str, status: str) -> dict:
             # The ladder writes its sparsity level's NAME here (e.g. "e8k2"): keep it as
             # the label runs are grouped by; the number is derived below.
             level = raw["sparsity"].strip()
-    for c in _POSITIVE + ("n_experts", "top_k", "sparsity", "maxvio", "error"):
+    for c in _POSITIVE + ("n_experts", "top_k", "sparsity", "maxvio", "error", "epochs"):
         if c not in raw or (c == "sparsity" and level):
             continue
         try:
@@ -208,6 +209,9 @@ def _validate_row(raw: dict, i: int, source: str, status: str) -> dict:
         if c in _POSITIVE and not (math.isfinite(v) and v > 0):
             what = "NaN/empty" if math.isnan(v) else ("inf" if math.isinf(v) else str(v))
             raise ResultsError(f"{where}: column {c!r} is {what}; it must be finite and > 0")
+        if c == "epochs" and not (math.isfinite(v) and v >= 0):
+            raise ResultsError(f"{where}: column 'epochs' is {raw[c]!r}; it must be finite "
+                               "and >= 0")
         if c == "error" and not 0.0 < v < 1.0:
             raise ResultsError(f"{where}: column 'error' is {raw[c]!r}; it must be an error "
                                "rate in (0, 1)")

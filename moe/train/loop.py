@@ -137,6 +137,11 @@ def _check_resume_config(cfg: Config, run_dir: Path) -> None:
                          f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change)")
 
 
+def epochs_of(tokens: int, train_tokens: int) -> float:
+    """``tokens / train_tokens``: passes over the training split (inf for an empty split)."""
+    return tokens / train_tokens if train_tokens > 0 else math.inf
+
+
 def plan_total_steps(cfg: Config, world_size: int) -> tuple[int, str]:
     """(optimizer steps to run, which rule stops first)."""
     t = cfg.train
@@ -379,6 +384,13 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
 
     counts = count_params(cfg)
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * dp * cfg.train.seq_len
+    planned_epochs = epochs_of(total_steps * tokens_per_step, len(data.train))
+    if is0 and planned_epochs > 1.0:
+        # one line: repeated data bends the loss curve (Muennighoff et al. 2023)
+        print(f"warning: {cfg.name} will train {total_steps * tokens_per_step:,} tokens = "
+              f"{planned_epochs:.2f} epochs of the train split of {cfg.data.corpus!r} "
+              f"({len(data.train):,} tokens); repeated data changes the loss curve",
+              file=sys.stderr)
     fpt = counts.flops_per_token_train
     counters = {"step": 0, "tokens": 0, "flops": 0.0, "train_seconds": 0.0}
 
@@ -574,6 +586,9 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
             "flops_per_token_train": fpt,
             "steps": counters["step"], "planned_steps": total_steps, "stop_rule": stop_rule,
             "tokens": counters["tokens"], "total_flops": counters["flops"],
+            # passes over the train split: tokens trained / train tokens (> 1: repeated data)
+            "epochs": epochs_of(counters["tokens"], len(data.train)),
+            "planned_epochs": planned_epochs,
             "final_eval_loss": last_eval["lm_loss"] if last_eval else None,
             "final_eval": last_eval,
             "maxvio_global": last_eval["maxvio_global"] if last_eval else None,
