@@ -110,10 +110,18 @@ class MTPConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "stdlib"  # "stdlib" (embedded), a folder, a .jsonl file, or a .bin/.idx prefix
+    # "stdlib" (embedded), a folder (text files and/or .jsonl/.jsonl.gz/.jsonl.zst/.parquet
+    # shards), one such file, a glob or a list of files, or a Megatron .bin/.idx prefix
+    corpus: Union[str, list[str]] = "stdlib"
     tokenizer: Literal["bpe", "bytes"] = "bpe"
     val_fraction: float = 0.02
     cache_dir: Optional[str] = None  # None: $MOE_TESTBED_CACHE or ~/.cache/moe-testbed
+    text_field: str = "text"  # JSON field / parquet column holding a row's text
+    # invalid JSON line, missing text, corrupt gzip/zstd/parquet: fail naming the file and
+    # line/row ("error"), or skip and count it in the cache's meta.json ("skip")
+    on_bad_record: Literal["error", "skip"] = "error"
+    # BPE is trained on a uniform sample of about this many characters of the train split
+    tokenizer_sample_bytes: int = 500_000_000
 
 
 @dataclass
@@ -218,6 +226,9 @@ class Config:
         if not 0.0 <= self.mtp.switch_at <= 1.0:
             _fail("mtp.switch_at", self.mtp.switch_at, "a fraction in [0, 1]")
 
+        positive("data", self.data, "tokenizer_sample_bytes")
+        if not self.data.text_field:
+            _fail("data.text_field", self.data.text_field, "a non-empty field/column name")
         if not 0.0 < self.data.val_fraction < 1.0:
             _fail("data.val_fraction", self.data.val_fraction, "a fraction in (0, 1)")
         if self.data.tokenizer == "bytes" and m.vocab_size < 257:

@@ -459,3 +459,225 @@ def test_stdlib_corpus_bytes(tmp_path):
     assert sum(split_keys(keys, 0.02)) == d1.val.num_docs
     x = next(TokenBatches(d1.train, 2, 128, seed=0))
     assert x.shape == (2, 129)
+
+
+# ---------------------------------------------------------------- streaming & formats (issue 17)
+
+
+def _reference_prepare(source, vocab_size: int, val_fraction: float):
+    """The in-memory pipeline this streaming one replaced (whole corpus in lists)."""
+    import hashlib
+
+    from moe.data.tokenizer import BPETokenizer as BPE
+
+    docs = list(iter_documents(source))
+    keys = [d.key for d in docs]
+    hashes = [int.from_bytes(hashlib.sha256(k.encode("utf-8", "surrogatepass")).digest()[:8],
+                             "big") / 2.0**64 for k in keys]
+    is_val = [h < val_fraction for h in hashes]
+    if not any(is_val):
+        is_val[min(range(len(keys)), key=lambda i: (hashes[i], keys[i]))] = True
+    elif all(is_val):
+        is_val[max(range(len(keys)), key=lambda i: (hashes[i], keys[i]))] = False
+    texts = {"train": [d.text for d, v in zip(docs, is_val) if not v],
+             "val": [d.text for d, v in zip(docs, is_val) if v]}
+    tok = BPE.train(texts["train"], vocab_size)
+    out = {s: np.concatenate([np.append(tok.encode_batch([t])[0], tok.eos_id) for t in ts])
+           for s, ts in texts.items()}
+    return tok, out, {s: len(ts) for s, ts in texts.items()}, sum(map(len, texts["train"]))
+
+
+def make_mixed_shards(root: Path, seed: int = 0) -> Path:
+    """A folder of text files and .jsonl / .jsonl.gz / .jsonl.zst / .parquet shards, with one
+    large document (cut into pieces when CHUNK_CHARS is lowered)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    for i in range(6):
+        (root / f"a_text_{i}.py").write_text(_text(rng, 150))
+    (root / "b_big.txt").write_text(_text(rng, 12000))  # ~80k characters
+    rows = lambda n: [{"text": _text(rng, rng.randint(20, 120)), "id": i} for i in range(n)]
+    (root / "c_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(15)))
+    with gzip.open(root / "d_rows.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows(15)))
+    data = "".join(json.dumps(r) + "\n" for r in rows(15)).encode()
+    (root / "e_rows.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    pq.write_table(pa.table({"text": [r["text"] for r in rows(25)]}), root / "f_rows.parquet",
+                   row_group_size=7)
+    return root
+
+
+def test_streaming_prepare_equals_in_memory_token_for_token(tmp_path, monkeypatch):
+    from moe.data import tokenizer as tok_mod
+
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("zstandard")
+    root = make_mixed_shards(tmp_path / "mixed")
+    source = resolve_corpus(str(root))
+    kinds = {Path(d.key).suffix if not d.key.startswith("sha256:") else "row"
+             for d in iter_documents(source)}
+    assert kinds == {".py", ".txt", "row"} and len(list(iter_documents(source))) == 6 + 1 + 70
+    monkeypatch.setattr(tok_mod, "CHUNK_CHARS", 4096)  # the big document is cut in ~20 pieces
+    data = prepare_data(str(root), "bpe", 400, val_fraction=0.1, progress=False)
+    ref_tok, ref, ref_docs, ref_chars = _reference_prepare(source, 400, 0.1)
+    assert data.tokenizer.hf_tokenizer.to_str() == ref_tok.hf_tokenizer.to_str()
+    for s in ("train", "val"):
+        assert np.array_equal(data.split(s).tokens(), ref[s]), s
+        assert data.stats["docs"][s] == ref_docs[s]
+    assert data.stats["bad_records"]["skipped"] == 0
+    assert data.stats["tokenizer_sample_chars"] == ref_chars  # the whole train split
+
+
+def test_tokenizer_trained_on_a_sample(tmp_path):
+    root = make_folder(tmp_path / "c", n=60, n_words=300)
+    full = prepare_data(str(root), "bpe", 400, progress=False)
+    small = prepare_data(str(root), "bpe", 400, progress=False, tokenizer_sample_bytes=20_000)
+    assert small.cache_path != full.cache_path  # a non-default sample is its own cache
+    n = small.stats["tokenizer_sample_chars"]
+    assert 5_000 < n < 50_000 < full.stats["tokenizer_sample_chars"]
+    assert small.stats["docs"] == full.stats["docs"]  # same split, other merges
+
+
+def test_split_text_pieces_encode_like_the_whole():
+    from moe.data.tokenizer import split_text
+
+    rng = random.Random(3)
+    words = ["alpha", "beta", "x's", "12", "345", ",.;", "()", "ñé", "漢字", "'", '"']
+    seps = [" ", "  ", "\n", "\n\n", "", "\t", " \n"]
+    docs = ["".join(rng.choice(words) + rng.choice(seps) for _ in range(2000)) for _ in range(8)]
+    tok = BPETokenizer.train(docs, 500)
+    for d in docs:
+        for mc in (64, 300):
+            parts = split_text(d, mc)
+            assert "".join(parts) == d and all(len(p) <= mc for p in parts)
+            for a, b in zip(parts, parts[1:]):
+                if not a[-1].isspace() and b[:1] in (" ", "\n") and not b[1:2].isspace():
+                    # a safe cut (the usual case in real text): ids unchanged
+                    assert tok.encode(a) + tok.encode(b) == tok.encode(a + b)
+
+
+def test_streaming_prepare_memory_is_bounded(tmp_path):
+    """Peak Python allocations while preparing a ~20 MB JSONL corpus with one ~0.5 MB
+    document stay bounded by a few batches plus a small multiple of the largest document
+    (its line, text, pieces and ids), far below the corpus: documents stream."""
+    import tracemalloc
+
+    rng = random.Random(1)
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        big = _text(rng, 80_000)  # ~0.5 MB document
+        f.write(json.dumps({"text": big}) + "\n")
+        size = 0
+        while size < 20_000_000:
+            line = json.dumps({"text": _text(rng, 400)}) + "\n"
+            f.write(line)
+            size += len(line)
+    total = path.stat().st_size
+    tracemalloc.start()
+    try:
+        data = prepare_data(str(path), "bytes", 257, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert data.stats["bytes"]["train"] + data.stats["bytes"]["val"] > 0.9 * total
+    # the in-memory pipeline held every text (> the corpus) at once
+    assert peak < min(total / 2, 4_000_000 + 12 * len(big)), (peak, total, len(big))
+
+
+def test_parquet_compressed_jsonl_text_field_glob_and_list(tmp_path):
+    import gzip
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = random.Random(5)
+    texts = [_text(rng, 60) for _ in range(20)]
+    pq.write_table(pa.table({"body": texts[:10]}), tmp_path / "p1.parquet")
+    with gzip.open(tmp_path / "p2.jsonl.gz", "wt") as f:
+        for t in texts[10:]:
+            f.write(json.dumps({"body": t}) + "\n")
+    for corpus in (str(tmp_path / "p*.*"), f"{tmp_path / 'p1.parquet'},{tmp_path / 'p2.jsonl.gz'}",
+                   [str(tmp_path / "p1.parquet"), str(tmp_path / "p2.jsonl.gz")]):
+        src = resolve_corpus(corpus)
+        assert src.kind == "files"
+        assert [d.text for d in iter_documents(src, text_field="body")] == texts
+    with pytest.raises(DataError, match=r"p1.parquet has no column 'text'.*data.text_field"):
+        prepare_data(str(tmp_path / "p1.parquet"), "bytes", 257, progress=False)
+    data = prepare_data(str(tmp_path / "p*"), "bytes", 257, progress=False, text_field="body")
+    assert sum(data.stats["docs"].values()) == 20
+    with pytest.raises(DataError, match=r"glob .* matches no file"):
+        prepare_data(str(tmp_path / "q*.parquet"), "bytes", 257, progress=False)
+
+
+def test_missing_optional_readers_name_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    (tmp_path / "x.jsonl.zst").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    for name, lib in (("x.parquet", "pyarrow"), ("x.jsonl.zst", "zstandard")):
+        with pytest.raises(DataError, match=rf"{lib}.*pip install 'moe-testbed\[data\]'"):
+            prepare_data(str(tmp_path / name), "bytes", 257, progress=False)
+
+
+def test_corrupt_shards_are_named_or_skipped_and_counted(tmp_path):
+    import gzip
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = random.Random(7)
+    good = [json.dumps({"text": _text(rng, 50)}) + "\n" for _ in range(30)]
+    # invalid JSON on line 3
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl").write_text(good[0] + good[1] + "{nope\n" + good[2])
+    with pytest.raises(DataError, match=r"a.jsonl line 3 is not valid JSON"):
+        prepare_data(str(tmp_path / "j"), "bytes", 257, progress=False)
+    d = prepare_data(str(tmp_path / "j"), "bytes", 257, progress=False, on_bad_record="skip")
+    assert sum(d.stats["docs"].values()) == 3 and d.stats["bad_records"]["skipped"] == 1
+    assert "line 3" in d.stats["bad_records"]["examples"][0]
+    # a truncated gzip stream
+    blob = gzip.compress("".join(good).encode())
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "b.jsonl.gz").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "g" / "c.txt").write_text(_text(rng, 50))
+    with pytest.raises(DataError, match=r"b.jsonl.gz is corrupt after line \d+"):
+        prepare_data(str(tmp_path / "g"), "bytes", 257, progress=False)
+    d = prepare_data(str(tmp_path / "g"), "bytes", 257, progress=False, on_bad_record="skip")
+    assert d.stats["bad_records"]["skipped"] == 1 and sum(d.stats["docs"].values()) >= 2
+    # a truncated parquet file
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.table({"text": [_text(rng, 50) for _ in range(20)]}), tmp_path / "x.parquet")
+    raw = (tmp_path / "x.parquet").read_bytes()
+    (tmp_path / "p" / "x.parquet").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "p" / "y.txt").write_text(_text(rng, 50))
+    (tmp_path / "p" / "z.txt").write_text(_text(rng, 50))
+    with pytest.raises(DataError, match=r"x.parquet is not a readable parquet file"):
+        prepare_data(str(tmp_path / "p"), "bytes", 257, progress=False)
+    d = prepare_data(str(tmp_path / "p"), "bytes", 257, progress=False, on_bad_record="skip")
+    assert d.stats["bad_records"]["skipped"] == 1 and sum(d.stats["docs"].values()) == 2
+
+
+def test_folder_caches_of_text_only_corpora_keep_their_key(tmp_path):
+    """Reading shards as rows changes what a folder with .jsonl files means: such folders
+    get a new cache key; folders of text files keep the key caches were built under."""
+    from moe.data.corpus import source_fingerprint
+
+    root = make_folder(tmp_path / "c", n=5)
+    before = source_fingerprint(resolve_corpus(str(root)))
+    import hashlib
+
+    h = hashlib.sha256(b"folder\n")
+    from moe.data.corpus import list_files
+
+    for rel, full in list_files(resolve_corpus(str(root))):
+        st = full.stat()
+        h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    assert before == h.hexdigest()

@@ -19,7 +19,29 @@ a folder
 
 a ``.jsonl`` file
     One JSON object per line with a string ``"text"`` field; one row is one document.
-    Blank lines are skipped.
+    Blank lines are skipped. ``.jsonl.gz`` (gzip module) and ``.jsonl.zst`` (the optional
+    ``zstandard`` package) are read the same way, decompressed as they stream.
+
+a ``.parquet`` file
+    One row per document, text in the ``"text"`` column; read in record batches with the
+    optional ``pyarrow`` package (``pip install 'moe-testbed[data]'``).
+
+shards in a folder
+    A folder may mix text files with ``.jsonl``/``.jsonl.gz``/``.jsonl.zst``/``.parquet``
+    shards: each shard contributes its rows (in row order, at its place in the path
+    order), every other file is one text document.
+
+a glob or a list of paths
+    ``"shards/*.parquet"``, a comma-separated ``"a.jsonl,b.parquet"`` or a Python/YAML list
+    of files (globs allowed in the entries); files keep the given order, each glob's
+    matches sorted. Text files among them are one document each.
+
+``text_field`` (``DataConfig.text_field``) names the JSON field / parquet column holding
+the text (default ``"text"``). A row that is not valid JSON, lacks the field or holds a
+non-string there, and a corrupt shard (a bad gzip/zstd stream, a truncated parquet file)
+are *bad records*: ``on_bad_record="error"`` (default) raises a DataError naming the file
+and line/row; ``"skip"`` skips them (a corrupt stream: the rest of that shard) and counts
+them in ``bad``.
 
 a Megatron indexed-dataset prefix
     ``path/to/prefix`` such that ``prefix.idx`` and ``prefix.bin`` exist (``prefix.idx``
@@ -37,13 +59,15 @@ independent of document order (hashlib, not ``hash()``, which is salted per proc
 
 from __future__ import annotations
 
+import glob as _glob
 import hashlib
+import io
 import json
 import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 from .errors import DataError
 
@@ -51,6 +75,16 @@ STDLIB = "stdlib"
 # Top-level folders of the stdlib root holding third-party packages, not stdlib code.
 _STDLIB_EXCLUDE_TOP = {"site-packages", "dist-packages"}
 _SNIFF_BYTES = 8192
+# Shard formats read row by row (longest suffix first); every other file is one document.
+SHARD_SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet")
+BAD_RECORD_MODES = ("error", "skip")
+_GLOB_CHARS = set("*?[")
+
+
+def shard_format(path: Union[str, Path]) -> Optional[str]:
+    """The shard suffix of ``path`` (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet") or None."""
+    name = Path(path).name.lower()
+    return next((suf for suf in SHARD_SUFFIXES if name.endswith(suf)), None)
 
 
 @dataclass(frozen=True)
@@ -65,14 +99,17 @@ class Document:
 class CorpusSource:
     """A resolved corpus argument.
 
-    kind: ``"stdlib"``, ``"folder"``, ``"jsonl"`` or ``"indexed"``.
-    path: the folder root, the JSONL file, or the indexed-dataset prefix.
+    kind: ``"stdlib"``, ``"folder"``, ``"jsonl"`` (also .jsonl.gz/.zst), ``"parquet"``,
+        ``"files"`` (a glob or list) or ``"indexed"``.
+    path: the folder root, the shard file, the files' common folder, or the prefix.
     spec: the corpus argument as given (for messages).
+    files: ``"files"`` only: (name relative to ``path``, absolute path) in corpus order.
     """
 
     kind: str
     path: Path
     spec: str
+    files: tuple = ()
 
     def describe(self) -> str:
         """Short human description, e.g. ``stdlib (/usr/lib/python3.11)``."""
@@ -91,9 +128,13 @@ def resolve_corpus(corpus: str) -> CorpusSource:
         corpus: ``"stdlib"``, a folder, a ``.jsonl`` file, or a Megatron ``.bin/.idx``
             prefix (see the module docstring).
     """
+    if isinstance(corpus, (list, tuple)):
+        return _resolve_files([str(c) for c in corpus], str(list(corpus)))
     if not isinstance(corpus, (str, os.PathLike)) or str(corpus) == "":
         raise DataError(f"data.corpus must be 'stdlib' or a path, got {corpus!r}")
     spec = str(corpus)
+    if not Path(spec).expanduser().exists() and ("," in spec or _GLOB_CHARS & set(spec)):
+        return _resolve_files([p.strip() for p in spec.split(",") if p.strip()], spec)
     if spec == STDLIB:
         return CorpusSource("stdlib", stdlib_root(), spec)
     path = Path(spec).expanduser()
@@ -112,14 +153,44 @@ def resolve_corpus(corpus: str) -> CorpusSource:
                         f"a .jsonl file, or a Megatron prefix with .bin/.idx files)")
     if path.is_dir():
         return CorpusSource("folder", path.resolve(), spec)
-    if path.suffix == ".jsonl":
-        return CorpusSource("jsonl", path.resolve(), spec)
-    raise DataError(f"data.corpus: unsupported file {path}: give a folder of text files, a .jsonl "
-                    f"file with a 'text' field per row, or a Megatron .bin/.idx prefix")
+    fmt = shard_format(path)
+    if fmt is not None:
+        return CorpusSource("parquet" if fmt == ".parquet" else "jsonl", path.resolve(), spec)
+    raise DataError(f"data.corpus: unsupported file {path}: give a folder of text files / shards, "
+                    f"a .jsonl, .jsonl.gz, .jsonl.zst or .parquet file, a glob or list of them, "
+                    f"or a Megatron .bin/.idx prefix")
+
+
+def _resolve_files(entries: list[str], spec: str) -> CorpusSource:
+    """A glob / list of files: each entry a file or a glob (matches sorted), order kept."""
+    files: list[Path] = []
+    for e in entries:
+        p = os.path.expanduser(e)
+        if _GLOB_CHARS & set(p):
+            matches = sorted(_glob.glob(p, recursive=True))
+            matches = [m for m in matches if os.path.isfile(m)]
+            if not matches:
+                raise DataError(f"data.corpus: glob {e!r} matches no file")
+            files += [Path(m).resolve() for m in matches]
+        elif os.path.isfile(p):
+            files.append(Path(p).resolve())
+        elif os.path.exists(p):
+            raise DataError(f"data.corpus: {e!r} in a list of files is not a file (give a "
+                            f"folder as the whole corpus, or a glob)")
+        else:
+            raise DataError(f"data.corpus path does not exist: {p} (in {spec!r})")
+    if not files:
+        raise DataError(f"data.corpus {spec!r} names no files")
+    uniq = list(dict.fromkeys(files))
+    root = Path(os.path.commonpath([str(f.parent) for f in uniq]))
+    return CorpusSource("files", root, spec,
+                        tuple((f.relative_to(root).as_posix(), f) for f in uniq))
 
 
 def list_files(source: CorpusSource) -> list[tuple[str, Path]]:
     """(relative POSIX path, absolute path) of a stdlib/folder corpus, sorted by relative path."""
+    if source.kind == "files":
+        return list(source.files)
     root = source.path
     out: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -154,11 +225,17 @@ def source_fingerprint(source: CorpusSource) -> str:
     """
     h = hashlib.sha256()
     h.update(f"{source.kind}\n".encode())
-    if source.kind in ("stdlib", "folder"):
+    if source.kind in ("stdlib", "folder", "files"):
+        shards = False
         for rel, full in list_files(source):
             st = full.stat()
             h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    elif source.kind == "jsonl":
+            shards = shards or shard_format(rel) is not None
+        if shards and source.kind == "folder":
+            # shards in a folder were one text document each before they were read as
+            # rows: such folders get new cache keys (text-only folders keep theirs)
+            h.update(b"shards-as-rows\n")
+    elif source.kind in ("jsonl", "parquet"):
         st = source.path.stat()
         h.update(f"{source.path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     elif source.kind == "indexed":
@@ -176,50 +253,224 @@ def _read_text_file(path: Path, skip_binary: bool) -> Optional[str]:
     return data.decode("utf-8", errors="replace")
 
 
-def iter_documents(source: CorpusSource) -> Iterator[Document]:
-    """Yield the non-empty documents of a text corpus in deterministic order."""
-    if source.kind in ("stdlib", "folder"):
+class BadRecords:
+    """Counts the bad records skipped with ``on_bad_record="skip"`` (first few named)."""
+
+    def __init__(self, mode: str = "error", keep: int = 5) -> None:
+        if mode not in BAD_RECORD_MODES:
+            raise DataError(f"data.on_bad_record must be one of {BAD_RECORD_MODES}, got {mode!r}")
+        self.mode, self.keep = mode, keep
+        self.count = 0
+        self.examples: list[str] = []
+
+    def __call__(self, message: str, cause: Optional[BaseException] = None) -> None:
+        """Raise DataError(message) in "error" mode; count it in "skip" mode."""
+        if self.mode == "error":
+            raise DataError(message) from cause
+        self.count += 1
+        if len(self.examples) < self.keep:
+            self.examples.append(message)
+
+    def as_dict(self) -> dict:
+        return {"skipped": self.count, "examples": list(self.examples)}
+
+
+def iter_documents(source: CorpusSource, text_field: str = "text",
+                   bad: Optional[BadRecords] = None) -> Iterator[Document]:
+    """Yield the non-empty documents of a text corpus in deterministic order, streaming
+    (one file / one record batch in memory at a time).
+
+    text_field: the JSON field / parquet column of shard rows. bad: where bad records go
+    (default: raise DataError naming the file and line/row).
+    """
+    bad = bad if bad is not None else BadRecords("error")
+    if source.kind in ("stdlib", "folder", "files"):
         for rel, full in list_files(source):
+            if source.kind != "stdlib" and shard_format(full) is not None:
+                yield from _iter_shard(full, text_field, bad)
+                continue
             try:
-                text = _read_text_file(full, skip_binary=source.kind == "folder")
+                text = _read_text_file(full, skip_binary=source.kind != "stdlib")
             except OSError as e:
                 raise DataError(f"data.corpus: cannot read {full}: {e}") from e
             if text:
                 yield Document(rel, text)
-    elif source.kind == "jsonl":
-        yield from _iter_jsonl(source.path)
+    elif source.kind in ("jsonl", "parquet"):
+        yield from _iter_shard(source.path, text_field, bad)
     else:
         raise DataError(f"data.corpus: {source.describe()} is not a text corpus")
 
 
-def _iter_jsonl(path: Path) -> Iterator[Document]:
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
+def _content_key(text: str) -> str:
+    # Keyed by content: the split is independent of row order, and exact duplicate rows
+    # always land in the same split (no train/val leakage through copies).
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+
+
+def _iter_shard(path: Path, field: str, bad: BadRecords) -> Iterator[Document]:
+    if shard_format(path) == ".parquet":
+        yield from _iter_parquet(path, field, bad)
+    else:
+        yield from _iter_jsonl(path, field, bad)
+
+
+def _open_text_stream(path: Path):
+    """A text stream of a .jsonl / .jsonl.gz / .jsonl.zst file (decompressed as read)."""
+    fmt = shard_format(path)
+    if fmt == ".jsonl.gz":
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    if fmt == ".jsonl.zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"data.corpus: {path} is zstd-compressed and the zstandard package is "
+                            "not installed: pip install 'moe-testbed[data]' (or zstandard)") from None
+        raw = open(path, "rb")
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
+                                                             closefd=True)
+        return io.TextIOWrapper(reader, encoding="utf-8", errors="replace")
+    return open(path, "r", encoding="utf-8", errors="replace")
+
+
+def _stream_errors() -> tuple:
+    errs: list = [OSError, EOFError, ValueError]  # gzip.BadGzipFile is an OSError
+    try:
+        import zstandard
+
+        errs.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _iter_jsonl(path: Path, field: str = "text", bad: Optional[BadRecords] = None
+                ) -> Iterator[Document]:
+    bad = bad if bad is not None else BadRecords("error")
+    lineno = 0
+    with _open_text_stream(path) as f:
+        lines = iter(f)
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                break
+            except _stream_errors() as e:
+                # a corrupt / truncated compressed stream: the rest of this shard is lost
+                bad(f"data.corpus: {path} is corrupt after line {lineno} "
+                    f"({type(e).__name__}: {e})", e)
+                return
+            lineno += 1
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"data.corpus: {path} line {lineno} is not valid JSON: {e}") from e
-            if not isinstance(row, dict) or "text" not in row:
+                bad(f"data.corpus: {path} line {lineno} is not valid JSON: {e}", e)
+                continue
+            if not isinstance(row, dict) or field not in row:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"data.corpus: {path} line {lineno} has no \"text\" field "
-                                f"(every JSONL row needs a string \"text\"; found {keys})")
-            text = row["text"]
+                bad(f"data.corpus: {path} line {lineno} has no \"{field}\" field (every JSONL "
+                    f"row needs a string \"{field}\", see data.text_field; found {keys})")
+                continue
+            text = row[field]
             if not isinstance(text, str):
-                raise DataError(f"data.corpus: {path} line {lineno}: \"text\" must be a string, "
-                                f"got {type(text).__name__}")
+                bad(f"data.corpus: {path} line {lineno}: \"{field}\" must be a string, "
+                    f"got {type(text).__name__}")
+                continue
             if text:
-                # Keyed by content: the split is independent of row order, and exact duplicate
-                # rows always land in the same split (no train/val leakage through copies).
-                key = "sha256:" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
-                yield Document(key, text)
+                yield Document(_content_key(text), text)
+
+
+def _iter_parquet(path: Path, field: str, bad: BadRecords,
+                  batch_rows: int = 1024) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"data.corpus: {path} is a parquet shard and pyarrow is not installed: "
+                        "pip install 'moe-testbed[data]' (or pyarrow)") from None
+    import pyarrow as pa
+
+    row = 0
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        bad(f"data.corpus: {path} is not a readable parquet file ({type(e).__name__}: {e})", e)
+        return
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise DataError(f"data.corpus: {path} has no column {field!r} (columns: {names}); set "
+                        f"data.text_field to the text column")
+    batches = pf.iter_batches(batch_size=batch_rows, columns=[field])
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:
+            bad(f"data.corpus: {path} is corrupt at row {row + 1} ({type(e).__name__}: {e})", e)
+            return
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(text, str):
+                if text is None:
+                    continue  # a null cell is an empty document
+                bad(f"data.corpus: {path} row {row}: column {field!r} must be text, got "
+                    f"{type(text).__name__}")
+                continue
+            if text:
+                yield Document(_content_key(text), text)
 
 
 def split_hash(key: str) -> float:
     """Map a document key to [0, 1) deterministically (SHA-256, first 8 bytes)."""
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+class StreamSplit:
+    """:func:`split_keys` over a stream: ``observe`` every key in order (O(1) memory), then
+    ``finish()``; ``is_val(i, key)`` is then exactly ``split_keys(keys)[i]``.
+
+    The small-corpus guarantee needs every key (the smallest/largest hash), so a streaming
+    build reads the corpus once for the split before it tokenises.
+    """
+
+    def __init__(self, val_fraction: float) -> None:
+        self.val_fraction = float(val_fraction)
+        self.n = self.n_val = 0
+        self._lo: Optional[tuple] = None
+        self._hi: Optional[tuple] = None
+        self.overrides: dict[int, bool] = {}
+
+    def observe(self, key: str) -> bool:
+        """Count document ``self.n`` with ``key``; returns its hash rule (before overrides)."""
+        h = split_hash(key)
+        i, self.n = self.n, self.n + 1
+        v = h < self.val_fraction
+        self.n_val += v
+        # strict comparisons keep the FIRST of equal (hash, key) pairs, like min()/max()
+        if self._lo is None or (h, key) < self._lo[:2]:
+            self._lo = (h, key, i)
+        if self._hi is None or (h, key) > self._hi[:2]:
+            self._hi = (h, key, i)
+        return v
+
+    def finish(self) -> "StreamSplit":
+        """Apply the small-corpus guarantee (see :func:`split_keys`)."""
+        self.overrides = {}
+        if self.val_fraction > 0 and self.n >= 2:
+            if self.n_val == 0:
+                self.overrides[self._lo[2]] = True
+            elif self.n_val == self.n:
+                self.overrides[self._hi[2]] = False
+        return self
+
+    def is_val(self, i: int, key: str) -> bool:
+        """The split of document ``i`` (in stream order) with ``key``."""
+        v = self.overrides.get(i)
+        return split_hash(key) < self.val_fraction if v is None else v
 
 
 def split_keys(keys: Sequence[str], val_fraction: float) -> list[bool]:
@@ -232,11 +483,8 @@ def split_keys(keys: Sequence[str], val_fraction: float) -> list[bool]:
     threshold the one with the smallest hash goes to val, and if all do the one with the
     largest hash stays in train (both choices are still order-independent).
     """
-    hashes = [split_hash(k) for k in keys]
-    is_val = [h < val_fraction for h in hashes]
-    if val_fraction > 0 and len(keys) >= 2:
-        if not any(is_val):
-            is_val[min(range(len(keys)), key=lambda i: (hashes[i], keys[i]))] = True
-        elif all(is_val):
-            is_val[max(range(len(keys)), key=lambda i: (hashes[i], keys[i]))] = False
+    ss = StreamSplit(val_fraction)
+    is_val = [ss.observe(k) for k in keys]
+    for i, v in ss.finish().overrides.items():
+        is_val[i] = v
     return is_val

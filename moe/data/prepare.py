@@ -35,16 +35,23 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .corpus import (CorpusSource, iter_documents, list_files, resolve_corpus, source_fingerprint,
-                     split_keys)
+from .corpus import (BAD_RECORD_MODES, BadRecords, CorpusSource, StreamSplit, iter_documents,
+                     list_files, resolve_corpus, source_fingerprint, split_hash, split_keys)
 from .errors import DataError
 from .indexed import IndexedWriter, TokenSplit, megatron_indexed, open_indexed, token_dtype
-from .tokenizer import (BPETokenizer, ByteTokenizer, Tokenizer, batched_by_bytes,
-                        check_vocab_size, load_tokenizer)
+from .tokenizer import (BPETokenizer, ByteTokenizer, Tokenizer, check_vocab_size, load_tokenizer,
+                        split_text)
 
 # Bump when the on-disk format or the tokenisation changes, to invalidate old caches.
 PIPELINE_VERSION = 1
 SPLITS = ("train", "val")
+
+# BPE is trained on a uniform sample of about this many characters of the training split
+# (data.tokenizer_sample_bytes): the whole split of any smaller corpus.
+DEFAULT_TOKENIZER_SAMPLE_BYTES = 500_000_000
+# One tokenisation batch per split: about this many characters or documents.
+BATCH_CHARS = 2 << 20
+BATCH_DOCS = 256
 
 # Counts BPE trainings in this process; tests use it to prove a cache hit did not retrain.
 TRAIN_COUNTER = {"bpe": 0}
@@ -85,14 +92,33 @@ def resolve_cache_dir(cache_dir: Union[str, Path, None] = None) -> Path:
 
 
 def data_fingerprint(source: CorpusSource, tokenizer: str, vocab_size: int,
-                     val_fraction: float) -> str:
-    """The cache key of a prepared corpus (see the module docstring)."""
+                     val_fraction: float, text_field: str = "text",
+                     tokenizer_sample_bytes: int = DEFAULT_TOKENIZER_SAMPLE_BYTES) -> str:
+    """The cache key of a prepared corpus (see the module docstring). ``text_field`` and
+    ``tokenizer_sample_bytes`` enter only when not at their defaults, so caches built
+    before these settings existed keep their keys."""
     h = hashlib.sha256()
     vocab = vocab_size if tokenizer == "bpe" else 0
     h.update(f"moe-testbed-data v{PIPELINE_VERSION}\n{tokenizer}\n{vocab}\n"
              f"{float(val_fraction)!r}\n".encode())
     h.update(source_fingerprint(source).encode())
+    if text_field != "text":
+        h.update(f"text_field {text_field}\n".encode())
+    if tokenizer == "bpe" and tokenizer_sample_bytes != DEFAULT_TOKENIZER_SAMPLE_BYTES:
+        h.update(f"tokenizer_sample_bytes {int(tokenizer_sample_bytes)}\n".encode())
     return h.hexdigest()
+
+
+def _check_options(text_field: str, on_bad_record: str, tokenizer_sample_bytes: int) -> None:
+    if not isinstance(text_field, str) or not text_field:
+        raise DataError(f"data.text_field must be a non-empty string, got {text_field!r}")
+    if on_bad_record not in BAD_RECORD_MODES:
+        raise DataError(f"data.on_bad_record must be one of {BAD_RECORD_MODES}, "
+                        f"got {on_bad_record!r}")
+    if (not isinstance(tokenizer_sample_bytes, (int, np.integer))
+            or isinstance(tokenizer_sample_bytes, bool) or tokenizer_sample_bytes <= 0):
+        raise DataError(f"data.tokenizer_sample_bytes must be a positive int, got "
+                        f"{tokenizer_sample_bytes!r}")
 
 
 @contextlib.contextmanager
@@ -117,14 +143,17 @@ def _check_val_fraction(val_fraction: float) -> None:
         raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
 
 
-def prepare_data(corpus: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 8192,
-                 cache_dir: Union[str, Path, None] = None, val_fraction: float = 0.02,
-                 progress: bool = True) -> PreparedData:
+def prepare_data(corpus: Union[str, list] = "stdlib", tokenizer: str = "bpe",
+                 vocab_size: int = 8192, cache_dir: Union[str, Path, None] = None,
+                 val_fraction: float = 0.02, progress: bool = True, *, text_field: str = "text",
+                 on_bad_record: str = "error",
+                 tokenizer_sample_bytes: int = DEFAULT_TOKENIZER_SAMPLE_BYTES) -> PreparedData:
     """Prepare (or load from cache) the tokenised train/val splits of a corpus.
 
     Args:
-        corpus: ``"stdlib"``, a folder, a ``.jsonl`` file, or a Megatron ``.bin/.idx``
-            prefix (see :mod:`moe.data.corpus`).
+        corpus: ``"stdlib"``, a folder (text files and/or shards), a ``.jsonl``,
+            ``.jsonl.gz``, ``.jsonl.zst`` or ``.parquet`` file, a glob or list of files, or
+            a Megatron ``.bin/.idx`` prefix (see :mod:`moe.data.corpus`).
         tokenizer: ``"bpe"`` (byte-level BPE trained on the train split) or ``"bytes"``.
             Ignored for a Megatron prefix, whose ids are used as stored.
         vocab_size: the model's vocabulary size; BPE is trained to this size; must be
@@ -132,6 +161,11 @@ def prepare_data(corpus: str = "stdlib", tokenizer: str = "bpe", vocab_size: int
         cache_dir: cache root; None: ``$MOE_TESTBED_CACHE`` or ``~/.cache/moe-testbed``.
         val_fraction: share of documents held out (by a hash of each document's key).
         progress: show a tqdm bar while tokenising.
+        text_field: the JSON field / parquet column holding the text.
+        on_bad_record: ``"error"`` (raise naming the file and line/row) or ``"skip"``
+            (skip and count in ``stats["bad_records"]``) for invalid rows / corrupt shards.
+        tokenizer_sample_bytes: BPE is trained on a uniform sample of about this many
+            characters of the training split (all of it when smaller).
 
     Returns:
         PreparedData. A second call with the same arguments on an unchanged corpus loads
@@ -143,6 +177,7 @@ def prepare_data(corpus: str = "stdlib", tokenizer: str = "bpe", vocab_size: int
     """
     t0 = time.perf_counter()
     _check_val_fraction(val_fraction)
+    _check_options(text_field, on_bad_record, tokenizer_sample_bytes)
     if tokenizer not in ("bpe", "bytes"):
         raise DataError(f"data.tokenizer must be 'bpe' or 'bytes', got {tokenizer!r}")
     source = resolve_corpus(corpus)
@@ -151,21 +186,25 @@ def prepare_data(corpus: str = "stdlib", tokenizer: str = "bpe", vocab_size: int
         return _prepare_indexed(source, vocab_size, val_fraction, root, t0)
 
     check_vocab_size(vocab_size, tokenizer)
-    final, fp = _cache_path(source, tokenizer, vocab_size, val_fraction, root)
+    final, fp = _cache_path(source, tokenizer, vocab_size, val_fraction, root, text_field,
+                            tokenizer_sample_bytes)
     name = final.name
     built = False
     if not (final / "meta.json").is_file():
         with _file_lock(root / "locks" / f"{name}.lock"):
             if not (final / "meta.json").is_file():  # another rank may have built it meanwhile
-                _build(source, tokenizer, vocab_size, val_fraction, fp, root, final, progress)
+                _build(source, tokenizer, vocab_size, val_fraction, fp, root, final, progress,
+                       text_field, on_bad_record, tokenizer_sample_bytes)
                 built = True
     return _load_cached(final, fp, t0, built)
 
 
 def _cache_path(source: CorpusSource, tokenizer: str, vocab_size: int, val_fraction: float,
-                root: Path) -> tuple[Path, str]:
+                root: Path, text_field: str = "text",
+                tokenizer_sample_bytes: int = DEFAULT_TOKENIZER_SAMPLE_BYTES) -> tuple[Path, str]:
     """(final cache folder, fingerprint) of a text corpus; stat-only, reads no document."""
-    fp = data_fingerprint(source, tokenizer, vocab_size, val_fraction)
+    fp = data_fingerprint(source, tokenizer, vocab_size, val_fraction, text_field,
+                          tokenizer_sample_bytes)
     vocab_tag = f"{tokenizer}{vocab_size}" if tokenizer == "bpe" else tokenizer
     return root / "data" / f"{source.kind}-{vocab_tag}-{fp[:16]}", fp
 
@@ -190,9 +229,10 @@ class CorpusSize:
     note: str
 
 
-def train_token_count(corpus: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 8192,
-                      cache_dir: Union[str, Path, None] = None, val_fraction: float = 0.02, *,
-                      build: bool = False, progress: bool = False) -> CorpusSize:
+def train_token_count(corpus: Union[str, list] = "stdlib", tokenizer: str = "bpe",
+                      vocab_size: int = 8192, cache_dir: Union[str, Path, None] = None,
+                      val_fraction: float = 0.02, *, build: bool = False,
+                      progress: bool = False, **options) -> CorpusSize:
     """How many training tokens ``corpus`` has with these settings (for epoch accounting).
 
     A prepared cache is read from its ``meta.json`` (nothing is loaded); a Megatron prefix
@@ -200,15 +240,19 @@ def train_token_count(corpus: str = "stdlib", tokenizer: str = "bpe", vocab_size
     :func:`prepare_data`, cached for the runs), and ``build=False`` (``--dry-run``)
     estimates from the bytes on disk at :data:`EST_BYTES_PER_TOKEN`. Never raises for a
     missing/unusable corpus when ``build`` is False: the reason goes in ``note``.
-    Raises DataError (``build=True``) for a corpus that cannot be prepared.
+    Raises DataError (``build=True``) for a corpus that cannot be prepared. ``options``:
+    :func:`prepare_data`'s keyword options (text_field, on_bad_record, ...).
     """
     spec = str(corpus)
     try:
         _check_val_fraction(val_fraction)
+        _check_options(options.get("text_field", "text"), options.get("on_bad_record", "error"),
+                       options.get("tokenizer_sample_bytes", DEFAULT_TOKENIZER_SAMPLE_BYTES))
         source = resolve_corpus(corpus)
         if source.kind == "indexed":
             if build:
-                d = prepare_data(corpus, tokenizer, vocab_size, cache_dir, val_fraction, progress)
+                d = prepare_data(corpus, tokenizer, vocab_size, cache_dir, val_fraction, progress,
+                                 **options)
                 return CorpusSize(spec, len(d.train), True, f"Megatron prefix {source.path}")
             ds = open_indexed(source.path, what=f"data.corpus indexed dataset {source.path}")
             doc_idx = np.asarray(ds.document_indices, dtype=np.int64)
@@ -221,10 +265,13 @@ def train_token_count(corpus: str = "stdlib", tokenizer: str = "bpe", vocab_size
                               f"Megatron prefix {source.path}")
         check_vocab_size(vocab_size, tokenizer)
         final, _ = _cache_path(source, tokenizer, vocab_size, val_fraction,
-                               resolve_cache_dir(cache_dir))
+                               resolve_cache_dir(cache_dir), options.get("text_field", "text"),
+                               options.get("tokenizer_sample_bytes",
+                                           DEFAULT_TOKENIZER_SAMPLE_BYTES))
         meta_path = final / "meta.json"
         if not meta_path.is_file() and build:
-            prepare_data(corpus, tokenizer, vocab_size, cache_dir, val_fraction, progress)
+            prepare_data(corpus, tokenizer, vocab_size, cache_dir, val_fraction, progress,
+                         **options)
         if meta_path.is_file():
             try:
                 n = int(json.loads(meta_path.read_text())["stats"]["tokens"]["train"])
@@ -245,7 +292,7 @@ def train_token_count(corpus: str = "stdlib", tokenizer: str = "bpe", vocab_size
 
 def corpus_bytes(source: CorpusSource) -> int:
     """Bytes on disk of a text corpus' files (compressed shards count compressed)."""
-    if source.kind in ("stdlib", "folder"):
+    if source.kind in ("stdlib", "folder", "files"):
         return sum(full.stat().st_size for _, full in list_files(source))
     return int(source.path.stat().st_size)
 
@@ -271,27 +318,60 @@ def _load_cached(final: Path, fp: str, t0: float, built: bool) -> PreparedData:
 
 
 def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float, fp: str,
-           root: Path, final: Path, progress: bool) -> None:
-    """Read, split, train the tokenizer, tokenise both splits; publish atomically."""
+           root: Path, final: Path, progress: bool, text_field: str = "text",
+           on_bad_record: str = "error",
+           tokenizer_sample_bytes: int = DEFAULT_TOKENIZER_SAMPLE_BYTES) -> None:
+    """Stream the corpus: split, train the tokenizer on a sample, tokenise; publish atomically.
+
+    Memory is bounded by one document (cut into CHUNK_CHARS pieces for the tokenizer), one
+    batch of BATCH_CHARS characters per split, and the BPE trainer's word counts of the
+    sample -- not by the corpus. Three streaming passes over the documents:
+
+    1. split: every key through :class:`StreamSplit` (the small-corpus guarantee needs
+       all keys), counting documents and characters per split;
+    2. BPE only (no saved tokenizer): train from an iterator over the training split's
+       documents whose ``split_hash("sample:" + key)`` falls below
+       ``tokenizer_sample_bytes / train bytes`` -- a uniform sample of about that many
+       characters, the whole split when it is smaller (then the tokenizer is the one the
+       in-memory pipeline trained);
+    3. tokenise in batches, each split's documents in order, written as they come.
+    """
     from tqdm.auto import tqdm
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     megatron_indexed()  # import once up front (seconds) so stage timings are honest
     seconds["import"] = time.perf_counter() - t
+
+    bad = BadRecords(on_bad_record)
+
+    def docs(counted: bool = False):
+        # bad records are counted once (pass 1); later passes see the same records
+        return iter_documents(source, text_field, bad if counted else BadRecords("skip"))
+
     t = time.perf_counter()
-    docs = list(iter_documents(source))
-    if not docs:
+    split = StreamSplit(val_fraction)
+    chars = {"train": 0, "val": 0}
+    for d in docs(counted=True):
+        chars["val" if split.observe(d.key) else "train"] += len(d.text)
+    split.finish()
+    if split.n == 0:
         raise DataError(f"data.corpus {source.spec!r} is empty: no non-empty documents found in "
                         f"{source.path}")
-    is_val = split_keys([d.key for d in docs], val_fraction)
-    texts = {"train": [d.text for d, v in zip(docs, is_val) if not v],
-             "val": [d.text for d, v in zip(docs, is_val) if v]}
-    del docs
+    if split.overrides:  # the guarantee moved one document; fix the character counts
+        chars = {"train": 0, "val": 0}
+        for i, d in enumerate(docs()):
+            chars["val" if split.is_val(i, d.key) else "train"] += len(d.text)
     seconds["read"] = time.perf_counter() - t
+
+    def split_docs(which: str):
+        for i, d in enumerate(docs()):
+            if split.is_val(i, d.key) == (which == "val"):
+                yield d
 
     t = time.perf_counter()
     trained = False
+    sample_chars = 0
     if kind == "bytes":
         tok: Tokenizer = ByteTokenizer()
     else:
@@ -299,8 +379,16 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
         if tok_path.is_file():
             tok = BPETokenizer.load(tok_path)
         else:
-            tok = BPETokenizer.train(texts["train"], vocab_size, length=len(texts["train"]),
-                                     show_progress=progress)
+            rate = tokenizer_sample_bytes / max(1, chars["train"])
+
+            def sample():
+                nonlocal sample_chars
+                for d in split_docs("train"):
+                    if rate >= 1.0 or split_hash("sample:" + d.key) < rate:
+                        sample_chars += len(d.text)
+                        yield from split_text(d.text)
+
+            tok = BPETokenizer.train(sample(), vocab_size, show_progress=progress)
             TRAIN_COUNTER["bpe"] += 1
             trained = True
             # Saved at once (atomically), so a prepare killed while tokenising resumes
@@ -318,26 +406,49 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
         dtype = token_dtype(max(vocab_size, tok.vocab_size))
         eos = np.array([tok.eos_id], dtype=dtype)
         counts: dict[str, dict[str, int]] = {"docs": {}, "tokens": {}, "bytes": {}}
-        for split in SPLITS:
-            split_texts = texts[split]
-            writer = IndexedWriter(tmp / split, dtype)
-            nbytes = sum(len(x) for x in split_texts)
-            with tqdm(total=nbytes, unit="char", unit_scale=True, desc=f"tokenize {split}",
-                      disable=not progress) as bar:
-                for a, b in batched_by_bytes(split_texts):
-                    for ids in tok.encode_batch(split_texts[a:b]):
-                        writer.add(np.concatenate([ids.astype(dtype, copy=False), eos]))
-                    bar.update(sum(len(x) for x in split_texts[a:b]))
-            writer.close()
-            counts["docs"][split] = writer.num_docs
-            counts["tokens"][split] = writer.num_tokens
-            counts["bytes"][split] = sum(len(x.encode("utf-8")) for x in split_texts)
+        writers = {s: IndexedWriter(tmp / s, dtype) for s in SPLITS}
+        nbytes = {s: 0 for s in SPLITS}
+        pending: dict[str, list] = {s: [] for s in SPLITS}  # per split: pieces of each doc
+        size = {s: 0 for s in SPLITS}
+        with tqdm(total=chars["train"] + chars["val"], unit="char", unit_scale=True,
+                  desc="tokenize", disable=not progress) as bar:
+
+            def flush(s: str) -> None:
+                docs_pieces = pending[s]
+                flat = [p for pieces in docs_pieces for p in pieces]
+                ids = tok.encode_batch(flat)
+                k = 0
+                for pieces in docs_pieces:
+                    parts = [a.astype(dtype, copy=False) for a in ids[k:k + len(pieces)]]
+                    k += len(pieces)
+                    writers[s].add(np.concatenate(parts + [eos]))
+                bar.update(size[s])
+                pending[s], size[s] = [], 0
+
+            for i, d in enumerate(docs()):
+                s = "val" if split.is_val(i, d.key) else "train"
+                nbytes[s] += len(d.text.encode("utf-8"))
+                pending[s].append(split_text(d.text))
+                size[s] += len(d.text)
+                if size[s] >= BATCH_CHARS or len(pending[s]) >= BATCH_DOCS:
+                    flush(s)
+            for s in SPLITS:
+                if pending[s]:
+                    flush(s)
+        for s in SPLITS:
+            writers[s].close()
+            counts["docs"][s] = writers[s].num_docs
+            counts["tokens"][s] = writers[s].num_tokens
+            counts["bytes"][s] = nbytes[s]
         seconds["tokenize"] = time.perf_counter() - t
         seconds["total"] = sum(seconds.values())
         tok.save(tmp / "tokenizer.json")
         stats = {"corpus": source.describe(), "tokenizer": kind, "vocab_size": tok.vocab_size,
                  "requested_vocab_size": vocab_size, "val_fraction": val_fraction,
-                 **counts, "seconds": seconds, "tokenizer_trained": trained}
+                 **counts, "seconds": seconds, "tokenizer_trained": trained,
+                 "bad_records": bad.as_dict()}
+        if trained:
+            stats["tokenizer_sample_chars"] = sample_chars
         meta = {"version": PIPELINE_VERSION, "fingerprint": fp, "tokenizer": kind,
                 "eos_id": tok.eos_id, "dtype": np.dtype(dtype).name, "stats": stats}
         # meta.json is written last inside tmp, and the folder becomes visible in one rename.

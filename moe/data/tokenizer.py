@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -168,6 +168,49 @@ def load_tokenizer(kind: str, path: Union[str, Path, None] = None) -> Tokenizer:
             raise DataError(f"BPE tokenizer file not found: {path}")
         return BPETokenizer.load(path)
     raise DataError(f"data.tokenizer must be one of {TOKENIZER_KINDS}, got {kind!r}")
+
+
+# Longest piece of text handed to the tokenizer at once (training and encoding): a huge
+# document is cut into pieces of at most this many characters.
+CHUNK_CHARS = 1 << 20
+
+
+def _safe_cut(text: str, lo: int, hi: int) -> int:
+    """The last position p in (lo, hi) where a single " " or "\n" sits between two
+    non-whitespace characters, or -1. Cutting just before it changes no pre-token of the
+    byte-level regex (the space opens the next word either way; a lone newline is its own
+    pre-token either way), so the ids of the pieces joined equal the ids of the whole."""
+    n = len(text)
+    ps, pn = text.rfind(" ", lo, hi), text.rfind("\n", lo, hi)
+    while True:
+        p = max(ps, pn)
+        if p <= lo:
+            return -1
+        if p + 1 < n and not text[p - 1].isspace() and not text[p + 1].isspace():
+            return p
+        if p == ps:
+            ps = text.rfind(" ", lo, p)
+        else:
+            pn = text.rfind("\n", lo, p)
+
+
+def split_text(text: str, max_chars: Optional[int] = None) -> list[str]:
+    """``text`` in pieces of at most ``max_chars`` characters, cut at safe boundaries
+    (:func:`_safe_cut`, searched in the last half of each window) so that encoding the
+    pieces gives the same ids as encoding the whole; a window without one (e.g. 512K
+    characters with no single space) is cut hard at its end."""
+    max_chars = CHUNK_CHARS if max_chars is None else max_chars
+    if len(text) <= max_chars:
+        return [text]
+    out, start, n = [], 0, len(text)
+    while n - start > max_chars:
+        end = start + max_chars
+        p = _safe_cut(text, start + max_chars // 2, end)
+        cut = p if p > start else end
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
 
 
 def batched_by_bytes(texts: Sequence[str], max_bytes: int = 2 << 20, max_docs: int = 256

@@ -166,7 +166,8 @@ class Run:
     seed: int = 0
     flop_budget: Optional[float] = None  # isoflop ladders: the nominal budget
     repeat_of: str = ""  # seed repeats: the grid run repeated
-    # (corpus, tokenizer, vocab_size, cache_dir, val_fraction) of the run's config
+    # (corpus, tokenizer, vocab_size, cache_dir, val_fraction, text_field, on_bad_record,
+    # tokenizer_sample_bytes) of the run's config
     data_key: tuple = ()
     train_tokens: Optional[int] = None  # its corpus' training split (attach_epochs)
     epochs: Optional[float] = None  # tokens / train_tokens; None: corpus size unknown
@@ -303,8 +304,10 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
             rov += [o for o in extra if o.startswith("train.lr=") or o.startswith(
                 "train.warmup_steps=")]  # a variant's own LR/warm-up wins over the rule
             rc = load_config(base, rov)  # the exact config the run will use must be valid too
-            dkey = (rc.data.corpus, rc.data.tokenizer, rc.model.vocab_size, rc.data.cache_dir,
-                    rc.data.val_fraction)
+            corpus = rc.data.corpus if isinstance(rc.data.corpus, str) else tuple(rc.data.corpus)
+            dkey = (corpus, rc.data.tokenizer, rc.model.vocab_size, rc.data.cache_dir,
+                    rc.data.val_fraction, rc.data.text_field, rc.data.on_bad_record,
+                    rc.data.tokenizer_sample_bytes)
             runs.append(Run(name=rname, size=size.name, sparsity=sp.name, overrides=rov,
                             group=group, counts=c.as_dict(), tokens=tokens,
                             flops=tokens * c.flops_per_token_train,
@@ -373,9 +376,11 @@ def attach_epochs(runs: list[Run], build: bool = False, progress: bool = False) 
     sizes: dict = {}
     for r in runs:
         if r.data_key not in sizes:
-            corpus, tok, vocab, cache, vf = r.data_key
-            sizes[r.data_key] = train_token_count(corpus, tok, vocab, cache, vf, build=build,
-                                                  progress=progress)
+            corpus, tok, vocab, cache, vf, field_, on_bad, sample = r.data_key
+            sizes[r.data_key] = train_token_count(
+                list(corpus) if isinstance(corpus, tuple) else corpus, tok, vocab, cache, vf,
+                build=build, progress=progress, text_field=field_, on_bad_record=on_bad,
+                tokenizer_sample_bytes=sample)
         cs = sizes[r.data_key]
         r.train_tokens = cs.train_tokens
         r.epochs = r.tokens / cs.train_tokens if cs.train_tokens else None

@@ -163,6 +163,13 @@ def plan_total_steps(cfg: Config, world_size: int) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------
 
 
+def data_options(cfg: Config) -> dict:
+    """prepare_data's keyword options from ``cfg.data`` (text field, bad records, sample)."""
+    d = cfg.data
+    return {"text_field": d.text_field, "on_bad_record": d.on_bad_record,
+            "tokenizer_sample_bytes": d.tokenizer_sample_bytes}
+
+
 def prepare(cfg: Config, progress: bool = True):
     """Tokenised train/val splits for ``cfg`` (cached), checked against the run's shapes.
 
@@ -178,7 +185,7 @@ def prepare(cfg: Config, progress: bool = True):
     def build():
         data = prepare_data(cfg.data.corpus, cfg.data.tokenizer, cfg.model.vocab_size,
                             cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
-                            progress=progress and rank == 0)
+                            progress=progress and rank == 0, **data_options(cfg))
         need = cfg.train.seq_len + 1 + extra
         for split in (data.train, data.val):
             if num_samples(len(split), cfg.train.seq_len, extra) == 0:
