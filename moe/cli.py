@@ -1,6 +1,7 @@
 """``moe-testbed`` command line.
 
     moe-testbed params CONFIG [key=value ...]     parameter / FLOP accounting of a config
+    moe-testbed prepare CONFIG [key=value ...]    tokenise the config's corpus into the cache
     moe-testbed train CONFIG [key=value ...]      train (DeepSpeed engine), see moe/train
     moe-testbed plot-run RUN_DIR                  loss curves and per-layer MaxVio PNG
     moe-testbed fit RESULTS [--out DIR]           scaling-law fits + report from a results table
@@ -35,8 +36,50 @@ def _cmd_params(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_prepare(argv: list[str]) -> int:
+    """Prepare (or find in the cache) a config's data without training: a cluster job
+    preprocesses once before a multi-node launch, whose ranks then load the cache."""
+    import resource
+    import time
+
+    from .config import load_config
+    from .data import DataError, prepare_data
+
+    p = argparse.ArgumentParser(prog="moe-testbed prepare",
+                                description="Tokenise a config's corpus into the cache; train nothing.")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. data.corpus=/data/shards")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    d = cfg.data
+    t0 = time.perf_counter()
+    try:
+        data = prepare_data(d.corpus, d.tokenizer, cfg.model.vocab_size, cache_dir=d.cache_dir,
+                            val_fraction=d.val_fraction, progress=not a.no_progress,
+                            **d.options())
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    st = data.stats
+    print(f"data:   {data.cache_path} ({'found in the cache' if st.get('cached') else 'built'})")
+    print(f"corpus: {st.get('corpus')}  tokenizer {st.get('tokenizer')}, vocab "
+          f"{st.get('vocab_size')}")
+    for s in ("train", "val"):
+        print(f"{s + ':':7s} {st['docs'][s]:,} documents, {st['tokens'][s]:,} tokens")
+    bad = st.get("bad_records") or {}
+    if bad.get("skipped"):
+        print(f"skipped {bad['skipped']:,} bad record(s) (data.on_bad_record=skip), e.g. "
+              f"{bad['examples'][0]}")
+    print(f"took {seconds:.1f} s, peak memory {peak_mb:,.0f} MB (max RSS of this process)")
+    return 0
+
+
 COMMANDS = {
     "params": ("_cmd_params", "parameter / FLOP accounting of a config"),
+    "prepare": ("_cmd_prepare", "tokenise a config's corpus into the cache (no training)"),
     "train": ("moe.train.cli:train_main", "train a model"),
     "plot-run": ("moe.train.plots:plot_run_main", "plot a run directory"),
     "fit": ("moe.scaling:fit_main", "fit scaling laws to a results table and write a report"),

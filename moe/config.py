@@ -123,6 +123,11 @@ class DataConfig:
     # BPE is trained on a uniform sample of about this many characters of the train split
     tokenizer_sample_bytes: int = 500_000_000
 
+    def options(self) -> dict:
+        """``prepare_data``'s keyword options (text field, bad records, BPE sample)."""
+        return {"text_field": self.text_field, "on_bad_record": self.on_bad_record,
+                "tokenizer_sample_bytes": self.tokenizer_sample_bytes}
+
 
 @dataclass
 class TrainConfig:

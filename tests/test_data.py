@@ -681,3 +681,24 @@ def test_folder_caches_of_text_only_corpora_keep_their_key(tmp_path):
         st = full.stat()
         h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     assert before == h.hexdigest()
+
+
+def test_prepare_command_builds_then_finds_the_cache(tmp_path, capsys):
+    from moe.cli import main
+
+    root = make_folder(tmp_path / "c", n=12)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: p\n")
+    args = ["prepare", str(cfg), f"data.corpus={root}", "data.tokenizer=bytes",
+            "model.vocab_size=300", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    data = prepare_data(str(root), "bytes", 300, progress=False)
+    assert f"{data.cache_path} (built)" in out
+    assert f"train:  {data.stats['docs']['train']:,} documents, {len(data.train):,} tokens" in out
+    assert "peak memory" in out and "took" in out
+    assert main(args) == 0
+    assert "(found in the cache)" in capsys.readouterr().out
+    assert main(["prepare", str(cfg), f"data.corpus={tmp_path / 'nope'}", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.corpus path does not exist")

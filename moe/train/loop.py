@@ -165,9 +165,7 @@ def plan_total_steps(cfg: Config, world_size: int) -> tuple[int, str]:
 
 def data_options(cfg: Config) -> dict:
     """prepare_data's keyword options from ``cfg.data`` (text field, bad records, sample)."""
-    d = cfg.data
-    return {"text_field": d.text_field, "on_bad_record": d.on_bad_record,
-            "tokenizer_sample_bytes": d.tokenizer_sample_bytes}
+    return cfg.data.options()
 
 
 def prepare(cfg: Config, progress: bool = True):
