@@ -39,8 +39,8 @@ from .corpus import (BAD_RECORD_MODES, BadRecords, CorpusSource, StreamSplit, it
                      list_files, resolve_corpus, source_fingerprint, split_hash, split_keys)
 from .errors import DataError
 from .indexed import IndexedWriter, TokenSplit, megatron_indexed, open_indexed, token_dtype
-from .tokenizer import (BPETokenizer, ByteTokenizer, Tokenizer, check_vocab_size, load_tokenizer,
-                        split_text)
+from .tokenizer import (BPETokenizer, ByteTokenizer, Tokenizer, batched_by_bytes,
+                        check_vocab_size, load_tokenizer, split_text)
 
 # Bump when the on-disk format or the tokenisation changes, to invalidate old caches.
 PIPELINE_VERSION = 1
@@ -339,9 +339,11 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
     from tqdm.auto import tqdm
 
     seconds: dict[str, float] = {}
+    rss: dict[str, float] = {}  # peak RSS (MB) of this process at the end of each stage
     t = time.perf_counter()
     megatron_indexed()  # import once up front (seconds) so stage timings are honest
     seconds["import"] = time.perf_counter() - t
+    rss["import"] = _peak_rss_mb()
 
     bad = BadRecords(on_bad_record)
 
@@ -363,6 +365,7 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
         for i, d in enumerate(docs()):
             chars["val" if split.is_val(i, d.key) else "train"] += len(d.text)
     seconds["read"] = time.perf_counter() - t
+    rss["read"] = _peak_rss_mb()
 
     def split_docs(which: str):
         for i, d in enumerate(docs()):
@@ -395,6 +398,7 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
             # without retraining.
             _atomic_save(tok, tok_path)
     seconds["train_tokenizer"] = time.perf_counter() - t
+    rss["train_tokenizer"] = _peak_rss_mb()
 
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by killed builds; we hold the lock
@@ -416,7 +420,11 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
             def flush(s: str) -> None:
                 docs_pieces = pending[s]
                 flat = [p for pieces in docs_pieces for p in pieces]
-                ids = tok.encode_batch(flat)
+                # at most ~BATCH_CHARS per call: the library's per-token objects of one
+                # call (tokens, masks: ~100 B/token) stay bounded even for a huge document
+                ids = []
+                for a, b in batched_by_bytes(flat, BATCH_CHARS, BATCH_DOCS):
+                    ids += tok.encode_batch(flat[a:b])
                 k = 0
                 for pieces in docs_pieces:
                     parts = [a.astype(dtype, copy=False) for a in ids[k:k + len(pieces)]]
@@ -442,11 +450,12 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
             counts["bytes"][s] = nbytes[s]
         seconds["tokenize"] = time.perf_counter() - t
         seconds["total"] = sum(seconds.values())
+        rss["tokenize"] = _peak_rss_mb()
         tok.save(tmp / "tokenizer.json")
         stats = {"corpus": source.describe(), "tokenizer": kind, "vocab_size": tok.vocab_size,
                  "requested_vocab_size": vocab_size, "val_fraction": val_fraction,
                  **counts, "seconds": seconds, "tokenizer_trained": trained,
-                 "bad_records": bad.as_dict()}
+                 "bad_records": bad.as_dict(), "peak_rss_mb": rss}
         if trained:
             stats["tokenizer_sample_chars"] = sample_chars
         meta = {"version": PIPELINE_VERSION, "fingerprint": fp, "tokenizer": kind,
@@ -462,6 +471,18 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _peak_rss_mb() -> Optional[float]:
+    """This process' peak resident set so far, in MB (None where getrusage is missing)."""
+    try:
+        import resource
+        import sys
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(r / (1 << 20) if sys.platform == "darwin" else r / 1024, 1)
+    except (ImportError, OSError):
+        return None
 
 
 def _atomic_save(tok: BPETokenizer, path: Path) -> None:
