@@ -429,9 +429,18 @@ def default_train_cmd(cfg: LadderConfig) -> list[str]:
 def run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
                train_cmd: Optional[list[str]] = None, progress: bool = True) -> list[dict]:
     """Train every run not yet done (resuming where a checkpoint exists); return result rows."""
+    from ..rundir import lock_dir
+
+    # one ladder per directory: a second one on the same --out is refused (RunDirError)
+    with lock_dir(out, "ladder directory"), _ChildReaper() as reaper:
+        return _run_ladder(cfg, base, out, runs, train_cmd, progress, reaper)
+
+
+def _run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
+                train_cmd: Optional[list[str]], progress: bool,
+                reaper: "_ChildReaper") -> list[dict]:
     from tqdm import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps([r.__dict__ for r in runs], indent=1, default=str))
     cmd0 = list(train_cmd) if train_cmd is not None else default_train_cmd(cfg)
     # One local process per run: fork it from a warm server (same isolation, no ~7 s of
@@ -452,10 +461,10 @@ def run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         if forked:
-            rc = _train_forked(cmd[len(cmd0):], run_dir / "train.log")
+            rc = _train_forked(cmd[len(cmd0):], run_dir / "train.log", reaper)
         else:
             with open(run_dir / "train.log", "ab") as log:
-                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+                rc = _train_subprocess(cmd, log, reaper)
         s = _read_summary(run_dir)
         if rc != 0 or s is None or s.get("status") != DONE:
             tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
@@ -490,7 +499,98 @@ def _forkserver():
     return _FORK_CTX
 
 
-def _train_child(argv: list[str], log_path: str) -> None:  # runs in the forked process
+class _ChildReaper:
+    """The ladder's current child trainer runs in its own process group; on SIGTERM /
+    SIGINT the ladder takes that group down (SIGTERM, SIGKILL after ``grace_s``) before it
+    exits itself (SIGINT: KeyboardInterrupt; SIGTERM: exit 143). Handlers are installed
+    only in the main thread and restored on exit."""
+
+    def __init__(self, grace_s: float = 10.0):
+        self.grace_s = grace_s
+        self.pgid: Optional[int] = None
+        self.wait = None  # callable(timeout) -> bool (True once the child is gone)
+        self._old: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+        self._old.clear()
+
+    def track(self, pgid: Optional[int], wait=None) -> None:
+        self.pgid, self.wait = pgid, wait
+
+    def stop_child(self) -> None:
+        import signal
+
+        pgid, self.pgid = self.pgid, None
+        if pgid is None:
+            return
+        def send(sig) -> bool:
+            for kill in (os.killpg, os.kill):  # the group may not exist yet (just forked)
+                try:
+                    kill(pgid, sig)
+                    return True
+                except ProcessLookupError:
+                    continue
+            return False
+
+        if send(signal.SIGTERM) and (self.wait is None or not self.wait(self.grace_s)):
+            send(signal.SIGKILL)
+
+    def _on_signal(self, signum, frame) -> None:
+        import signal
+
+        print(f"ladder: {signal.Signals(signum).name}: stopping run process group "
+              f"{self.pgid}", file=sys.stderr)
+        self.stop_child()
+        self.__exit__()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+
+def _train_subprocess(cmd: list[str], log, reaper: _ChildReaper) -> int:
+    """Run ``cmd`` in its own process group, dying with the ladder (PR_SET_PDEATHSIG);
+    its exit code (128 + signal for a signal, as a shell reports it)."""
+    from ..rundir import child_preexec
+
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=child_preexec(os.getpid()))
+
+    def wait(timeout):
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    reaper.track(proc.pid, wait)
+    try:
+        rc = proc.wait()
+    finally:
+        reaper.track(None)
+    return rc if rc >= 0 else 128 - rc
+
+
+def _train_child(argv: list[str], log_path: str, parent_pid: Optional[int] = None) -> None:
+    # runs in the forked process: own process group, ends when the ladder process is gone
+    # (its OS parent is the fork server, so PR_SET_PDEATHSIG alone would not see it)
+    from moe.rundir import watch_parent
+
+    os.setpgid(0, 0)
+    if parent_pid is not None:
+        watch_parent(parent_pid)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -510,12 +610,24 @@ def _train_child(argv: list[str], log_path: str) -> None:  # runs in the forked 
     os._exit(int(rc or 0))
 
 
-def _train_forked(argv: list[str], log_path: Path) -> int:
+def _train_forked(argv: list[str], log_path: Path, reaper: Optional[_ChildReaper] = None) -> int:
     """`moe-testbed train ARGV` in a process forked from the warm server; its exit code.
     A run killed by a signal returns 128 + the signal number, as a shell reports it."""
-    p = _forkserver().Process(target=_train_child, args=(list(argv), str(log_path)))
+    p = _forkserver().Process(target=_train_child,
+                              args=(list(argv), str(log_path), os.getpid()))
     p.start()
-    p.join()
+
+    def wait(timeout):
+        p.join(timeout)
+        return p.exitcode is not None
+
+    if reaper is not None:
+        reaper.track(p.pid, wait)
+    try:
+        p.join()
+    finally:
+        if reaper is not None:
+            reaper.track(None)
     return p.exitcode if p.exitcode >= 0 else 128 - p.exitcode
 
 
@@ -578,7 +690,13 @@ def ladder_main(argv: list[str]) -> int:
         return 0
     out = Path(a.out or f"runs/ladder-{cfg.name}")
     t0 = time.time()
-    rows = run_ladder(cfg, base, out, runs, progress=not a.no_progress)
+    from ..rundir import RunDirError
+
+    try:
+        rows = run_ladder(cfg, base, out, runs, progress=not a.no_progress)
+    except RunDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     done = [r for r in rows if r["status"] == DONE]
     print(f"{len(done)}/{len(rows)} runs done in {time.time() - t0:.0f} s; results: {out / 'results.csv'}")
     if a.no_report:

@@ -44,7 +44,8 @@ def train_main(argv: list[str] | None = None) -> int:
     from .loop import TrainError, train
 
     try:
-        res = train(cfg, a.out, resume=a.resume, progress=not a.no_progress)
+        res = train(cfg, a.out, resume=a.resume, progress=not a.no_progress,
+                    config_path=a.config)
     except (ConfigError, DataError, TrainError) as e:
         _print0(f"error: {e}", file=sys.stderr)
         return 2
