@@ -277,6 +277,53 @@ def _fail(field_name: str, value: Any, allowed: str) -> typing.NoReturn:
 
 
 # --------------------------------------------------------------------------------------
+# Fingerprint: what decides a run's result
+# --------------------------------------------------------------------------------------
+
+# The sections whose fields decide what a run computes; within them, the fields that only
+# change what is logged or saved, where, or how fast, are left out.
+FINGERPRINT_SECTIONS = ("model", "moe", "mtp", "data", "train")
+FINGERPRINT_IGNORES = frozenset({
+    "train.log_every", "train.eval_every", "train.eval_at_start", "train.ckpt_every",
+    "train.tensorboard", "train.peak_flops", "train.cpu_keep_freed_memory", "data.cache_dir"})
+
+
+def fingerprint_fields(cfg: "Config | dict") -> dict:
+    """The flat ``section.field -> value`` map a run's result depends on (JSON types), from
+    a :class:`Config` or its ``to_dict()`` / saved ``config.yaml`` form."""
+    import json
+
+    d = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif f"{prefix}{k}" not in FINGERPRINT_IGNORES:
+                out[f"{prefix}{k}"] = v
+
+    for sec in FINGERPRINT_SECTIONS:
+        if isinstance(d.get(sec), dict):
+            walk(d[sec], f"{sec}.")
+    return json.loads(json.dumps(out))  # tuples -> lists: the same value as read back
+
+
+def fingerprint_of_fields(fields: dict) -> str:
+    import hashlib
+    import json
+
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_fingerprint(cfg: "Config | dict") -> str:
+    """sha256 of the canonical JSON of :func:`fingerprint_fields`: equal for two configs
+    exactly when they train the same thing (output paths and logging do not count)."""
+    return fingerprint_of_fields(fingerprint_fields(cfg))
+
+
+# --------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with type checks
 # --------------------------------------------------------------------------------------
 

@@ -12,8 +12,11 @@ model of the same size: a dense FFN of hidden ``ffn_ratio * d_model`` becomes
 size the total grows with the expert count while the active count stays (up to the
 router's ``d_model * E`` parameters).
 
-Runner guarantees: a run whose ``summary.json`` says ``done`` is never trained again; a
-run with a checkpoint resumes from it (``--resume``); a run that fails is recorded in
+Runner guarantees: a run whose ``summary.json`` says ``done`` is never trained again
+while its config is unchanged; a run whose config changed (its fingerprint, see
+:func:`moe.config.config_fingerprint`, recorded in ``runs/<run>/fingerprint.json``) is
+moved aside to ``runs/<run>.stale-<UTC>`` and trained again; a run with a checkpoint
+resumes from it (``--resume``); a run that fails is recorded in
 ``failures.jsonl`` with its error and the ladder goes on; killing the ladder at any point
 and re-running the same command loses nothing. Results are rewritten atomically into
 ``results.csv`` (one row per run) after every run; the report (fits.json, report.md, PNGs)
@@ -36,7 +39,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..accounting import count_params
-from ..config import ConfigError, build_dataclass, load_config, read_yaml
+from ..config import (ConfigError, build_dataclass, config_fingerprint, fingerprint_fields,
+                      fingerprint_of_fields, load_config, read_yaml)
 
 
 # --------------------------------------------------------------------------------------
@@ -162,6 +166,7 @@ class Run:
     seed: int = 0
     flop_budget: Optional[float] = None  # isoflop ladders: the nominal budget
     repeat_of: str = ""  # seed repeats: the grid run repeated
+    fingerprint: str = ""  # moe.config.config_fingerprint of the run's exact config
 
 
 def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
@@ -291,7 +296,7 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
                         f"train.warmup_steps={warm}", f"train.seed={rseed}"]
             rov += [o for o in extra if o.startswith("train.lr=") or o.startswith(
                 "train.warmup_steps=")]  # a variant's own LR/warm-up wins over the rule
-            load_config(base, rov)  # the exact config the run will use must be valid too
+            exact = load_config(base, rov)  # the exact config the run will use must be valid too
             runs.append(Run(name=rname, size=size.name, sparsity=sp.name, overrides=rov,
                             group=group, counts=c.as_dict(), tokens=tokens,
                             flops=tokens * c.flops_per_token_train,
@@ -299,7 +304,8 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
                             lr=float(f"{lr:.6g}"), warmup_steps=warm, steps=steps,
                             seed=rseed, flop_budget=flop_budget,
                             repeat_of=(f"{repeat_of}-c{cfg.tokens.budgets.index(flop_budget)}"
-                                       if repeat_of and isoflop else repeat_of)))
+                                       if repeat_of and isoflop else repeat_of),
+                            fingerprint=config_fingerprint(exact)))
 
     for size in cfg.sizes:
         for sp in cfg.sparsities:
@@ -418,6 +424,72 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return latest.is_file() and (run_dir / "checkpoints" / latest.read_text().strip()).is_dir()
 
 
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def recorded_fingerprint(run_dir: Path) -> tuple[Optional[str], Optional[dict]]:
+    """(fingerprint, fields) of the config a run directory was trained with: the ladder's
+    record (fingerprint.json), else computed from the trainer's saved config.yaml;
+    (None, None) when neither says."""
+    try:
+        rec = json.loads((run_dir / FINGERPRINT_FILE).read_text())
+        return rec["fingerprint"], rec.get("fields")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        import yaml
+
+        fields = fingerprint_fields(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+        return fingerprint_of_fields(fields), fields
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return None, None
+
+
+def _changed_fields(old: Optional[dict], new: dict) -> str:
+    if old is None:
+        return "no record of the config it was trained with"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:6])
+    return (shown + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")) or "fingerprint"
+
+
+def _set_aside_if_stale(run_dir: Path, r: Run, base: Path) -> Optional[Path]:
+    """If ``run_dir`` holds results (summary or checkpoint) of a config other than ``r``'s,
+    move it to ``<run>.stale-<UTC>`` and return the new path; else None."""
+    if not r.fingerprint or not run_dir.is_dir():
+        return None
+    if not ((run_dir / "summary.json").exists() or _has_checkpoint(run_dir)):
+        return None  # nothing that could be reused
+    fp, fields = recorded_fingerprint(run_dir)
+    if fp == r.fingerprint:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = run_dir.with_name(f"{run_dir.name}.stale-{stamp}")
+    n = 1
+    while dest.exists():
+        dest = run_dir.with_name(f"{run_dir.name}.stale-{stamp}-{n}")
+        n += 1
+    os.rename(run_dir, dest)
+    new = fingerprint_fields(load_config(base, r.overrides))
+    print(f"ladder: run {r.name} changed since it was trained ({_changed_fields(fields, new)}); "
+          f"old results moved to {dest}; retraining", file=sys.stderr, flush=True)
+    return dest
+
+
+def _record_fingerprint(run_dir: Path, r: Run, base: Path) -> None:
+    from ..train.checkpoint import write_text_atomic
+
+    try:
+        current = json.loads((run_dir / FINGERPRINT_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        current = None
+    if not r.fingerprint or current == r.fingerprint:
+        return
+    fields = fingerprint_fields(load_config(base, r.overrides))
+    write_text_atomic(run_dir / FINGERPRINT_FILE, json.dumps(
+        {"run": r.name, "fingerprint": r.fingerprint, "fields": fields}, indent=1) + "\n")
+
+
 def default_train_cmd(cfg: LadderConfig) -> list[str]:
     """``python -m moe.cli train``, or ``<launcher> -m moe.cli train`` (torchrun/srun take
     ``-m``); $VARS in the launcher are expanded from the environment (e.g. SLURM_NNODES)."""
@@ -449,6 +521,8 @@ def _run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
     bar = tqdm(runs, desc=f"ladder {cfg.name}", unit="run", disable=not progress)
     for r in bar:
         run_dir = out / "runs" / r.name
+        # a result of another config is never reused: set aside, retrain
+        _set_aside_if_stale(run_dir, r, base)
         s = _read_summary(run_dir)
         if s is not None and s.get("status") == DONE:
             continue
@@ -459,6 +533,7 @@ def _run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
         if not progress:
             cmd.append("--no-progress")
         run_dir.mkdir(parents=True, exist_ok=True)
+        _record_fingerprint(run_dir, r, base)
         t0 = time.time()
         if forked:
             rc = _train_forked(cmd[len(cmd0):], run_dir / "train.log", reaper)
@@ -636,14 +711,19 @@ RESULT_COLUMNS = ["name", "group", "size", "sparsity", "kind", "n_experts", "top
                   "params_active_nonembed", "params_embedding", "tokens", "flops",
                   "final_eval_loss", "maxvio", "tokens_per_s", "wall_time_s", "held_out",
                   "status", "lr", "warmup_steps", "steps", "seed", "precision", "flop_budget",
-                  "repeat_of"]
+                  "repeat_of", "config_fingerprint"]
 
 
 def write_results(out: Path, runs: list[Run]) -> list[dict]:
     """Collect every finished run's summary into results.csv (atomic replace)."""
     rows = []
     for r in runs:
-        s = _read_summary(out / "runs" / r.name) or {}
+        run_dir = out / "runs" / r.name
+        s = _read_summary(run_dir) or {}
+        stale = bool(s) and bool(r.fingerprint) and \
+            recorded_fingerprint(run_dir)[0] != r.fingerprint
+        if stale:
+            s = {"status": "stale"}  # another config's result: never paired with this row
         c = r.counts
         mv = s.get("maxvio_global")
         if isinstance(mv, list):
@@ -660,7 +740,7 @@ def write_results(out: Path, runs: list[Run]) -> list[dict]:
             "held_out": r.held_out, "status": s.get("status", "pending"),
             "lr": r.lr, "warmup_steps": r.warmup_steps, "steps": r.steps, "seed": r.seed,
             "precision": s.get("precision"), "flop_budget": r.flop_budget,
-            "repeat_of": r.repeat_of,
+            "repeat_of": r.repeat_of, "config_fingerprint": r.fingerprint,
         })
     tmp = out / "results.csv.tmp"
     with open(tmp, "w", newline="") as f:

@@ -44,7 +44,7 @@ import torch.distributed as dist
 import yaml
 
 from ..accounting import count_params
-from ..config import Config
+from ..config import Config, config_fingerprint
 from ..cpu_malloc import keep_freed_memory, malloc_mode
 from ..model import build_model
 from ..router import max_violation
@@ -618,6 +618,7 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
         train_s = counters["train_seconds"]
         summary = {
             "name": cfg.name, "status": status, "message": message,
+            "config_fingerprint": config_fingerprint(cfg),
             "run_dir": str(run_dir), "world_size": world, "parallel": par.describe(),
             "device": dev, "precision": precision,
             "cpu_malloc": malloc_mode() if dev == "cpu" else None,
