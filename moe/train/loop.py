@@ -379,13 +379,22 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
         raise TrainError(err)
     latest = None
     if resume:
-        try:
-            latest = ckpt.latest_checkpoint(run_dir)
-        except RuntimeError as e:
-            raise TrainError(f"cannot resume: {e}") from None
-        if latest is None:
+        # rank 0 picks the newest usable checkpoint (falling back past damaged ones)
+        found = None
+        if is0:
+            path, problems = ckpt.usable_checkpoint(run_dir)
+            found = (str(path) if path is not None else None, problems)
+        found = _broadcast(found)
+        latest = Path(found[0]) if found[0] is not None else None
+        if latest is None and not found[1]:
             raise TrainError(f"cannot resume: {run_dir} has no checkpoint "
                              f"({run_dir / ckpt.CKPT_DIR / ckpt.LATEST} is missing)")
+        if latest is None:
+            raise TrainError(f"cannot resume: no usable checkpoint in "
+                             f"{run_dir / ckpt.CKPT_DIR}: {'; '.join(found[1])}")
+        if is0:
+            for problem in found[1]:
+                print(f"warning: {problem}; resuming from {latest}", file=sys.stderr)
         _check_resume_config(cfg, run_dir)
         meta = ckpt.read_meta(latest)
         if meta.get("world_size") != world:
@@ -440,8 +449,12 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
     metrics = MetricsLog(run_dir, enabled=is0, tensorboard=cfg.train.tensorboard)
     if latest is not None:
         # every rank loads its shard (the whole model when not model parallel)
-        module.load_state_dict(ckpt.load_file(latest / par.shard_file()))
-        st = ckpt.load_file(latest / ckpt.rank_filename(rank))
+        try:
+            model_sd = ckpt.load_file(latest / par.shard_file())
+            st = ckpt.load_file(latest / ckpt.rank_filename(rank))
+        except ckpt.CheckpointError as e:
+            raise TrainError(str(e)) from None
+        module.load_state_dict(model_sd)
         load_optimizer_state(engine.optimizer, st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         batches.load_state_dict(st["data"])
