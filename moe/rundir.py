@@ -55,7 +55,11 @@ class DirLock:
 def check_dir(path: Path, what: str = "run directory") -> None:
     """RunDirError unless ``path`` is (or can be created as) a writable directory."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    try:
+        is_other = path.exists() and not path.is_dir()
+    except OSError as e:
+        raise RunDirError(f"{what} {path} is not accessible: {e.strerror or e}") from None
+    if is_other:
         raise RunDirError(f"{what} {path} exists and is not a directory; pass a new or "
                           "existing directory")
     try:

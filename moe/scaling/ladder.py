@@ -30,6 +30,7 @@ import csv
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -169,6 +170,9 @@ class Run:
     fingerprint: str = ""  # moe.config.config_fingerprint of the run's exact config
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
 def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
     """Read and validate a ladder YAML; returns (config, path of its training config).
     A ladder file may extend another with ``base:`` like model configs do."""
@@ -183,6 +187,19 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
         raise ConfigError("sizes=[] is invalid: allowed at least one size")
     if not cfg.sparsities:
         raise ConfigError("sparsities=[] is invalid: allowed at least one sparsity level")
+    # names become directory names (runs/<size>-<sparsity>, runs/cmp-<variant>)
+    named = [("name", cfg.name)] + [(f"{what}[{i}].name", x.name) for what, items in
+                                    (("sizes", cfg.sizes), ("sparsities", cfg.sparsities),
+                                     ("compare.variants", cfg.compare.variants
+                                      if cfg.compare is not None else []))
+                                    for i, x in enumerate(items)]
+    for where, nm in named:
+        if not _PLAIN_NAME.fullmatch(nm):
+            raise ConfigError(f"{where}={nm!r} is invalid: allowed a plain file name (letters, "
+                              "digits, '_', '.', '+', '-'; not starting with '.' or '-'): it "
+                              "names run directories")
+    if cfg.n_boot < 1:
+        raise ConfigError(f"n_boot={cfg.n_boot} is invalid: allowed an integer >= 1")
     for what, items in (("sizes", cfg.sizes), ("sparsities", cfg.sparsities)):
         names = [i.name for i in items]
         if len(set(names)) != len(names):
