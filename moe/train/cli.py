@@ -1,8 +1,9 @@
 """``moe-testbed train CONFIG [key=value ...] [--resume] [--out DIR] [--no-progress]``.
 
-Exit codes: 0 finished; 2 unusable input (config, data, run directory) -- reported as one
-``error: ...`` line before any compute; 3 stopped on a non-finite loss (the last good
-checkpoint is kept and named in the message).
+Exit codes: 0 finished; 2 unusable input (config, data, run directory -- also one held by
+another live process, named by its pid, or a checkpoint that cannot be trusted) --
+reported as one ``error: ...`` line before any compute; 3 stopped on a non-finite loss
+(the last good checkpoint is kept and named in the message).
 
 Works the same under ``torchrun --nproc_per_node N -m moe.cli train ...`` (data parallel);
 only rank 0 prints.
