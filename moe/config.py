@@ -277,6 +277,53 @@ def _fail(field_name: str, value: Any, allowed: str) -> typing.NoReturn:
 
 
 # --------------------------------------------------------------------------------------
+# Fingerprint: what decides a run's result
+# --------------------------------------------------------------------------------------
+
+# The sections whose fields decide what a run computes; within them, the fields that only
+# change what is logged or saved, where, or how fast, are left out.
+FINGERPRINT_SECTIONS = ("model", "moe", "mtp", "data", "train")
+FINGERPRINT_IGNORES = frozenset({
+    "train.log_every", "train.eval_every", "train.eval_at_start", "train.ckpt_every",
+    "train.tensorboard", "train.peak_flops", "train.cpu_keep_freed_memory", "data.cache_dir"})
+
+
+def fingerprint_fields(cfg: "Config | dict") -> dict:
+    """The flat ``section.field -> value`` map a run's result depends on (JSON types), from
+    a :class:`Config` or its ``to_dict()`` / saved ``config.yaml`` form."""
+    import json
+
+    d = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif f"{prefix}{k}" not in FINGERPRINT_IGNORES:
+                out[f"{prefix}{k}"] = v
+
+    for sec in FINGERPRINT_SECTIONS:
+        if isinstance(d.get(sec), dict):
+            walk(d[sec], f"{sec}.")
+    return json.loads(json.dumps(out))  # tuples -> lists: the same value as read back
+
+
+def fingerprint_of_fields(fields: dict) -> str:
+    import hashlib
+    import json
+
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_fingerprint(cfg: "Config | dict") -> str:
+    """sha256 of the canonical JSON of :func:`fingerprint_fields`: equal for two configs
+    exactly when they train the same thing (output paths and logging do not count)."""
+    return fingerprint_of_fields(fingerprint_fields(cfg))
+
+
+# --------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with type checks
 # --------------------------------------------------------------------------------------
 
@@ -418,18 +465,69 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first, again):
+        super().__init__(f"key {key!r} appears twice in one mapping (lines {first.line + 1} "
+                         f"and {again.line + 1})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one
+    silently). Keys merged in with ``<<`` may still be overridden, as YAML intends."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], key_node.start_mark)
+            except TypeError:  # unhashable: SafeConstructor reports it
+                continue
+            seen[key] = key_node.start_mark
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_unique_mapping)
+
+
+def load_yaml_text(text: str):
+    """``yaml.safe_load`` that raises on duplicate mapping keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     if path.resolve() in seen:
         raise ConfigError(f"config file {str(path)!r}: 'base' chain loops back to itself")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte "
+                          f"0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        data = load_yaml_text(text)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}; remove one") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        msg = " ".join(str(exc).split())  # one line
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {msg}") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, "
+                          f"not a {type(data).__name__}")
     base = data.pop("base", None)
+    if base is not None and (not isinstance(base, str) or not base.strip()):
+        raise ConfigError(f"config file {str(path)!r}: base={base!r} is invalid: allowed the "
+                          "path (a string) of the config file it extends")
     if base is not None:
         base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
         data = _deep_merge(read_yaml(base_path, seen + (path.resolve(),)), data)
