@@ -230,8 +230,15 @@ def test_moe_layer_triton_real_shape_gpu(fuse_gather):
     out, c = kernels.moe_layer_triton(x, logits, w13, w2, fuse_gather=fuse_gather, **kw)
     xf, lf, w13f, w2f = _fp32_leaves(x, logits, w13, w2)
     ref, cr = kernels.moe_layer_ref(xf, lf, w13f, w2f, **kw)
-    assert torch.equal(c, cr)
-    assert_close(out, ref, torch.bfloat16)
+    # The GPU's exp differs from torch's by an ulp, which can flip an exact near-tie in the
+    # top-k (as in test_route_real_shape_gpu): tokens whose choice differs are excluded from
+    # the value check, and the expert counts may differ by those tokens' slots only.
+    same = (kernels.route(logits.detach(), **kw)[1] == kernels.route_ref(lf.detach(), **kw)[1]).all(-1)
+    flipped = int((~same).sum())
+    assert flipped <= 0.001 * T
+    assert int((c.long() - cr.long()).abs().sum()) <= 2 * K * flipped
+    assert int(c.sum()) == int(cr.sum()) == T * K
+    assert_close(out[same], ref[same], torch.bfloat16)
 
 
 @pytest.mark.parametrize("fuse_gather", [False, True], ids=["permute", "fused-gather"])
