@@ -36,8 +36,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Transformer backbone. Attention is standard GQA/MHA with RoPE (DeepSeek-V3's MLA is
-    not modelled; presets use MHA of the same width so FFN/MoE shapes are exact)."""
+    """Transformer backbone. Attention is GQA/MHA with RoPE (``attention: mha``) or
+    DeepSeek-V2/V3 multi-head latent attention (``attention: mla``, fields named as
+    DeepSeek's config: low-rank query (``q_lora_rank``; None or 0 = a full query
+    projection) and key-value (``kv_lora_rank``) compression, per-head no-RoPE and RoPE
+    query/key parts (``qk_nope_head_dim``, ``qk_rope_head_dim``; the RoPE key is one head
+    shared by all), ``v_head_dim``)."""
 
     vocab_size: int = 8192
     d_model: int = 256
@@ -51,6 +55,31 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
+    attention: Literal["mha", "mla"] = "mha"
+    q_lora_rank: Optional[int] = None  # mla: None / 0 = no query compression
+    kv_lora_rank: Optional[int] = None  # mla: the key-value latent (DeepSeek-V3: 512)
+    qk_nope_head_dim: Optional[int] = None  # mla: per-head query/key part without RoPE
+    qk_rope_head_dim: Optional[int] = None  # mla: RoPE part (the key's is shared by heads)
+    v_head_dim: Optional[int] = None  # mla: per-head value size
+
+    @property
+    def is_mla(self) -> bool:
+        return self.attention == "mla"
+
+    @property
+    def q_rank(self) -> int:
+        """The query latent's size (0: no query compression)."""
+        return self.q_lora_rank or 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head size of queries and keys (the attention dot product)."""
+        return (self.qk_nope_head_dim + self.qk_rope_head_dim) if self.is_mla else self.hdim
+
+    @property
+    def v_dim(self) -> int:
+        """Per-head size of values (the attention output per head)."""
+        return self.v_head_dim if self.is_mla else self.hdim
 
     @property
     def kv_heads(self) -> int:
@@ -185,13 +214,35 @@ class Config:
         positive("model", m, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                  "head_dim", "ffn_dim", "norm_eps", "rope_theta", "init_std")
         non_negative("model", m, "first_k_dense")
-        if m.head_dim is None and m.d_model % m.n_heads:
+        if not m.is_mla and m.head_dim is None and m.d_model % m.n_heads:
             _fail("model.n_heads", m.n_heads,
                   f"a divisor of model.d_model={m.d_model} (or set model.head_dim)")
         if m.kv_heads > m.n_heads or m.n_heads % m.kv_heads:
             _fail("model.n_kv_heads", m.n_kv_heads,
                   f"a divisor of model.n_heads={m.n_heads} (GQA groups)")
-        if m.hdim % 2:
+        if m.is_mla:
+            non_negative("model", m, "q_lora_rank", "qk_nope_head_dim")
+            for n in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(m, n) is None or getattr(m, n) <= 0:
+                    _fail(f"model.{n}", getattr(m, n), "a value > 0 with model.attention=mla")
+            if m.qk_nope_head_dim is None:
+                _fail("model.qk_nope_head_dim", None, "a value >= 0 with model.attention=mla")
+            if m.qk_rope_head_dim % 2:
+                _fail("model.qk_rope_head_dim", m.qk_rope_head_dim,
+                      "an even size (RoPE rotates pairs)")
+            if m.n_kv_heads is not None and m.n_kv_heads != m.n_heads:
+                _fail("model.n_kv_heads", m.n_kv_heads, "null (or = model.n_heads) with "
+                      "model.attention=mla: keys and values come per head from the latent")
+            if m.head_dim is not None:
+                _fail("model.head_dim", m.head_dim, "null with model.attention=mla (set "
+                      "model.qk_nope_head_dim, qk_rope_head_dim and v_head_dim)")
+        else:
+            for n in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                      "v_head_dim"):
+                if getattr(m, n) not in (None, 0):
+                    _fail(f"model.{n}", getattr(m, n), "null with model.attention=mha (it "
+                          "configures multi-head latent attention: set model.attention=mla)")
+        if not m.is_mla and m.hdim % 2:
             _fail("model.head_dim", m.hdim, "an even head dimension (RoPE rotates pairs)")
         if m.first_k_dense > m.n_layers:
             _fail("model.first_k_dense", m.first_k_dense, f"<= model.n_layers={m.n_layers}")

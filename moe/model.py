@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .layers import Attention, SwiGLU
+from .layers import SwiGLU, make_attention
 from .moe_layer import MoEFeedForward
 
 
@@ -36,7 +36,7 @@ class Block(nn.Module):
         super().__init__()
         m = cfg.model
         self.attn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
-        self.attn = Attention(m)
+        self.attn = make_attention(m)
         self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.is_moe = moe
         self.ffn = MoEFeedForward(m.d_model, cfg.moe) if moe else SwiGLU(m.d_model, m.ffn_dim)
