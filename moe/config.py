@@ -175,6 +175,9 @@ class TrainConfig:
     # CPU runs: keep freed memory in the process (glibc malloc tuning, moe/cpu_malloc.py);
     # large activations are otherwise page-faulted in again every step (~14% of tiny-moe)
     cpu_keep_freed_memory: bool = True
+    # initial weights: a model state dict (model.pt, e.g. from `moe-testbed import-hf`), a
+    # checkpoint directory or a run directory; the optimizer starts fresh. Ignored on resume.
+    init_from: Optional[str] = None
 
 
 @dataclass

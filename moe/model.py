@@ -122,6 +122,22 @@ class Transformer(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def logits(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        """Main-head logits (B, S, V) for every position of ``tokens_BS`` (no loss, no MTP):
+        for evaluation in a notebook (``moe.load_model``)."""
+        if tokens_BS.dim() != 2 or tokens_BS.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor (batch, length), got "
+                             f"{tuple(tokens_BS.shape)} {tokens_BS.dtype}")
+        return self.head(self.norm(self.hidden(tokens_BS.long())))
+
+    def hidden(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        """The last block's output (before the final norm) for every position."""
+        h = self.embed(tokens_BS)
+        for layer in self.layers:
+            h, _ = layer(h)
+        return h
+
     def forward(self, tokens_BL: torch.Tensor, *, mtp: bool = True,
                 mtp_weight: Optional[float] = None) -> dict:
         """Returns a dict: loss (to backpropagate), lm_loss, mtp_losses (list, one per

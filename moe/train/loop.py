@@ -340,6 +340,36 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
             lock.release()
 
 
+def _load_initial_weights(model, path: str) -> None:
+    """train.init_from: weights from a model.pt, a checkpoint directory or a run directory
+    (its newest usable checkpoint, shards merged, or its model.pt)."""
+    from ..parallel.plan import load_consolidated
+
+    p = Path(path)
+    try:
+        if p.is_file():
+            sd = ckpt.load_file(p)
+        elif (p / "meta.json").is_file():
+            sd = load_consolidated(p)
+        elif p.is_dir():
+            found, problems = ckpt.usable_checkpoint(p)
+            if found is not None:
+                sd = load_consolidated(found)
+            elif (p / "model.pt").is_file():
+                sd = ckpt.load_file(p / "model.pt")
+            else:
+                raise TrainError(f"train.init_from={path!r}: no usable checkpoint or model.pt "
+                                 f"there{': ' + '; '.join(problems) if problems else ''}")
+        else:
+            raise TrainError(f"train.init_from={path!r}: no such file or directory")
+    except ckpt.CheckpointError as e:
+        raise TrainError(f"train.init_from={path!r}: {e}") from None
+    bad = model.load_state_dict(sd, strict=False)
+    if bad.missing_keys or bad.unexpected_keys:
+        raise TrainError(f"train.init_from={path!r} does not fit this model: missing "
+                         f"{bad.missing_keys[:3]}, unexpected {bad.unexpected_keys[:3]}")
+
+
 def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_path,
            locks: list) -> RunResult:
     t_start = time.perf_counter()
@@ -425,7 +455,10 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
 
     # Same full init on every rank (DeepSpeed also broadcasts), then this rank's TP/EP shard.
     torch.manual_seed(cfg.train.seed)
-    model = par.parallelize(build_model(cfg)).to(dev)
+    full = build_model(cfg)
+    if cfg.train.init_from and latest is None:
+        _load_initial_weights(full, cfg.train.init_from)
+    model = par.parallelize(full).to(dev)
     total_steps, stop_rule = plan_total_steps(cfg, dp)
     # one precision for every rank: `auto` on CPU is a timing probe, decided on rank 0
     precision = _broadcast(resolve_precision(cfg, dev) if is0 else None)
