@@ -43,6 +43,45 @@ class Rotary(nn.Module):
         return (x_BHSHd.float() * cos_SHd + rot.float() * sin_SHd).to(x_BHSHd.dtype)
 
 
+class KVCache:
+    """One attention layer's keys and values (B, heads, T, dim) for incremental decoding;
+    ``truncate(n)`` drops positions >= n (a rejected speculative token)."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def truncate(self, n: int) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k[:, :, :n], self.v[:, :, :n]
+
+
+def _positions(rotary: "Rotary", pos: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of positions pos .. pos + S - 1."""
+    cos, sin = rotary.tables(pos + S, device)
+    return cos[pos:], sin[pos:]
+
+
+def _attend(q, k, v, pos: int, **kw) -> torch.Tensor:
+    """Causal SDPA of S new queries at positions pos.. over T = pos + S keys."""
+    S, T = q.shape[2], k.shape[2]
+    if pos == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+    if S == 1:  # one new query sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    allowed = torch.arange(T, device=q.device)[None, :] <= (pos + torch.arange(S, device=q.device))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **kw)
+
+
 class Attention(nn.Module):
     """Causal multi-head / grouped-query attention with RoPE, through SDPA."""
 
@@ -55,17 +94,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
         self.rotary = Rotary(self.hd, cfg.rope_theta)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         # Local head counts come from the projection widths, so a tensor-parallel wrapper
         # that shards wq/wk/wv by heads needs no change here.
         q = self.wq(x_BSD).view(B, S, -1, self.hd).transpose(1, 2)
         k = self.wk(x_BSD).view(B, S, -1, self.hd).transpose(1, 2)
         v = self.wv(x_BSD).view(B, S, -1, self.hd).transpose(1, 2)
-        cos, sin = self.rotary.tables(S, x_BSD.device)
+        pos = cache.length if cache is not None else 0
+        cos, sin = _positions(self.rotary, pos, S, x_BSD.device)
         q, k = Rotary.rotate(q, cos, sin), Rotary.rotate(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=q.shape[1] != k.shape[1])
+        if cache is not None:
+            k, v = cache.append(k, v)
+        o = _attend(q, k, v, pos, enable_gqa=q.shape[1] != k.shape[1])
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -122,21 +163,24 @@ class MLAttention(nn.Module):
         B, S, _ = x_BSD.shape
         return q.view(B, S, -1, self.qk).transpose(1, 2)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q = self.query(x_BSD)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         c_kv, k_rope = self.wkv_a(x_BSD).split([self.kv_rank, self.rope], dim=-1)
         kv = self.wkv_b(self.kv_norm(c_kv)).view(B, S, -1, self.nope + self.vd).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.vd], dim=-1)
-        cos, sin = self.rotary.tables(S, x_BSD.device)
+        pos = cache.length if cache is not None else 0
+        cos, sin = _positions(self.rotary, pos, S, x_BSD.device)
         q_rope = rotate_interleaved(q_rope, cos, sin)
         if self.shared_key_hook is not None:
             k_rope = self.shared_key_hook(k_rope)
         k_rope = rotate_interleaved(k_rope.unsqueeze(1), cos, sin)  # (B, 1, S, rope)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        if cache is not None:  # expanded keys/values (simple; the latent would be smaller)
+            k, v = cache.append(k, v)
+        o = _attend(q, k, v, pos, scale=self.scale)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
 

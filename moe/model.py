@@ -41,8 +41,9 @@ class Block(nn.Module):
         self.is_moe = moe
         self.ffn = MoEFeedForward(m.d_model, cfg.moe) if moe else SwiGLU(m.d_model, m.ffn_dim)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        h = x_BSD + self.attn(self.attn_norm(x_BSD))
+    def forward(self, x_BSD: torch.Tensor, cache=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        h = x_BSD + (self.attn(self.attn_norm(x_BSD)) if cache is None else
+                     self.attn(self.attn_norm(x_BSD), cache))
         if self.is_moe:
             f, bal = self.ffn(self.ffn_norm(h))
             return h + f, bal
@@ -131,12 +132,26 @@ class Transformer(nn.Module):
                              f"{tuple(tokens_BS.shape)} {tokens_BS.dtype}")
         return self.head(self.norm(self.hidden(tokens_BS.long())))
 
-    def hidden(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        """The last block's output (before the final norm) for every position."""
+    def hidden(self, tokens_BS: torch.Tensor, caches=None) -> torch.Tensor:
+        """The last block's output (before the final norm) for every position; with
+        ``caches`` (one moe.layers.KVCache per layer) the tokens continue the cached ones."""
         h = self.embed(tokens_BS)
-        for layer in self.layers:
-            h, _ = layer(h)
+        for i, layer in enumerate(self.layers):
+            h, _ = layer(h, None if caches is None else caches[i])
         return h
+
+    def mtp_hidden(self, k: int, next_tokens_BS: torch.Tensor, prev_BSD: torch.Tensor,
+                   cache=None) -> torch.Tensor:
+        """MTP module k (0-based): its hidden state at each position from the embeddings of
+        the tokens one step ahead and the previous depth's hidden states (see forward)."""
+        mod = self.mtp[k]
+        hk = mod.proj(torch.cat([mod.emb_norm(self.embed(next_tokens_BS)),
+                                 mod.hidden_norm(prev_BSD)], dim=-1))
+        hk, _ = mod.block(hk, cache)
+        return hk
+
+    def mtp_logits(self, k: int, hk_BSD: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mtp[k].out_norm(hk_BSD))
 
     def forward(self, tokens_BL: torch.Tensor, *, mtp: bool = True,
                 mtp_weight: Optional[float] = None) -> dict:
