@@ -94,13 +94,29 @@ def _wgrad_configs():
             cfg(64, 64, 128, 4, 4), cfg(64, 128, 64, 4, 4)]
 
 
+#: fp32 tiles a SwiGLU epilogue keeps live per program: the forward holds the gate and up
+#: accumulators; the backward holds its accumulator and loads the stored gate and up.
+_EPI_LIVE_TILES = {_EPI_SWIGLU_FWD: 2, _EPI_SWIGLU_BWD: 3}
+#: Most live fp32 tile values per thread a config may hold (of 255 registers). ptxas for
+#: sm_90 with the JIT's 16-byte divisibility specialisation (tests/test_kernels_compile.py)
+#: measured the configs above it spilling 520-2308 bytes per thread (SwiGLU backward at
+#: 128x128 / 4 warps and 128x256 / 8 warps; forward at 128x128 / 4 warps and 128x256),
+#: and the kept ones at most 164 bytes.
+_MAX_LIVE_PER_THREAD = 192
+
+
+def _live_per_thread(cfg, tiles: int) -> float:
+    return tiles * cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / (32 * cfg.num_warps)
+
+
 def _prune_gemm_configs(configs, named_args, **kwargs):
-    # The SwiGLU forward keeps two fp32 accumulators (gate and up): cap the tile so they
-    # fit in registers (2 x 128 x 64 fp32 = 64 KB per program) instead of spilling.
+    """Drop tiles whose SwiGLU epilogue (forward or backward) would spill registers: the
+    epilogue's live fp32 tiles must fit in ~192 registers per thread."""
     epi = named_args.get("EPILOGUE", kwargs.get("EPILOGUE"))
-    if epi != _EPI_SWIGLU_FWD:
+    tiles = _EPI_LIVE_TILES.get(epi)
+    if tiles is None:
         return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
+    kept = [c for c in configs if _live_per_thread(c, tiles) <= _MAX_LIVE_PER_THREAD]
     return kept or configs[:1]
 
 
@@ -115,7 +131,9 @@ def _a_rows(gidx_ptr, rows64, rmask, GATHER: tl.constexpr, GATHER_DIV: tl.conste
         return rows64, rmask
 
 
-@triton.autotune(configs=_gemm_configs(), key=["N", "K", "EPILOGUE"],
+# M (rows, = tokens x top-k for a fixed batch) and GATHER are in the key: the best tile for
+# 4k rows is not the best for 256k, and the gathered prologue changes the memory pattern.
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "EPILOGUE", "GATHER"],
                  prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
 def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, h_ptr, offs_ptr, gidx_ptr, M, N, K, E,
@@ -216,7 +234,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, h_ptr, offs_ptr, gidx_ptr, M, N, K
         tl.store(cp + N, dup.to(c_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["KA", "N"])
+@triton.autotune(configs=_wgrad_configs(), key=["KA", "N", "GATHER"])
 @triton.jit
 def _grouped_wgrad_kernel(a_ptr, g_ptr, dw_ptr, offs_ptr, gidx_ptr, KA, N,
                           IEEE: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr,

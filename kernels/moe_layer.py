@@ -93,12 +93,15 @@ def routed_experts_unchecked(x_TD, weights_TK, indices_TK, w13_ED2F, w2_EFD, pad
     value checks (each costs a host synchronisation on GPU). Only for callers whose
     indices come from a router (in range by construction) and whose tensors were checked
     once, e.g. :func:`moe_layer_triton` and the model's MoE layer. ``fuse_gather``: the
-    first GEMM reads token rows from x_TD itself (no permuted copy). Returns out_TD."""
+    first GEMM reads token rows from x_TD itself (no permuted copy). Returns out_TD.
+    The routing weights go to the combine as the router made them (fp32): the combine
+    kernel multiplies in fp32 and returns their gradient in their dtype, so casting them
+    to a bf16 x's dtype first would only round them (to 8 bits of mantissa) for nothing."""
     if fuse_gather:
         row_map_TK, slot_of_row_M, offs_E = _sort_slots(indices_TK, w13_ED2F.shape[0], pad_to)
         y_MD = _gathered_swiglu_mlp(x_TD, slot_of_row_M, row_map_TK, offs_E, w13_ED2F, w2_EFD,
                                     tail=pad_to > 1)
-        return _unpermute(y_MD, row_map_TK, weights_TK.to(y_MD.dtype))
+        return _unpermute(y_MD, row_map_TK, weights_TK)
     x_MD, row_map_TK, offs_E = _permute(x_TD, indices_TK, w13_ED2F.shape[0], pad_to)
     y_MD = _grouped_swiglu_mlp(x_MD, offs_E, w13_ED2F, w2_EFD, tail=pad_to > 1)
-    return _unpermute(y_MD, row_map_TK, weights_TK.to(y_MD.dtype))
+    return _unpermute(y_MD, row_map_TK, weights_TK)

@@ -10,8 +10,17 @@ from .config import (Config, ConfigError, DataConfig, ModelConfig, MoEConfig, MT
 from .model import Transformer, build_model
 from .router import route
 
+
+def load_model(path, device: str = "cpu"):
+    """(model, config) of a run directory, checkpoint directory or imported run; see
+    moe/hf.py. ``model.logits(tokens_BS)`` returns the main head's (B, S, V) logits."""
+    from .hf import load_model as _load
+
+    return _load(path, device)
+
+
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "MTPConfig",
     "ParallelConfig", "TrainConfig", "load_config", "count_params", "ParamCounts",
-    "Transformer", "build_model", "route",
+    "Transformer", "build_model", "route", "load_model",
 ]

@@ -49,8 +49,20 @@ class ParamCounts:
 
 
 def _attn_params(cfg: Config) -> int:
+    """Attention parameters of one block, latent norms (MLA) included."""
     m = cfg.model
-    return m.d_model * m.n_heads * m.hdim * 2 + m.d_model * m.kv_heads * m.hdim * 2
+    if not m.is_mla:
+        return m.d_model * m.n_heads * m.hdim * 2 + m.d_model * m.kv_heads * m.hdim * 2
+    d, H, r_q, r_kv = m.d_model, m.n_heads, m.q_rank, m.kv_lora_rank
+    q = (d * r_q + r_q + r_q * H * m.qk_head_dim) if r_q else d * H * m.qk_head_dim
+    kv = d * (r_kv + m.qk_rope_head_dim) + r_kv + r_kv * H * (m.qk_nope_head_dim + m.v_dim)
+    return q + kv + H * m.v_dim * d
+
+
+def _attn_norm_params(cfg: Config) -> int:
+    """Norm gains inside attention (MLA's latent RMSNorms): parameters, not matmul FLOPs."""
+    m = cfg.model
+    return (m.q_rank + m.kv_lora_rank) if m.is_mla else 0
 
 
 def _dense_ffn(cfg: Config) -> int:
@@ -68,7 +80,8 @@ def _moe_parts(cfg: Config) -> tuple[int, int, int]:
 
 def _attn_flops_per_token(cfg: Config, seq_len: int) -> float:
     m = cfg.model
-    return 2 * 2 * m.n_heads * m.hdim * (seq_len + 1) / 2
+    # QK^T over qk_head_dim and AV over v_dim per head, (S + 1) / 2 keys per token
+    return 2 * m.n_heads * (m.qk_head_dim + m.v_dim) * (seq_len + 1) / 2
 
 
 def count_params(cfg: Config, seq_len: int | None = None, include_mtp: bool = True) -> ParamCounts:
@@ -103,9 +116,11 @@ def count_params(cfg: Config, seq_len: int | None = None, include_mtp: bool = Tr
     # embedding lookup is a gather, norms are not matmuls) + attention over the context.
     attn_ctx = _attn_flops_per_token(cfg, S)
     head = m.vocab_size * d
-    body_matmul = body_active - m.n_layers * norm_block
+    attn_norms = _attn_norm_params(cfg)
+    body_matmul = body_active - m.n_layers * (norm_block + attn_norms)
     fwd = 2 * (body_matmul + head) + m.n_layers * attn_ctx
-    mtp_fwd = D * (2 * (mtp_block_active - norm_block + 2 * d * d + head) + attn_ctx)
+    mtp_fwd = D * (2 * (mtp_block_active - norm_block - attn_norms + 2 * d * d + head)
+                   + attn_ctx)
     train = 3 * (fwd + (mtp_fwd if include_mtp else 0))
     return ParamCounts(
         total=total, active=active, embedding=embedding,

@@ -8,6 +8,9 @@
     moe-testbed ladder CONFIG [--dry-run]         run / plan a scaling ladder
     moe-testbed plan FITS --flops C [...]         compute-optimal runs from fitted laws
     moe-testbed consolidate CKPT --out FILE       one state dict from a sharded checkpoint
+    moe-testbed generate RUN_DIR --prompt TEXT    text from a run (--speculative mtp: MTP draft)
+    moe-testbed export-hf RUN_DIR --out HF_DIR    transformers DeepseekV3 (config, safetensors)
+    moe-testbed import-hf HF_DIR --out RUN_DIR    the reverse (config.yaml + model.pt)
 
 Bad configs fail here, before any compute, with one line naming the field.
 """
@@ -86,6 +89,10 @@ COMMANDS = {
     "ladder": ("moe.scaling.ladder:ladder_main", "run or plan a scaling ladder"),
     "plan": ("moe.scaling.planner:plan_main",
              "plan compute-optimal dense/MoE runs at a FLOP budget from a fits.json"),
+    "generate": ("moe.generate:generate_main",
+                 "generate text from a run (KV cache, MTP speculative decoding)"),
+    "export-hf": ("moe.hf:export_main", "write a run as a transformers DeepseekV3 directory"),
+    "import-hf": ("moe.hf:import_main", "import a transformers DeepseekV3 directory as a run"),
     "consolidate": ("moe.parallel.plan:consolidate_main",
                     "merge a TP/EP-sharded checkpoint into one model state dict"),
 }

@@ -36,8 +36,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Transformer backbone. Attention is standard GQA/MHA with RoPE (DeepSeek-V3's MLA is
-    not modelled; presets use MHA of the same width so FFN/MoE shapes are exact)."""
+    """Transformer backbone. Attention is GQA/MHA with RoPE (``attention: mha``) or
+    DeepSeek-V2/V3 multi-head latent attention (``attention: mla``, fields named as
+    DeepSeek's config: low-rank query (``q_lora_rank``; None or 0 = a full query
+    projection) and key-value (``kv_lora_rank``) compression, per-head no-RoPE and RoPE
+    query/key parts (``qk_nope_head_dim``, ``qk_rope_head_dim``; the RoPE key is one head
+    shared by all), ``v_head_dim``)."""
 
     vocab_size: int = 8192
     d_model: int = 256
@@ -51,6 +55,31 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
+    attention: Literal["mha", "mla"] = "mha"
+    q_lora_rank: Optional[int] = None  # mla: None / 0 = no query compression
+    kv_lora_rank: Optional[int] = None  # mla: the key-value latent (DeepSeek-V3: 512)
+    qk_nope_head_dim: Optional[int] = None  # mla: per-head query/key part without RoPE
+    qk_rope_head_dim: Optional[int] = None  # mla: RoPE part (the key's is shared by heads)
+    v_head_dim: Optional[int] = None  # mla: per-head value size
+
+    @property
+    def is_mla(self) -> bool:
+        return self.attention == "mla"
+
+    @property
+    def q_rank(self) -> int:
+        """The query latent's size (0: no query compression)."""
+        return self.q_lora_rank or 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head size of queries and keys (the attention dot product)."""
+        return (self.qk_nope_head_dim + self.qk_rope_head_dim) if self.is_mla else self.hdim
+
+    @property
+    def v_dim(self) -> int:
+        """Per-head size of values (the attention output per head)."""
+        return self.v_head_dim if self.is_mla else self.hdim
 
     @property
     def kv_heads(self) -> int:
@@ -159,6 +188,9 @@ class TrainConfig:
     # CPU runs: keep freed memory in the process (glibc malloc tuning, moe/cpu_malloc.py);
     # large activations are otherwise page-faulted in again every step (~14% of tiny-moe)
     cpu_keep_freed_memory: bool = True
+    # initial weights: a model state dict (model.pt, e.g. from `moe-testbed import-hf`), a
+    # checkpoint directory or a run directory; the optimizer starts fresh. Ignored on resume.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -198,13 +230,35 @@ class Config:
         positive("model", m, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                  "head_dim", "ffn_dim", "norm_eps", "rope_theta", "init_std")
         non_negative("model", m, "first_k_dense")
-        if m.head_dim is None and m.d_model % m.n_heads:
+        if not m.is_mla and m.head_dim is None and m.d_model % m.n_heads:
             _fail("model.n_heads", m.n_heads,
                   f"a divisor of model.d_model={m.d_model} (or set model.head_dim)")
         if m.kv_heads > m.n_heads or m.n_heads % m.kv_heads:
             _fail("model.n_kv_heads", m.n_kv_heads,
                   f"a divisor of model.n_heads={m.n_heads} (GQA groups)")
-        if m.hdim % 2:
+        if m.is_mla:
+            non_negative("model", m, "q_lora_rank", "qk_nope_head_dim")
+            for n in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(m, n) is None or getattr(m, n) <= 0:
+                    _fail(f"model.{n}", getattr(m, n), "a value > 0 with model.attention=mla")
+            if m.qk_nope_head_dim is None:
+                _fail("model.qk_nope_head_dim", None, "a value >= 0 with model.attention=mla")
+            if m.qk_rope_head_dim % 2:
+                _fail("model.qk_rope_head_dim", m.qk_rope_head_dim,
+                      "an even size (RoPE rotates pairs)")
+            if m.n_kv_heads is not None and m.n_kv_heads != m.n_heads:
+                _fail("model.n_kv_heads", m.n_kv_heads, "null (or = model.n_heads) with "
+                      "model.attention=mla: keys and values come per head from the latent")
+            if m.head_dim is not None:
+                _fail("model.head_dim", m.head_dim, "null with model.attention=mla (set "
+                      "model.qk_nope_head_dim, qk_rope_head_dim and v_head_dim)")
+        else:
+            for n in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                      "v_head_dim"):
+                if getattr(m, n) not in (None, 0):
+                    _fail(f"model.{n}", getattr(m, n), "null with model.attention=mha (it "
+                          "configures multi-head latent attention: set model.attention=mla)")
+        if not m.is_mla and m.hdim % 2:
             _fail("model.head_dim", m.hdim, "an even head dimension (RoPE rotates pairs)")
         if m.first_k_dense > m.n_layers:
             _fail("model.first_k_dense", m.first_k_dense, f"<= model.n_layers={m.n_layers}")
@@ -290,6 +344,63 @@ class Config:
 
 def _fail(field_name: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"{field_name}={value!r} is invalid: allowed {allowed}")
+
+
+# --------------------------------------------------------------------------------------
+# Fingerprint: what decides a run's result
+# --------------------------------------------------------------------------------------
+
+# The sections whose fields decide what a run computes; within them, the fields that only
+# change what is logged or saved, where, or how fast, are left out.
+FINGERPRINT_SECTIONS = ("model", "moe", "mtp", "data", "train")
+FINGERPRINT_IGNORES = frozenset({
+    "train.log_every", "train.eval_every", "train.eval_at_start", "train.ckpt_every",
+    "train.tensorboard", "train.peak_flops", "train.cpu_keep_freed_memory", "data.cache_dir",
+    # a bad record stops an "error" run before training, so a finished run's data is the
+    # same under either setting
+    "data.on_bad_record"})
+# Fields added after fingerprints were first recorded count only when set away from their
+# default, so the records of runs trained before they existed stay valid.
+FINGERPRINT_NEW_DEFAULTS = {"data.text_field": "text",
+                            "data.tokenizer_sample_bytes": 500_000_000}
+
+
+def fingerprint_fields(cfg: "Config | dict") -> dict:
+    """The flat ``section.field -> value`` map a run's result depends on (JSON types), from
+    a :class:`Config` or its ``to_dict()`` / saved ``config.yaml`` form."""
+    import json
+
+    d = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif f"{prefix}{k}" not in FINGERPRINT_IGNORES:
+                key = f"{prefix}{k}"
+                if key in FINGERPRINT_NEW_DEFAULTS and v == FINGERPRINT_NEW_DEFAULTS[key]:
+                    continue
+                out[key] = v
+
+    for sec in FINGERPRINT_SECTIONS:
+        if isinstance(d.get(sec), dict):
+            walk(d[sec], f"{sec}.")
+    return json.loads(json.dumps(out))  # tuples -> lists: the same value as read back
+
+
+def fingerprint_of_fields(fields: dict) -> str:
+    import hashlib
+    import json
+
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_fingerprint(cfg: "Config | dict") -> str:
+    """sha256 of the canonical JSON of :func:`fingerprint_fields`: equal for two configs
+    exactly when they train the same thing (output paths and logging do not count)."""
+    return fingerprint_of_fields(fingerprint_fields(cfg))
 
 
 # --------------------------------------------------------------------------------------
@@ -434,18 +545,69 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first, again):
+        super().__init__(f"key {key!r} appears twice in one mapping (lines {first.line + 1} "
+                         f"and {again.line + 1})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one
+    silently). Keys merged in with ``<<`` may still be overridden, as YAML intends."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], key_node.start_mark)
+            except TypeError:  # unhashable: SafeConstructor reports it
+                continue
+            seen[key] = key_node.start_mark
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_unique_mapping)
+
+
+def load_yaml_text(text: str):
+    """``yaml.safe_load`` that raises on duplicate mapping keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     if path.resolve() in seen:
         raise ConfigError(f"config file {str(path)!r}: 'base' chain loops back to itself")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte "
+                          f"0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        data = load_yaml_text(text)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}; remove one") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        msg = " ".join(str(exc).split())  # one line
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {msg}") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, "
+                          f"not a {type(data).__name__}")
     base = data.pop("base", None)
+    if base is not None and (not isinstance(base, str) or not base.strip()):
+        raise ConfigError(f"config file {str(path)!r}: base={base!r} is invalid: allowed the "
+                          "path (a string) of the config file it extends")
     if base is not None:
         base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
         data = _deep_merge(read_yaml(base_path, seen + (path.resolve(),)), data)

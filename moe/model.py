@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .layers import Attention, SwiGLU
+from .layers import SwiGLU, make_attention
 from .moe_layer import MoEFeedForward
 
 
@@ -36,13 +36,14 @@ class Block(nn.Module):
         super().__init__()
         m = cfg.model
         self.attn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
-        self.attn = Attention(m)
+        self.attn = make_attention(m)
         self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.is_moe = moe
         self.ffn = MoEFeedForward(m.d_model, cfg.moe) if moe else SwiGLU(m.d_model, m.ffn_dim)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        h = x_BSD + self.attn(self.attn_norm(x_BSD))
+    def forward(self, x_BSD: torch.Tensor, cache=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        h = x_BSD + (self.attn(self.attn_norm(x_BSD)) if cache is None else
+                     self.attn(self.attn_norm(x_BSD), cache))
         if self.is_moe:
             f, bal = self.ffn(self.ffn_norm(h))
             return h + f, bal
@@ -122,6 +123,36 @@ class Transformer(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def logits(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        """Main-head logits (B, S, V) for every position of ``tokens_BS`` (no loss, no MTP):
+        for evaluation in a notebook (``moe.load_model``)."""
+        if tokens_BS.dim() != 2 or tokens_BS.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor (batch, length), got "
+                             f"{tuple(tokens_BS.shape)} {tokens_BS.dtype}")
+        return self.head(self.norm(self.hidden(tokens_BS.long())))
+
+    def hidden(self, tokens_BS: torch.Tensor, caches=None) -> torch.Tensor:
+        """The last block's output (before the final norm) for every position; with
+        ``caches`` (one moe.layers.KVCache per layer) the tokens continue the cached ones."""
+        h = self.embed(tokens_BS)
+        for i, layer in enumerate(self.layers):
+            h, _ = layer(h, None if caches is None else caches[i])
+        return h
+
+    def mtp_hidden(self, k: int, next_tokens_BS: torch.Tensor, prev_BSD: torch.Tensor,
+                   cache=None) -> torch.Tensor:
+        """MTP module k (0-based): its hidden state at each position from the embeddings of
+        the tokens one step ahead and the previous depth's hidden states (see forward)."""
+        mod = self.mtp[k]
+        hk = mod.proj(torch.cat([mod.emb_norm(self.embed(next_tokens_BS)),
+                                 mod.hidden_norm(prev_BSD)], dim=-1))
+        hk, _ = mod.block(hk, cache)
+        return hk
+
+    def mtp_logits(self, k: int, hk_BSD: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mtp[k].out_norm(hk_BSD))
+
     def forward(self, tokens_BL: torch.Tensor, *, mtp: bool = True,
                 mtp_weight: Optional[float] = None) -> dict:
         """Returns a dict: loss (to backpropagate), lm_loss, mtp_losses (list, one per

@@ -230,5 +230,39 @@ def test_moe_layer_triton_real_shape_gpu(fuse_gather):
     out, c = kernels.moe_layer_triton(x, logits, w13, w2, fuse_gather=fuse_gather, **kw)
     xf, lf, w13f, w2f = _fp32_leaves(x, logits, w13, w2)
     ref, cr = kernels.moe_layer_ref(xf, lf, w13f, w2f, **kw)
-    assert torch.equal(c, cr)
-    assert_close(out, ref, torch.bfloat16)
+    # The GPU's exp differs from torch's by an ulp, which can flip an exact near-tie in the
+    # top-k (as in test_route_real_shape_gpu): tokens whose choice differs are excluded from
+    # the value check, and the expert counts may differ by those tokens' slots only.
+    same = (kernels.route(logits.detach(), **kw)[1] == kernels.route_ref(lf.detach(), **kw)[1]).all(-1)
+    flipped = int((~same).sum())
+    assert flipped <= 0.001 * T
+    assert int((c.long() - cr.long()).abs().sum()) <= 2 * K * flipped
+    assert int(c.sum()) == int(cr.sum()) == T * K
+    assert_close(out[same], ref[same], torch.bfloat16)
+
+
+@pytest.mark.parametrize("fuse_gather", [False, True], ids=["permute", "fused-gather"])
+def test_routing_weights_reach_the_combine_unrounded(monkeypatch, fuse_gather):
+    # bf16 activations, fp32 router weights: the combine kernel multiplies in fp32 and
+    # returns dweights in the weights' dtype, so the weights must arrive as the router made
+    # them (a cast to x's bf16 would round them to 8 mantissa bits and their gradient too)
+    import kernels.moe_layer as ml
+
+    seen = []
+    real = ml._unpermute
+
+    def spy(y, row_map, w):
+        seen.append(w.dtype)
+        return real(y, row_map, w)
+
+    monkeypatch.setattr(ml, "_unpermute", spy)
+    gen = torch.Generator().manual_seed(3)
+    T, D, Fh, E, K = 8, 16, 8, 4, 2
+    x = torch.randn(T, D, generator=gen).to(DEV, torch.bfloat16)
+    w13, w2 = _weights(E, D, Fh, torch.bfloat16, gen)
+    w_TK, idx_TK, _ = kernels.route(torch.randn(T, E, generator=gen).to(DEV), top_k=K)
+    w_TK = w_TK.detach().requires_grad_(True)
+    out = kernels.routed_experts_unchecked(x, w_TK, idx_TK, w13, w2, fuse_gather=fuse_gather)
+    (dw,) = torch.autograd.grad(out.float().sum(), (w_TK,))
+    assert seen == [torch.float32] and w_TK.dtype == dw.dtype == torch.float32
+    assert out.dtype == torch.bfloat16

@@ -132,6 +132,68 @@ def test_failed_run_is_recorded_and_ladder_continues(tmp_path, monkeypatch):
     assert held["s-moe4"] and not held["s-dense"]
 
 
+def test_changed_run_config_is_retrained_never_reused(tmp_path, monkeypatch, capsys):
+    """Edit a size between two invocations: its runs are retrained (the old directories
+    set aside), the others are skipped, and results.csv pairs the new params with the new
+    losses; a third invocation with the same ladder trains nothing."""
+    monkeypatch.setenv("STUB_DELAY", "0")
+    out = tmp_path / "out"
+    cfg, base = load_ladder(_ladder(tmp_path, SMALL))
+    runs = plan(cfg, base)
+    run_ladder(cfg, base, out, runs, train_cmd=STUB, progress=False)
+    old_fp = {r.name: r.fingerprint for r in runs}
+    rec = json.loads((out / "runs/s-dense/fingerprint.json").read_text())
+    assert rec["fingerprint"] == old_fp["s-dense"] and rec["fields"]["model.d_model"] == 32
+    capsys.readouterr()
+
+    cfg, base = load_ladder(_ladder(tmp_path, SMALL.replace("d_model: 32", "d_model: 48")))
+    runs = plan(cfg, base)
+    new_fp = {r.name: r.fingerprint for r in runs}
+    assert new_fp["xs-dense"] == old_fp["xs-dense"] and new_fp["s-dense"] != old_fp["s-dense"]
+    rows = run_ladder(cfg, base, out, runs, train_cmd=STUB, progress=False)
+    err = capsys.readouterr().err
+    calls = (out / "calls.log").read_text().splitlines()
+    starts = collections.Counter(l.split()[1] for l in calls if l.startswith("start"))
+    assert starts == {"xs-dense": 1, "xs-moe4": 1, "s-dense": 2, "s-moe4": 2}
+    assert "start s-dense resume=False" in calls[4:]  # retrained, not resumed
+    for name in ("s-dense", "s-moe4"):
+        line = next(l for l in err.splitlines() if f"run {name} changed" in l)
+        assert "model.d_model: 32 -> 48" in line and ".stale-" in line
+        (aside,) = (out / "runs").glob(f"{name}.stale-*")
+        assert json.loads((aside / "summary.json").read_text())["d_model"] == 32  # kept
+        assert json.loads((out / "runs" / name / "summary.json").read_text())["d_model"] == 48
+    with open(out / "results.csv") as fh:
+        table = {r["name"]: r for r in csv.DictReader(fh)}
+    by = {r.name: r for r in runs}
+    for name, row in table.items():
+        assert row["status"] == "done" and row["config_fingerprint"] == new_fp[name]
+        assert int(row["params_total"]) == by[name].counts["total"]
+        d = 48 if name.startswith("s-") else 16
+        size = {"xs": 1e4, "s": 1e5}[name.split("-")[0]]
+        assert float(row["final_eval_loss"]) == pytest.approx(2.0 + 10 * size ** -0.3 + d * 1e-4)
+    assert count_params(load_config(base, by["s-dense"].overrides)).total == \
+        int(table["s-dense"]["params_total"])
+    assert {r["name"]: r["status"] for r in rows} == {n: "done" for n in new_fp}
+    # unchanged config: nothing is retrained
+    run_ladder(cfg, base, out, runs, train_cmd=STUB, progress=False)
+    assert (out / "calls.log").read_text().splitlines() == calls
+
+
+def test_results_never_pair_new_params_with_an_old_loss(tmp_path, monkeypatch):
+    """A stale run directory not yet retrained shows as "stale" in results.csv, with no
+    loss, rather than the old config's loss next to the new config's params."""
+    from moe.scaling.ladder import write_results
+
+    monkeypatch.setenv("STUB_DELAY", "0")
+    out = tmp_path / "out"
+    cfg, base = load_ladder(_ladder(tmp_path, SMALL))
+    run_ladder(cfg, base, out, plan(cfg, base), train_cmd=STUB, progress=False)
+    cfg, base = load_ladder(_ladder(tmp_path, SMALL.replace("d_model: 32", "d_model: 48")))
+    rows = {r["name"]: r for r in write_results(out, plan(cfg, base))}
+    assert rows["s-dense"]["status"] == "stale" and rows["s-dense"]["final_eval_loss"] is None
+    assert rows["xs-dense"]["status"] == "done"
+
+
 @pytest.mark.parametrize("body,words", [
     (SMALL + "bogus: 1\n", "bogus is not a known field"),
     (SMALL.replace("top_k: 2", "top_k: 5"), "top_k=5"),
@@ -404,3 +466,45 @@ def test_results_csv_has_epochs_and_report_flags_repeats(tmp_path):
     a = analyse(rows, n_boot=0)
     assert any("s-dense (2.5)" in n and "more than 1 epoch" in n for n in a["notes"])
     assert {r["name"]: r["epochs"] for r in a["runs"]}["s-dense"] == 2.5
+
+
+def test_fingerprint_reads_back_from_saved_config_and_ignores_logging(tmp_path):
+    """The trainer's saved config.yaml gives the plan's fingerprint (so ladders made
+    before fingerprint.json existed are checked too); logging/output fields do not count."""
+    import yaml
+
+    from moe.config import config_fingerprint, fingerprint_fields
+    from moe.scaling.ladder import recorded_fingerprint
+
+    cfg, base = load_ladder(_ladder(tmp_path, SMALL))
+    r = plan(cfg, base)[0]
+    exact = load_config(base, r.overrides)
+    assert config_fingerprint(yaml.safe_load(exact.to_yaml())) == r.fingerprint
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(exact.to_yaml())
+    fp, fields = recorded_fingerprint(tmp_path / "run")
+    assert fp == r.fingerprint and fields == fingerprint_fields(exact)
+    same = load_config(base, r.overrides + ["train.log_every=3", "data.cache_dir=/x",
+                                            "train.ckpt_every=7", "parallel.timeout_s=5"])
+    assert config_fingerprint(same) == r.fingerprint
+    for ov in ("train.lr=0.123", "train.eval_batches=3", "data.corpus=elsewhere", "mtp.depth=1"):
+        assert config_fingerprint(load_config(base, r.overrides + [ov])) != r.fingerprint, ov
+
+
+def test_new_data_fields_at_their_defaults_keep_recorded_fingerprints(tmp_path):
+    """Issue 17 added data.text_field / on_bad_record / tokenizer_sample_bytes: a run whose
+    saved config predates them is not stale when they are at their defaults."""
+    import yaml
+
+    from moe.config import config_fingerprint
+
+    cfg, base = load_ladder(_ladder(tmp_path, SMALL))
+    r = plan(cfg, base)[0]
+    old = yaml.safe_load(load_config(base, r.overrides).to_yaml())
+    for k in ("text_field", "on_bad_record", "tokenizer_sample_bytes"):
+        old["data"].pop(k)
+    assert config_fingerprint(old) == r.fingerprint
+    for ov in ("data.text_field=body", "data.tokenizer_sample_bytes=1000"):
+        assert config_fingerprint(load_config(base, r.overrides + [ov])) != r.fingerprint, ov
+    assert config_fingerprint(load_config(base, r.overrides + ["data.on_bad_record=skip"])) \
+        == r.fingerprint

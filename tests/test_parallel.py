@@ -114,7 +114,11 @@ def test_bad_layout_names_the_field():
     assert (topo.dp, topo.expert_dp) == (4, 2)
 
 
-def _tp_worker(rank, world, port, path):
+MLA = ["model.attention=mla", "model.q_lora_rank=12", "model.kv_lora_rank=16",
+       "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=6"]
+
+
+def _tp_worker(rank, world, port, path, extra=("model.n_kv_heads=2",)):
     import warnings
 
     import torch.distributed as dist
@@ -124,7 +128,7 @@ def _tp_worker(rank, world, port, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     warnings.simplefilter("ignore")
-    cfg = load_config(None, OVR + [f"parallel.tp={world}", "model.n_kv_heads=2"])
+    cfg = load_config(None, OVR + [f"parallel.tp={world}", *extra])
     init_topology(cfg.parallel)
     torch.manual_seed(0)
     model = apply_tensor_parallel(build_model(cfg))
@@ -139,17 +143,19 @@ def _tp_worker(rank, world, port, path):
     dist.destroy_process_group()
 
 
-def test_tensor_parallel_2_equals_1(tmp_path):
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_tensor_parallel_2_equals_1(tmp_path, attn):
+    extra = ("model.n_kv_heads=2",) if attn == "gqa" else tuple(MLA)
     torch.manual_seed(0)
-    ref = build_model(load_config(None, OVR + ["model.n_kv_heads=2"]))
+    ref = build_model(load_config(None, OVR + list(extra)))
     out = ref(_batches()[0])
     out["loss"].backward()
     path = tmp_path / "tp.pt"
-    mp.spawn(_tp_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    mp.spawn(_tp_worker, args=(2, _free_port(), str(path), extra), nprocs=2, join=True)
     res = torch.load(path, weights_only=False)
     for r in range(2):
         torch.testing.assert_close(res[r]["loss"], out["loss"].detach(), rtol=1e-5, atol=1e-6)
-    column = ("wq", "wk", "wv", "w1", "w3")
+    column = ("wq", "wk", "wv", "wq_b", "wkv_b", "w1", "w3")
     sharded = 0
     for name, p in ref.named_parameters():
         parts = name.split(".")
@@ -161,8 +167,9 @@ def test_tensor_parallel_2_equals_1(tmp_path):
         else:  # replicated: the full gradient on every rank
             got = res[1]["grads"][name]
         torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6, msg=name)
-    # 3 blocks + 1 MTP block: 4 attention projections each; dense FFN (1) + shared experts (3)
-    assert sharded == 4 * 4 + 4 * 3
+    # 3 blocks + 1 MTP block: 4 attention projections each (MLA: wq_b, wkv_b, wo; wq_a and
+    # wkv_a replicated); dense FFN (1) + shared experts (3)
+    assert sharded == 4 * (4 if attn == "gqa" else 3) + 4 * 3
 
 
 def _topo_worker(rank, world, port, path):

@@ -3,6 +3,7 @@ ColumnParallelLinear / RowParallelLinear (Megatron-LM's 1-D scheme).
 
     wq, wk, wv, w1, w3 -> ColumnParallelLinear(gather_output=False): output dim sharded,
                           i.e. attention heads / FFN hidden units split over the TP ranks
+    (MLA: wq or wq_b, and wkv_b, by heads; the latent projections wq_a / wkv_a replicated)
     wo, w2             -> RowParallelLinear(input_is_parallel=True): input dim sharded,
                           partial products all-reduced over the TP group
 The single-device modules need no change: Attention infers its local head count from the
@@ -18,13 +19,16 @@ import warnings
 import torch
 from torch import nn
 
-from ..layers import Attention, SwiGLU
+from ..layers import Attention, MLAttention, SwiGLU
 
 
 # Which projections are sharded how (names as in moe.layers); consolidation reads the same.
 ATTN_COLUMN, ATTN_ROW = ("wq", "wk", "wv"), ("wo",)
+# MLA: the per-head up-projections by heads; the latent down-projections wq_a / wkv_a
+# (and their norms) stay replicated, as the input of a column-parallel layer does.
+MLA_COLUMN, MLA_ROW = ("wq", "wq_b", "wkv_b"), ("wo",)
 FFN_COLUMN, FFN_ROW = ("w1", "w3"), ("w2",)
-COLUMN_PARALLEL = ATTN_COLUMN + FFN_COLUMN  # output dim (0) sharded
+COLUMN_PARALLEL = ATTN_COLUMN + MLA_COLUMN[1:] + FFN_COLUMN  # output dim (0) sharded
 ROW_PARALLEL = ATTN_ROW + FFN_ROW  # input dim (1) sharded
 
 
@@ -92,6 +96,13 @@ def apply_tensor_parallel(model: nn.Module, tp_group=None) -> nn.Module:
     for mod in list(model.modules()):
         if isinstance(mod, Attention):
             column, row = ATTN_COLUMN, ATTN_ROW
+        elif isinstance(mod, MLAttention):
+            column = tuple(n for n in MLA_COLUMN if hasattr(mod, n))
+            row = MLA_ROW
+            from megatron.core.tensor_parallel.mappings import \
+                copy_to_tensor_model_parallel_region
+
+            mod.shared_key_hook = lambda t, g=tp_group: copy_to_tensor_model_parallel_region(t, g)
         elif isinstance(mod, SwiGLU):
             column, row = FFN_COLUMN, FFN_ROW
         else:

@@ -12,8 +12,11 @@ model of the same size: a dense FFN of hidden ``ffn_ratio * d_model`` becomes
 size the total grows with the expert count while the active count stays (up to the
 router's ``d_model * E`` parameters).
 
-Runner guarantees: a run whose ``summary.json`` says ``done`` is never trained again; a
-run with a checkpoint resumes from it (``--resume``); a run that fails is recorded in
+Runner guarantees: a run whose ``summary.json`` says ``done`` is never trained again
+while its config is unchanged; a run whose config changed (its fingerprint, see
+:func:`moe.config.config_fingerprint`, recorded in ``runs/<run>/fingerprint.json``) is
+moved aside to ``runs/<run>.stale-<UTC>`` and trained again; a run with a checkpoint
+resumes from it (``--resume``); a run that fails is recorded in
 ``failures.jsonl`` with its error and the ladder goes on; killing the ladder at any point
 and re-running the same command loses nothing. Results are rewritten atomically into
 ``results.csv`` (one row per run) after every run; the report (fits.json, report.md, PNGs)
@@ -27,6 +30,7 @@ import csv
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -36,7 +40,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..accounting import count_params
-from ..config import ConfigError, build_dataclass, load_config, read_yaml
+from ..config import (ConfigError, build_dataclass, config_fingerprint, fingerprint_fields,
+                      fingerprint_of_fields, load_config, read_yaml)
 
 
 # --------------------------------------------------------------------------------------
@@ -166,12 +171,16 @@ class Run:
     seed: int = 0
     flop_budget: Optional[float] = None  # isoflop ladders: the nominal budget
     repeat_of: str = ""  # seed repeats: the grid run repeated
+    fingerprint: str = ""  # moe.config.config_fingerprint of the run's exact config
     # (corpus, tokenizer, vocab_size, cache_dir, val_fraction, text_field, on_bad_record,
     # tokenizer_sample_bytes) of the run's config
     data_key: tuple = ()
     train_tokens: Optional[int] = None  # its corpus' training split (attach_epochs)
     epochs: Optional[float] = None  # tokens / train_tokens; None: corpus size unknown
     epochs_exact: bool = False  # False: from an estimated corpus size (--dry-run)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
 def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
@@ -188,6 +197,19 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
         raise ConfigError("sizes=[] is invalid: allowed at least one size")
     if not cfg.sparsities:
         raise ConfigError("sparsities=[] is invalid: allowed at least one sparsity level")
+    # names become directory names (runs/<size>-<sparsity>, runs/cmp-<variant>)
+    named = [("name", cfg.name)] + [(f"{what}[{i}].name", x.name) for what, items in
+                                    (("sizes", cfg.sizes), ("sparsities", cfg.sparsities),
+                                     ("compare.variants", cfg.compare.variants
+                                      if cfg.compare is not None else []))
+                                    for i, x in enumerate(items)]
+    for where, nm in named:
+        if not _PLAIN_NAME.fullmatch(nm):
+            raise ConfigError(f"{where}={nm!r} is invalid: allowed a plain file name (letters, "
+                              "digits, '_', '.', '+', '-'; not starting with '.' or '-'): it "
+                              "names run directories")
+    if cfg.n_boot < 1:
+        raise ConfigError(f"n_boot={cfg.n_boot} is invalid: allowed an integer >= 1")
     for what, items in (("sizes", cfg.sizes), ("sparsities", cfg.sparsities)):
         names = [i.name for i in items]
         if len(set(names)) != len(names):
@@ -303,11 +325,11 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
                         f"train.warmup_steps={warm}", f"train.seed={rseed}"]
             rov += [o for o in extra if o.startswith("train.lr=") or o.startswith(
                 "train.warmup_steps=")]  # a variant's own LR/warm-up wins over the rule
-            rc = load_config(base, rov)  # the exact config the run will use must be valid too
-            corpus = rc.data.corpus if isinstance(rc.data.corpus, str) else tuple(rc.data.corpus)
-            dkey = (corpus, rc.data.tokenizer, rc.model.vocab_size, rc.data.cache_dir,
-                    rc.data.val_fraction, rc.data.text_field, rc.data.on_bad_record,
-                    rc.data.tokenizer_sample_bytes)
+            exact = load_config(base, rov)  # the exact config the run will use must be valid too
+            dc = exact.data
+            corpus = dc.corpus if isinstance(dc.corpus, str) else tuple(dc.corpus)
+            dkey = (corpus, dc.tokenizer, exact.model.vocab_size, dc.cache_dir,
+                    dc.val_fraction, dc.text_field, dc.on_bad_record, dc.tokenizer_sample_bytes)
             runs.append(Run(name=rname, size=size.name, sparsity=sp.name, overrides=rov,
                             group=group, counts=c.as_dict(), tokens=tokens,
                             flops=tokens * c.flops_per_token_train,
@@ -316,7 +338,7 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
                             seed=rseed, flop_budget=flop_budget,
                             repeat_of=(f"{repeat_of}-c{cfg.tokens.budgets.index(flop_budget)}"
                                        if repeat_of and isoflop else repeat_of),
-                            data_key=dkey))
+                            fingerprint=config_fingerprint(exact), data_key=dkey))
 
     for size in cfg.sizes:
         for sp in cfg.sparsities:
@@ -510,6 +532,72 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return latest.is_file() and (run_dir / "checkpoints" / latest.read_text().strip()).is_dir()
 
 
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def recorded_fingerprint(run_dir: Path) -> tuple[Optional[str], Optional[dict]]:
+    """(fingerprint, fields) of the config a run directory was trained with: the ladder's
+    record (fingerprint.json), else computed from the trainer's saved config.yaml;
+    (None, None) when neither says."""
+    try:
+        rec = json.loads((run_dir / FINGERPRINT_FILE).read_text())
+        return rec["fingerprint"], rec.get("fields")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        import yaml
+
+        fields = fingerprint_fields(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+        return fingerprint_of_fields(fields), fields
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return None, None
+
+
+def _changed_fields(old: Optional[dict], new: dict) -> str:
+    if old is None:
+        return "no record of the config it was trained with"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:6])
+    return (shown + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")) or "fingerprint"
+
+
+def _set_aside_if_stale(run_dir: Path, r: Run, base: Path) -> Optional[Path]:
+    """If ``run_dir`` holds results (summary or checkpoint) of a config other than ``r``'s,
+    move it to ``<run>.stale-<UTC>`` and return the new path; else None."""
+    if not r.fingerprint or not run_dir.is_dir():
+        return None
+    if not ((run_dir / "summary.json").exists() or _has_checkpoint(run_dir)):
+        return None  # nothing that could be reused
+    fp, fields = recorded_fingerprint(run_dir)
+    if fp == r.fingerprint:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = run_dir.with_name(f"{run_dir.name}.stale-{stamp}")
+    n = 1
+    while dest.exists():
+        dest = run_dir.with_name(f"{run_dir.name}.stale-{stamp}-{n}")
+        n += 1
+    os.rename(run_dir, dest)
+    new = fingerprint_fields(load_config(base, r.overrides))
+    print(f"ladder: run {r.name} changed since it was trained ({_changed_fields(fields, new)}); "
+          f"old results moved to {dest}; retraining", file=sys.stderr, flush=True)
+    return dest
+
+
+def _record_fingerprint(run_dir: Path, r: Run, base: Path) -> None:
+    from ..train.checkpoint import write_text_atomic
+
+    try:
+        current = json.loads((run_dir / FINGERPRINT_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        current = None
+    if not r.fingerprint or current == r.fingerprint:
+        return
+    fields = fingerprint_fields(load_config(base, r.overrides))
+    write_text_atomic(run_dir / FINGERPRINT_FILE, json.dumps(
+        {"run": r.name, "fingerprint": r.fingerprint, "fields": fields}, indent=1) + "\n")
+
+
 def default_train_cmd(cfg: LadderConfig) -> list[str]:
     """``python -m moe.cli train``, or ``<launcher> -m moe.cli train`` (torchrun/srun take
     ``-m``); $VARS in the launcher are expanded from the environment (e.g. SLURM_NNODES)."""
@@ -521,9 +609,18 @@ def default_train_cmd(cfg: LadderConfig) -> list[str]:
 def run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
                train_cmd: Optional[list[str]] = None, progress: bool = True) -> list[dict]:
     """Train every run not yet done (resuming where a checkpoint exists); return result rows."""
+    from ..rundir import lock_dir
+
+    # one ladder per directory: a second one on the same --out is refused (RunDirError)
+    with lock_dir(out, "ladder directory"), _ChildReaper() as reaper:
+        return _run_ladder(cfg, base, out, runs, train_cmd, progress, reaper)
+
+
+def _run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
+                train_cmd: Optional[list[str]], progress: bool,
+                reaper: "_ChildReaper") -> list[dict]:
     from tqdm import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps([r.__dict__ for r in runs], indent=1, default=str))
     cmd0 = list(train_cmd) if train_cmd is not None else default_train_cmd(cfg)
     # One local process per run: fork it from a warm server (same isolation, no ~7 s of
@@ -532,6 +629,8 @@ def run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
     bar = tqdm(runs, desc=f"ladder {cfg.name}", unit="run", disable=not progress)
     for r in bar:
         run_dir = out / "runs" / r.name
+        # a result of another config is never reused: set aside, retrain
+        _set_aside_if_stale(run_dir, r, base)
         s = _read_summary(run_dir)
         if s is not None and s.get("status") == DONE:
             continue
@@ -542,12 +641,13 @@ def run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
         if not progress:
             cmd.append("--no-progress")
         run_dir.mkdir(parents=True, exist_ok=True)
+        _record_fingerprint(run_dir, r, base)
         t0 = time.time()
         if forked:
-            rc = _train_forked(cmd[len(cmd0):], run_dir / "train.log")
+            rc = _train_forked(cmd[len(cmd0):], run_dir / "train.log", reaper)
         else:
             with open(run_dir / "train.log", "ab") as log:
-                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+                rc = _train_subprocess(cmd, log, reaper)
         s = _read_summary(run_dir)
         if rc != 0 or s is None or s.get("status") != DONE:
             tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
@@ -582,7 +682,98 @@ def _forkserver():
     return _FORK_CTX
 
 
-def _train_child(argv: list[str], log_path: str) -> None:  # runs in the forked process
+class _ChildReaper:
+    """The ladder's current child trainer runs in its own process group; on SIGTERM /
+    SIGINT the ladder takes that group down (SIGTERM, SIGKILL after ``grace_s``) before it
+    exits itself (SIGINT: KeyboardInterrupt; SIGTERM: exit 143). Handlers are installed
+    only in the main thread and restored on exit."""
+
+    def __init__(self, grace_s: float = 10.0):
+        self.grace_s = grace_s
+        self.pgid: Optional[int] = None
+        self.wait = None  # callable(timeout) -> bool (True once the child is gone)
+        self._old: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+        self._old.clear()
+
+    def track(self, pgid: Optional[int], wait=None) -> None:
+        self.pgid, self.wait = pgid, wait
+
+    def stop_child(self) -> None:
+        import signal
+
+        pgid, self.pgid = self.pgid, None
+        if pgid is None:
+            return
+        def send(sig) -> bool:
+            for kill in (os.killpg, os.kill):  # the group may not exist yet (just forked)
+                try:
+                    kill(pgid, sig)
+                    return True
+                except ProcessLookupError:
+                    continue
+            return False
+
+        if send(signal.SIGTERM) and (self.wait is None or not self.wait(self.grace_s)):
+            send(signal.SIGKILL)
+
+    def _on_signal(self, signum, frame) -> None:
+        import signal
+
+        print(f"ladder: {signal.Signals(signum).name}: stopping run process group "
+              f"{self.pgid}", file=sys.stderr)
+        self.stop_child()
+        self.__exit__()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+
+def _train_subprocess(cmd: list[str], log, reaper: _ChildReaper) -> int:
+    """Run ``cmd`` in its own process group, dying with the ladder (PR_SET_PDEATHSIG);
+    its exit code (128 + signal for a signal, as a shell reports it)."""
+    from ..rundir import child_preexec
+
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=child_preexec(os.getpid()))
+
+    def wait(timeout):
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    reaper.track(proc.pid, wait)
+    try:
+        rc = proc.wait()
+    finally:
+        reaper.track(None)
+    return rc if rc >= 0 else 128 - rc
+
+
+def _train_child(argv: list[str], log_path: str, parent_pid: Optional[int] = None) -> None:
+    # runs in the forked process: own process group, ends when the ladder process is gone
+    # (its OS parent is the fork server, so PR_SET_PDEATHSIG alone would not see it)
+    from moe.rundir import watch_parent
+
+    os.setpgid(0, 0)
+    if parent_pid is not None:
+        watch_parent(parent_pid)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -602,12 +793,24 @@ def _train_child(argv: list[str], log_path: str) -> None:  # runs in the forked 
     os._exit(int(rc or 0))
 
 
-def _train_forked(argv: list[str], log_path: Path) -> int:
+def _train_forked(argv: list[str], log_path: Path, reaper: Optional[_ChildReaper] = None) -> int:
     """`moe-testbed train ARGV` in a process forked from the warm server; its exit code.
     A run killed by a signal returns 128 + the signal number, as a shell reports it."""
-    p = _forkserver().Process(target=_train_child, args=(list(argv), str(log_path)))
+    p = _forkserver().Process(target=_train_child,
+                              args=(list(argv), str(log_path), os.getpid()))
     p.start()
-    p.join()
+
+    def wait(timeout):
+        p.join(timeout)
+        return p.exitcode is not None
+
+    if reaper is not None:
+        reaper.track(p.pid, wait)
+    try:
+        p.join()
+    finally:
+        if reaper is not None:
+            reaper.track(None)
     return p.exitcode if p.exitcode >= 0 else 128 - p.exitcode
 
 
@@ -616,14 +819,19 @@ RESULT_COLUMNS = ["name", "group", "size", "sparsity", "kind", "n_experts", "top
                   "params_active_nonembed", "params_embedding", "tokens", "flops",
                   "final_eval_loss", "maxvio", "tokens_per_s", "wall_time_s", "held_out",
                   "status", "lr", "warmup_steps", "steps", "seed", "precision", "flop_budget",
-                  "repeat_of", "epochs"]
+                  "repeat_of", "config_fingerprint", "epochs"]
 
 
 def write_results(out: Path, runs: list[Run]) -> list[dict]:
     """Collect every finished run's summary into results.csv (atomic replace)."""
     rows = []
     for r in runs:
-        s = _read_summary(out / "runs" / r.name) or {}
+        run_dir = out / "runs" / r.name
+        s = _read_summary(run_dir) or {}
+        stale = bool(s) and bool(r.fingerprint) and \
+            recorded_fingerprint(run_dir)[0] != r.fingerprint
+        if stale:
+            s = {"status": "stale"}  # another config's result: never paired with this row
         c = r.counts
         mv = s.get("maxvio_global")
         if isinstance(mv, list):
@@ -640,7 +848,7 @@ def write_results(out: Path, runs: list[Run]) -> list[dict]:
             "held_out": r.held_out, "status": s.get("status", "pending"),
             "lr": r.lr, "warmup_steps": r.warmup_steps, "steps": r.steps, "seed": r.seed,
             "precision": s.get("precision"), "flop_budget": r.flop_budget,
-            "repeat_of": r.repeat_of,
+            "repeat_of": r.repeat_of, "config_fingerprint": r.fingerprint,
             # a finished run's own count (summary.json); else the plan's (None: unknown)
             "epochs": s.get("epochs", r.epochs),
         })
@@ -687,7 +895,13 @@ def ladder_main(argv: list[str]) -> int:
         return 0
     out = Path(a.out or f"runs/ladder-{cfg.name}")
     t0 = time.time()
-    rows = run_ladder(cfg, base, out, runs, progress=not a.no_progress)
+    from ..rundir import RunDirError
+
+    try:
+        rows = run_ladder(cfg, base, out, runs, progress=not a.no_progress)
+    except RunDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     done = [r for r in rows if r["status"] == DONE]
     print(f"{len(done)}/{len(rows)} runs done in {time.time() - t0:.0f} s; results: {out / 'results.csv'}")
     if a.no_report:

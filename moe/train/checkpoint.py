@@ -84,9 +84,25 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be loaded as plain tensors and data."""
+
+
 def load_file(path: Path) -> Any:
-    """Load one checkpoint file safely (``weights_only=True``, onto CPU)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load one checkpoint file safely (``weights_only=True``, onto CPU).
+
+    Raises :class:`CheckpointError` ("untrusted or corrupt checkpoint FILE") when torch
+    refuses it: it holds objects other than tensors and plain data, or is damaged.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        # torch's own message advises weights_only=False: never for a file we cannot trust
+        raise CheckpointError(f"untrusted or corrupt checkpoint {path} ({type(e).__name__}: "
+                              "it does not load as the plain tensors and data this trainer "
+                              "writes)") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -136,9 +152,13 @@ def save_checkpoint(run_dir: Path, step: int, rank_state: dict, *, model_state: 
             os.fsync(f.fileno())
         _fsync_dir(tmp)
         _before_publish(tmp)
-        current = latest_checkpoint(run_dir)
+        try:
+            current = latest_checkpoint(run_dir)
+        except RuntimeError:  # `latest` names a broken checkpoint: replaced below
+            current = None
         if final.exists():
-            if current is not None and current.resolve() == final.resolve():
+            if current is not None and current.resolve() == final.resolve() \
+                    and check_checkpoint(final) is None:
                 # The same step is already the published checkpoint (a finished run
                 # resumed and saved again): keep it rather than open a window in which
                 # ``latest`` names a missing directory.
@@ -177,6 +197,69 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 def read_meta(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / "meta.json").read_text())
+
+
+def check_checkpoint(path: Path) -> Optional[str]:
+    """None when checkpoint directory ``path`` looks usable, else what is wrong with it:
+    meta.json missing or not JSON, a file it lists missing, empty or not a complete
+    torch.save archive (its zip directory sits at the end, so a truncated file fails)."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        meta = read_meta(path)
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError) as e:
+        return f"meta.json is unreadable or not JSON ({e})"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, list) or not files:
+        return "meta.json lists no files"
+    for name in files:
+        f = path / str(name)
+        if not f.is_file():
+            return f"{name} is missing"
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.infolist()
+        except (OSError, zipfile.BadZipFile, EOFError) as e:
+            return f"{name} is unreadable or truncated ({e})"
+    return None
+
+
+def usable_checkpoint(run_dir: Path) -> tuple[Optional[Path], list[str]]:
+    """(checkpoint to resume from, problems of the newer ones skipped).
+
+    The one ``latest`` names if :func:`check_checkpoint` finds it usable, else the newest
+    older complete one. (None, []) when there is no ``latest`` (no checkpoint was ever
+    published); (None, problems) when none is usable.
+    """
+    root = Path(run_dir) / CKPT_DIR
+    try:
+        name = (root / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None, []
+    except (OSError, UnicodeDecodeError) as e:
+        name, problems = "", [f"{root / LATEST} is unreadable ({e})"]
+    else:
+        problems = []
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    if name.startswith("step_"):
+        named = root / name
+        cands = [named] + [p for p in steps if p.name < name]
+        if not named.is_dir():
+            problems.append(f"{root / LATEST} names {name}, which is missing")
+            cands = cands[1:]
+    else:
+        if name:
+            problems.append(f"{root / LATEST} names {name!r}, not a checkpoint")
+        cands = steps
+    for c in cands:
+        bad = check_checkpoint(c)
+        if bad is None:
+            return c, problems
+        problems.append(f"checkpoint {c} is unusable: {bad}")
+    return None, problems
 
 
 # --------------------------------------------------------------------------------------

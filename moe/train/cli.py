@@ -1,8 +1,9 @@
 """``moe-testbed train CONFIG [key=value ...] [--resume] [--out DIR] [--no-progress]``.
 
-Exit codes: 0 finished; 2 unusable input (config, data, run directory) -- reported as one
-``error: ...`` line before any compute; 3 stopped on a non-finite loss (the last good
-checkpoint is kept and named in the message).
+Exit codes: 0 finished; 2 unusable input (config, data, run directory -- also one held by
+another live process, named by its pid, or a checkpoint that cannot be trusted) --
+reported as one ``error: ...`` line before any compute; 3 stopped on a non-finite loss
+(the last good checkpoint is kept and named in the message).
 
 Works the same under ``torchrun --nproc_per_node N -m moe.cli train ...`` (data parallel);
 only rank 0 prints.
@@ -44,7 +45,8 @@ def train_main(argv: list[str] | None = None) -> int:
     from .loop import TrainError, train
 
     try:
-        res = train(cfg, a.out, resume=a.resume, progress=not a.no_progress)
+        res = train(cfg, a.out, resume=a.resume, progress=not a.no_progress,
+                    config_path=a.config)
     except (ConfigError, DataError, TrainError) as e:
         _print0(f"error: {e}", file=sys.stderr)
         return 2

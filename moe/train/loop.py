@@ -44,10 +44,11 @@ import torch.distributed as dist
 import yaml
 
 from ..accounting import count_params
-from ..config import Config
+from ..config import Config, config_fingerprint
 from ..cpu_malloc import keep_freed_memory, malloc_mode
 from ..model import build_model
 from ..router import max_violation
+from ..rundir import RunDirError, lock_dir
 from . import checkpoint as ckpt
 from .engine import (all_reduce_sum, build_engine, deepspeed_config, device_type,
                      init_process_group, load_optimizer_state, optimizer_state,
@@ -140,6 +141,32 @@ def _check_resume_config(cfg: Config, run_dir: Path) -> None:
 def epochs_of(tokens: int, train_tokens: int) -> float:
     """``tokens / train_tokens``: passes over the training split (inf for an empty split)."""
     return tokens / train_tokens if train_tokens > 0 else math.inf
+
+
+# Files train() writes at the top of a run directory.
+RUN_FILES = ("config.yaml", "deepspeed.json", "summary.json", "metrics.jsonl", "training.png")
+
+
+def _check_config_source(cfg: Config, run_dir: Path, config_path) -> None:
+    """Refuse a run whose own outputs would overwrite the user's config file (``train
+    DIR/config.yaml --out DIR``), unless that file already is this exact resolved config
+    (resuming a run from its own saved config rewrites nothing)."""
+    if config_path is None:
+        return
+    src = Path(config_path)
+    for name in RUN_FILES:
+        dst = run_dir / name
+        try:
+            same = dst.exists() and src.exists() and os.path.samefile(src, dst)
+        except OSError:
+            same = False
+        if not same:
+            continue
+        if name == "config.yaml" and dst.read_text(errors="replace") == cfg.to_yaml():
+            continue
+        raise TrainError(f"--out {run_dir} would overwrite the config file {src} (the run "
+                         f"writes its resolved config and outputs to {run_dir}/{name}); "
+                         "pass another --out or move the config file")
 
 
 def plan_total_steps(cfg: Config, world_size: int) -> tuple[int, str]:
@@ -292,7 +319,8 @@ def _env_info() -> dict:
 
 
 def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
-          progress: bool = True, data=None) -> RunResult:
+          progress: bool = True, data=None,
+          config_path: Optional[str | os.PathLike] = None) -> RunResult:
     """Train ``cfg`` with DeepSpeed; write the run directory; return a :class:`RunResult`.
 
     Args:
@@ -307,7 +335,53 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
     loss does not raise: the result has ``exit_code`` 3 and ``summary["status"]``
     ``"diverged"``; the last good checkpoint stays ``latest``. A finished run has status
     ``"done"`` (the ladder runner's contract).
+
+    The run directory is held by this process for the whole call (rank 0 takes
+    ``RUN_DIR/.lock``, see :mod:`moe.rundir`): a second run on it is refused (TrainError
+    naming the holder's pid). ``config_path``: the YAML the config was read from; it is
+    never overwritten by the resolved ``RUN_DIR/config.yaml``.
     """
+    locks: list = []
+    try:
+        return _train(cfg, run_dir, resume=resume, progress=progress, data=data,
+                      config_path=config_path, locks=locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _load_initial_weights(model, path: str) -> None:
+    """train.init_from: weights from a model.pt, a checkpoint directory or a run directory
+    (its newest usable checkpoint, shards merged, or its model.pt)."""
+    from ..parallel.plan import load_consolidated
+
+    p = Path(path)
+    try:
+        if p.is_file():
+            sd = ckpt.load_file(p)
+        elif (p / "meta.json").is_file():
+            sd = load_consolidated(p)
+        elif p.is_dir():
+            found, problems = ckpt.usable_checkpoint(p)
+            if found is not None:
+                sd = load_consolidated(found)
+            elif (p / "model.pt").is_file():
+                sd = ckpt.load_file(p / "model.pt")
+            else:
+                raise TrainError(f"train.init_from={path!r}: no usable checkpoint or model.pt "
+                                 f"there{': ' + '; '.join(problems) if problems else ''}")
+        else:
+            raise TrainError(f"train.init_from={path!r}: no such file or directory")
+    except ckpt.CheckpointError as e:
+        raise TrainError(f"train.init_from={path!r}: {e}") from None
+    bad = model.load_state_dict(sd, strict=False)
+    if bad.missing_keys or bad.unexpected_keys:
+        raise TrainError(f"train.init_from={path!r} does not fit this model: missing "
+                         f"{bad.missing_keys[:3]}, unexpected {bad.unexpected_keys[:3]}")
+
+
+def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_path,
+           locks: list) -> RunResult:
     t_start = time.perf_counter()
     cfg.validate()
     rank, world = init_process_group(cfg.parallel.timeout_s)
@@ -332,15 +406,35 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
         raise TrainError(f"--resume: no run of {cfg.name!r} with a checkpoint under runs/; "
                          "pass --out RUN_DIR")
     run_dir = Path(run_dir)
+    # ---------------- ownership: rank 0 holds RUN_DIR/.lock until train() returns
+    err = None
+    if is0:
+        try:
+            locks.append(lock_dir(run_dir))
+            _check_config_source(cfg, run_dir, config_path)
+        except (RunDirError, TrainError) as e:
+            err = str(e)
+    err = _broadcast(err)
+    if err is not None:
+        raise TrainError(err)
     latest = None
     if resume:
-        try:
-            latest = ckpt.latest_checkpoint(run_dir)
-        except RuntimeError as e:
-            raise TrainError(f"cannot resume: {e}") from None
-        if latest is None:
+        # rank 0 picks the newest usable checkpoint (falling back past damaged ones)
+        found = None
+        if is0:
+            path, problems = ckpt.usable_checkpoint(run_dir)
+            found = (str(path) if path is not None else None, problems)
+        found = _broadcast(found)
+        latest = Path(found[0]) if found[0] is not None else None
+        if latest is None and not found[1]:
             raise TrainError(f"cannot resume: {run_dir} has no checkpoint "
                              f"({run_dir / ckpt.CKPT_DIR / ckpt.LATEST} is missing)")
+        if latest is None:
+            raise TrainError(f"cannot resume: no usable checkpoint in "
+                             f"{run_dir / ckpt.CKPT_DIR}: {'; '.join(found[1])}")
+        if is0:
+            for problem in found[1]:
+                print(f"warning: {problem}; resuming from {latest}", file=sys.stderr)
         _check_resume_config(cfg, run_dir)
         meta = ckpt.read_meta(latest)
         if meta.get("world_size") != world:
@@ -371,7 +465,10 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
 
     # Same full init on every rank (DeepSpeed also broadcasts), then this rank's TP/EP shard.
     torch.manual_seed(cfg.train.seed)
-    model = par.parallelize(build_model(cfg)).to(dev)
+    full = build_model(cfg)
+    if cfg.train.init_from and latest is None:
+        _load_initial_weights(full, cfg.train.init_from)
+    model = par.parallelize(full).to(dev)
     total_steps, stop_rule = plan_total_steps(cfg, dp)
     # one precision for every rank: `auto` on CPU is a timing probe, decided on rank 0
     precision = _broadcast(resolve_precision(cfg, dev) if is0 else None)
@@ -402,8 +499,12 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
     metrics = MetricsLog(run_dir, enabled=is0, tensorboard=cfg.train.tensorboard)
     if latest is not None:
         # every rank loads its shard (the whole model when not model parallel)
-        module.load_state_dict(ckpt.load_file(latest / par.shard_file()))
-        st = ckpt.load_file(latest / ckpt.rank_filename(rank))
+        try:
+            model_sd = ckpt.load_file(latest / par.shard_file())
+            st = ckpt.load_file(latest / ckpt.rank_filename(rank))
+        except ckpt.CheckpointError as e:
+            raise TrainError(str(e)) from None
+        module.load_state_dict(model_sd)
         load_optimizer_state(engine.optimizer, st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         batches.load_state_dict(st["data"])
@@ -580,6 +681,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
         train_s = counters["train_seconds"]
         summary = {
             "name": cfg.name, "status": status, "message": message,
+            "config_fingerprint": config_fingerprint(cfg),
             "run_dir": str(run_dir), "world_size": world, "parallel": par.describe(),
             "device": dev, "precision": precision,
             "cpu_malloc": malloc_mode() if dev == "cpu" else None,
