@@ -149,8 +149,9 @@ def resolve_corpus(corpus: str) -> CorpusSource:
                             f"({prefix}.bin is missing)")
         return CorpusSource("indexed", prefix.resolve(), spec)
     if not path.exists():
-        raise DataError(f"data.corpus path does not exist: {path} (expected 'stdlib', a folder, "
-                        f"a .jsonl file, or a Megatron prefix with .bin/.idx files)")
+        raise DataError(f"data.corpus path does not exist: {path} (expected 'stdlib', a folder "
+                        f"of text files / .jsonl[.gz|.zst] / .parquet shards, one such file, a "
+                        f"glob or list of files, or a Megatron prefix with .bin/.idx files)")
     if path.is_dir():
         return CorpusSource("folder", path.resolve(), spec)
     fmt = shard_format(path)

@@ -486,7 +486,8 @@ def format_plan(cfg: LadderConfig, runs: list[Run], sizes: Optional[list] = None
                      f"({cfg.gpus} GPUs per run, runs one after another)")
     for cs in sizes or []:
         if cs.train_tokens is None:
-            lines.append(f"data.corpus {cs.corpus!r}: epochs unknown: {cs.note}")
+            lines.append(f"data.corpus {cs.corpus!r}: epochs unknown: {cs.note}; point "
+                         "data.corpus at your corpus (the ladder's overrides)")
         else:
             lines.append(f"data.corpus {cs.corpus!r}: {cs.train_tokens:,} training tokens; "
                          f"{cs.note}")
