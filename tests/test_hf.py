@@ -104,6 +104,20 @@ def test_import_of_a_random_transformers_model(tmp_path):
     tok = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (ours.logits(tok) - hf(tok).logits).abs().max().item() <= 1e-4
+    # training starts from the imported weights (train.init_from; a fresh optimizer)
+    from moe.config import load_config as _load
+    from moe.train import train
+
+    tcfg = _load(tmp_path / "run" / "config.yaml",
+                 ["train.max_steps=1", "train.micro_batch_size=2", "train.seq_len=16",
+                  "train.eval_every=1", "train.eval_batches=1", "train.warmup_steps=0",
+                  "train.precision=fp32", "data.tokenizer=bytes",
+                  f"data.cache_dir={tmp_path / 'cache'}", "train.lr=1e-12"])
+    res = train(tcfg, tmp_path / "tuned", progress=False)
+    assert res.exit_code == 0
+    tuned, _ = load_model(tmp_path / "tuned")
+    with torch.no_grad():  # lr ~0: the trained model is still the imported one
+        assert (tuned.logits(tok) - hf(tok).logits).abs().max().item() <= 1e-4
 
 
 def test_state_dict_round_trip_is_exact():
