@@ -37,6 +37,42 @@ def _commit() -> str:
         return "unknown"
 
 
+@torch.no_grad()
+def call_costs(model, prompt, n: int = 200) -> dict:
+    """Milliseconds per call after the prompt: a main pass (+ head) of 1 and of 2 tokens
+    (plain decoding's step; speculative verification) and an MTP draft (1 position + head):
+    what the speed-up is made of."""
+    from moe.layers import KVCache
+
+    caches = [KVCache() for _ in model.layers]
+    h = model.hidden(torch.tensor([prompt]), caches)
+    P = len(prompt)
+    mc = KVCache()
+    model.mtp_hidden(0, torch.tensor([prompt[1:] + [prompt[0]]]), h, mc)
+
+    def main_pass(k):
+        hh = model.hidden(torch.tensor([prompt[:k]]), caches)
+        model.head(model.norm(hh))
+        for c in caches:
+            c.truncate(P)
+
+    def draft():
+        hk = model.mtp_hidden(0, torch.tensor([prompt[:1]]), h[:, :1], mc)
+        model.mtp_logits(0, hk[:, -1])
+        mc.truncate(P)
+
+    out = {}
+    for name, f in (("ms_main_1_token", lambda: main_pass(1)),
+                    ("ms_main_2_tokens", lambda: main_pass(2)), ("ms_mtp_draft", draft)):
+        for _ in range(20):
+            f()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        out[name] = (time.perf_counter() - t0) / n * 1e3
+    return out
+
+
 def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     from moe.generate import generate, run_tokenizer  # noqa: F401
@@ -80,6 +116,7 @@ def main(argv=None) -> int:
         tot["accepted"] += spec.accepted
         tot["passes"] += spec.main_passes
         tot["identical"] += int(spec.tokens == plain.tokens)
+    per_call = call_costs(model, prompts[0])
     row = {
         "run": str(a.run_dir), "model": cfg.name, "attention": cfg.model.attention,
         "params_total": int(sum(p.numel() for p in model.parameters())),
@@ -92,6 +129,7 @@ def main(argv=None) -> int:
         "speedup": tot["plain_s"] / tot["spec_s"],
         "main_passes_per_token_spec": tot["passes"] / tot["tokens"],
         "identical_outputs": f"{tot['identical']}/{a.prompts}",
+        **per_call,
         "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                   f"torch threads {torch.get_num_threads()}",
         "python": platform.python_version(), "torch": torch.__version__, "commit": _commit(),
