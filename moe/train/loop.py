@@ -50,6 +50,7 @@ from ..model import build_model
 from ..router import max_violation
 from ..rundir import RunDirError, lock_dir
 from . import checkpoint as ckpt
+from .opbuild import OpBuildError
 from .engine import (all_reduce_sum, build_engine, deepspeed_config, device_type,
                      init_process_group, load_optimizer_state, optimizer_state,
                      resolve_precision)
@@ -435,7 +436,10 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
         ds_cfg["gradient_clipping"] = 0.0  # exact clipping over shards: par.clip_grad_norm_
     if is0:
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
-    engine, _, scheduler = build_engine(cfg, model, total_steps, ds_cfg, mpu=par.mpu)
+    try:
+        engine, _, scheduler = build_engine(cfg, model, total_steps, ds_cfg, mpu=par.mpu)
+    except OpBuildError as e:
+        raise TrainError(str(e)) from None
     module = engine.module
     batches = TokenBatches(data.train, batch_size=cfg.train.micro_batch_size,
                            seq_len=cfg.train.seq_len, extra_tokens=cfg.mtp.depth,
