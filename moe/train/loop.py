@@ -90,6 +90,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any (a checkpoint write failed)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        return bool(all_reduce_sum(t)[0])
+    return bool(flag)
+
+
 def _broadcast(obj):
     """rank 0's ``obj`` on every rank (identity on one rank)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -355,6 +363,13 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
     if dev == "cpu" and cfg.train.cpu_keep_freed_memory:
         keep_freed_memory()
 
+    # ---------------- does it fit? (rank 0 decides from the config's accounting)
+    from .memguard import check_fits
+
+    err = _broadcast(check_fits(cfg, dev, world, par.topo.tp) if is0 else None)
+    if err is not None:
+        raise TrainError(err)
+
     # ---------------- run directory (decided on rank 0, shared with the others)
     if is0:
         if run_dir is None:
@@ -512,6 +527,12 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
             bar.write(f"step {counters['step']}: eval lm_loss {row['lm_loss']:.4f}")
 
     def do_ckpt():
+        try:
+            _save()
+        except ckpt.CheckpointWriteError as e:  # disk full: stop, the last good one is kept
+            raise TrainError(str(e)) from None
+
+    def _save():
         nonlocal last_ckpt_step
         ckpt.save_checkpoint(
             run_dir, counters["step"], _rank_state(engine, scheduler, batches, counters),
@@ -522,7 +543,7 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
                   "data_fingerprint": data.fingerprint,
                   "config_name": cfg.name, "zero_stage": cfg.train.zero_stage,
                   "precision": precision, "saved_utc": datetime.now(timezone.utc).isoformat()},
-            rank=rank, world_size=world, barrier=_barrier)
+            rank=rank, world_size=world, barrier=_barrier, any_failed=_any_rank)
         last_ckpt_step = counters["step"]
 
     if counters["step"] == 0 and cfg.train.eval_at_start:
