@@ -201,7 +201,7 @@ def _publish(run_dir: Path, root: Path, tmp: Path, final: Path, name: str, step:
     _prune(root, keep_last, keep={name})
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the previous complete one is still ``latest``."""
 
 
