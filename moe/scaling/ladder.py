@@ -540,9 +540,12 @@ def check_runnable(cfg: LadderConfig, base: Path, runs: list[Run]) -> Optional[s
 
     from ..train.memguard import check_fits
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        # measuring free GPU memory here would give this parent a CUDA context for the
+        # whole ladder; each run's train checks its own device before allocating
+        return None
     for r in runs:
-        err = check_fits(load_config(base, r.overrides), dev, 1)
+        err = check_fits(load_config(base, r.overrides), "cpu", 1)
         if err is not None:
             return f"ladder run {r.name}: {err}"
     return None
