@@ -129,3 +129,24 @@ def count_params(cfg: Config, seq_len: int | None = None, include_mtp: bool = Tr
         routed_experts=n_moe * moe_routed, n_moe_layers=n_moe,
         flops_per_token_fwd=float(fwd), flops_per_token_train=float(train), seq_len=S,
     )
+
+
+#: bytes per parameter that training holds at least once across all ranks: fp32 weights,
+#: gradients and AdamW's two moments (4 + 4 + 8); bf16 adds a copy, ZeRO only shards these
+TRAIN_BYTES_PER_PARAM = 16
+
+
+def train_memory_lower_bound(cfg: Config, world: int = 1, tp: int = 1) -> dict:
+    """A lower bound on one rank's training memory, from the config's own accounting.
+
+    Optimistic on purpose (a guard that refuses only what cannot fit): the parameter state
+    (``TRAIN_BYTES_PER_PARAM`` x every parameter, MTP included) is taken as perfectly
+    sharded over ``world`` ranks, and activations as one 2-byte residual stream per layer
+    per token of a micro batch (split over ``tp``), with nothing else saved for backward.
+    Returns bytes: ``params``, ``state``, ``activations``, ``total``."""
+    c = count_params(cfg)
+    n = c.total_with_mtp
+    state = n * TRAIN_BYTES_PER_PARAM / max(1, world)
+    tokens = cfg.train.micro_batch_size * (cfg.train.seq_len + cfg.mtp.depth)
+    acts = tokens * (cfg.model.n_layers + cfg.mtp.depth) * cfg.model.d_model * 2 / max(1, tp)
+    return {"params": n, "state": state, "activations": acts, "total": state + acts}

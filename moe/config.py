@@ -625,6 +625,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
+        if raw.strip()[:1] in ("'", '"'):  # a quoted value that YAML cannot close
+            raise ConfigError(f"override {text!r} has unbalanced quotes") from None
         value = raw
     return key.split("."), value
 

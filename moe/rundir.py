@@ -52,9 +52,28 @@ class DirLock:
         self.release()
 
 
+_KERNEL_FS = ("/proc", "/sys")
+
+
+def _kernel_fs(path: Path) -> Optional[str]:
+    """The kernel file system (/proc, /sys) that ``path`` resolves into, or None."""
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):
+        return None
+    for root in _KERNEL_FS:
+        if real == root or real.startswith(root + "/"):
+            return root
+    return None
+
+
 def check_dir(path: Path, what: str = "run directory") -> None:
     """RunDirError unless ``path`` is (or can be created as) a writable directory."""
     path = Path(path)
+    kernel_fs = _kernel_fs(path)
+    if kernel_fs is not None:
+        raise RunDirError(f"{what} {path} is under {kernel_fs}, a kernel file system, not a "
+                          "place for files; pass a directory on a disk")
     try:
         is_other = path.exists() and not path.is_dir()
     except OSError as e:

@@ -54,8 +54,9 @@ def _config(p: Path, text: str | bytes = "name: bad\n", name: str = "c.yaml") ->
     return f
 
 
-def _train(p: Path, cfg: Path, out: Path) -> list[str]:
-    return ["train", str(cfg), "train.max_steps=2", "--out", str(out), "--no-progress"]
+def _train(p: Path, cfg: Path, out: Path, *overrides: str) -> list[str]:
+    return ["train", str(cfg), "train.max_steps=2", *overrides, "--out", str(out),
+            "--no-progress"]
 
 
 def _ladder(p: Path, body: str = LADDER, *extra: str) -> list[str]:
@@ -137,13 +138,110 @@ def config_inside_out(p):
     return _train(p, cfg, p / "run"), "would overwrite the config file"
 
 
+def out_under_proc(p):
+    return _train(p, _config(p), Path("/proc/moe-testbed-out")), \
+        "run directory /proc/moe-testbed-out is under /proc, a kernel file system"
+
+
+def override_unbalanced_quote(p):
+    argv = _train(p, _config(p), p / "out", 'name="half')
+    return argv, """override 'name="half' has unbalanced quotes"""
+
+
+def train_cannot_fit(p):
+    # ~74 G parameters: 16 bytes each for weights, gradients and AdamW state exceeds any
+    # machine this runs on; refused from count_params before data or model exist
+    argv = _train(p, _config(p), p / "out", "model.d_model=16384", "model.n_layers=64",
+                  "model.n_heads=64")
+    return argv, "cannot fit this machine: it needs at least"
+
+
+def ladder_est_flops_zero(p):
+    return _ladder(p, LADDER + "est_flops_per_s: 0\n", "--dry-run"), \
+        "est_flops_per_s=0.0 is invalid: allowed a finite value > 0"
+
+
+def ladder_launcher_unbalanced(p):
+    return _ladder(p, LADDER + "launcher: \"torchrun --nproc_per_node '8\"\n", "--dry-run"), \
+        "launcher=\"torchrun --nproc_per_node '8\" is invalid: No closing quotation"
+
+
+def ladder_launcher_missing(p):
+    return _ladder(p, LADDER + "launcher: no-such-launcher-7f3 --nproc_per_node 1\n",
+                   "--out", str(p / "lad"), "--no-progress"), \
+        "'no-such-launcher-7f3' is not an executable found on PATH"
+
+
+def ladder_size_cannot_fit(p):
+    body = LADDER.replace("sizes:\n", "sizes:\n  - {name: huge, d_model: 16384, n_layers: 64, "
+                                       "n_heads: 64}\n")
+    return _ladder(p, body, "--out", str(p / "lad"), "--no-progress"), \
+        "ladder run huge-dense: model"
+
+
+def _metrics(p, lines):
+    run = p / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(l + "\n" for l in lines))
+    return run
+
+
+def plot_run_no_usable_rows(p):
+    run = _metrics(p, ["not json", "[1, 2]", '{"kind": "train", "lm_loss": 3.0}'])
+    return ["plot-run", str(run)], "has no usable rows (3 malformed)"
+
+
+def _ckpt(p, meta: str):
+    d = p / "run" / "checkpoints" / "step_00000002"
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(meta)
+    return d
+
+
+def consolidate_meta_not_json(p):
+    d = _ckpt(p, '{"step": 2, "files": [')
+    return ["consolidate", str(d), "--out", str(p / "full.pt")], \
+        "cannot consolidate " + str(d) + ": meta.json is unreadable or not JSON"
+
+
+def consolidate_meta_not_mapping(p):
+    d = _ckpt(p, "[1, 2]")
+    return ["consolidate", str(d), "--out", str(p / "full.pt")], "meta.json lists no files"
+
+
+def consolidate_missing_step(p):
+    root = p / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    (root / "latest").write_text("step_00000005\n")
+    return ["consolidate", str(p / "run"), "--out", str(p / "full.pt")], \
+        "names step_00000005, which is missing"
+
+
+GADRE = REPO / "moe" / "scaling" / "data" / "gadre2024_rpj.csv"
+
+
+def fit_out_is_file(p):
+    (p / "rep").write_text("x\n")
+    return ["fit", str(GADRE), "--out", str(p / "rep"), "--n-boot", "2"], \
+        f"output directory {p / 'rep'} exists and is not a directory"
+
+
+def fit_out_under_proc(p):
+    return ["fit", str(GADRE), "--out", "/proc/self/rep", "--n-boot", "2"], \
+        "output directory /proc/self/rep is under /proc"
+
+
 CASES = [out_is_file,
          pytest.param(out_not_writable, marks=pytest.mark.skipif(
              os.geteuid() == 0, reason="root writes into a mode 555 directory")),
          ladder_out_is_file, yaml_not_utf8, yaml_not_mapping, yaml_duplicate_key,
          yaml_duplicate_section, ladder_duplicate_key, base_not_string, base_not_utf8,
          ladder_size_path, ladder_variant_path, ladder_sparsity_hidden, ladder_n_boot_zero,
-         config_inside_out]
+         config_inside_out, out_under_proc, override_unbalanced_quote, train_cannot_fit,
+         ladder_est_flops_zero, ladder_launcher_unbalanced, ladder_launcher_missing,
+         ladder_size_cannot_fit, plot_run_no_usable_rows, consolidate_meta_not_json,
+         consolidate_meta_not_mapping, consolidate_missing_step, fit_out_is_file,
+         fit_out_under_proc]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
@@ -188,3 +286,76 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
           lr: 0.2
     """)))
     assert cfg.train.lr == 0.2 and cfg.train.seed == 3
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_good_one(tmp_path, capsys, monkeypatch):
+    """ENOSPC writing a checkpoint: one error line naming the kept checkpoint, exit 2; the
+    partial directory is gone, `latest` still names the previous complete checkpoint, and
+    --resume (space freed) continues from it."""
+    import errno
+
+    from moe.cli import main
+    from moe.train import checkpoint as ckpt
+
+    real = ckpt.save_file
+
+    def full_disk(obj, path):
+        if "step_00000004" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(obj, path)
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    run = tmp_path / "run"
+    argv = ["train", str(REPO / "configs" / "tiny-moe.yaml"), "model.vocab_size=512",
+            "mtp.depth=0", "train.seq_len=32", "train.max_steps=6", "train.ckpt_every=2",
+            "train.eval_every=100"]
+    assert main(argv + ["--out", str(run), "--no-progress"]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    kept = run / "checkpoints" / "step_00000002"
+    assert len(err) == 1, err
+    assert err[0].startswith(f"error: cannot write checkpoint step_00000004 in "
+                             f"{run / 'checkpoints'}: No space left on device ("), err
+    assert err[0].endswith(f"; the last good checkpoint {kept} is kept; free space and rerun "
+                           "with --resume"), err
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert ckpt.check_checkpoint(kept) is None
+    monkeypatch.setattr(ckpt, "save_file", real)  # space freed
+    assert main(argv + ["--out", str(run), "--no-progress", "--resume"]) == 0
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+
+def test_plot_run_skips_and_counts_malformed_rows(tmp_path, capsys):
+    from moe.cli import main
+
+    good = [{"kind": "train", "step": s, "lm_loss": 5.0 - s, "maxvio": [0.1, 0.2]}
+            for s in (1, 2, 3)] + [{"kind": "eval", "step": 3, "lm_loss": 2.5,
+                                    "maxvio_global": [0.1]}]
+    import json
+
+    lines = [json.dumps(r) for r in good] + [
+        "{torn", '"a string"', '{"kind": "train", "step": "x", "lm_loss": 1}',
+        '{"kind": "train", "step": 4, "lm_loss": 1, "maxvio": 0.5}']
+    run = _metrics(tmp_path, lines)
+    assert main(["plot-run", str(run)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: skipped 4 malformed row(s) of {run / 'metrics.jsonl'}"]
+    assert (run / "training.png").stat().st_size > 0
+
+
+def test_fit_write_error_names_the_output_path(tmp_path, capsys, monkeypatch):
+    """A failure while writing the report (here: disk full) names the file under --out,
+    never the input table."""
+    import errno
+
+    from moe.cli import main
+    from moe.scaling import report
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "rep" / "fits.json"))
+
+    monkeypatch.setattr(report, "write_fits", full)
+    assert main(["fit", str(GADRE), "--out", str(tmp_path / "rep"), "--n-boot", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write {tmp_path / 'rep' / 'fits.json'}: No space left on "
+                   "device"]

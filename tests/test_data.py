@@ -8,6 +8,7 @@ The cache always lives under a temporary MOE_TESTBED_CACHE.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -702,3 +703,22 @@ def test_prepare_command_builds_then_finds_the_cache(tmp_path, capsys):
     assert main(["prepare", str(cfg), f"data.corpus={tmp_path / 'nope'}", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: data.corpus path does not exist")
+
+
+def test_cached_ids_outside_vocab_are_refused_when_opened(tmp_path):
+    """A cache whose .bin holds an id >= vocab_size (corrupt, or written for another
+    vocabulary) is a DataError naming the cache when it is opened, not an index error in
+    the embedding mid-training; a rewritten .bin is rescanned (max_id.json is a memo)."""
+    root = make_folder(tmp_path / "c", n=6)
+    d = prepare_data(str(root), "bytes", 257, val_fraction=0.2, progress=False)
+    (final,) = (tmp_path / "cache" / "data").iterdir()
+    assert json.loads((final / "max_id.json").read_text())["max_id"] <= 256
+    raw = np.memmap(final / "train.bin", dtype=d.train.dtype, mode="r+")
+    raw[3] = 4000  # an id no byte tokenizer writes
+    raw.flush()
+    del raw
+    st = (final / "train.bin").stat()  # a later rewrite: its mtime moves on (not within a tick)
+    os.utime(final / "train.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match=rf"cached data {final} contains token id 4000, outside "
+                                        r"vocab_size=257 .*delete"):
+        prepare_data(str(root), "bytes", 257, val_fraction=0.2, progress=False)

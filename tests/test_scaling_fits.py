@@ -353,3 +353,51 @@ def test_efficiency_leverage():
         assert d["leverage"] == pytest.approx(1.0, rel=1e-2)
     with pytest.raises(ValueError, match="dense"):
         efficiency_leverage(rows[4:])
+
+
+def test_grid_scoring_memory_is_bounded_and_scores_unchanged():
+    """Issue 16 item 7: the grid pass scores (terms x grid rows x data rows) blocks of at
+    most GRID_BLOCK_ELEMENTS values (a fixed 2048 grid rows was 4.9 GB per block at
+    100,000 rows); the scores do not depend on the block size, bit for bit."""
+    from moe.scaling import fits
+    from moe.scaling.fits import GRID_BLOCK_ELEMENTS, _lse_grid_objective, grid_chunk
+
+    assert grid_chunk(240, 3) == 2048  # small tables: the old blocks
+    for m in (5000, 100_000, 10_000_000):
+        c = grid_chunk(m, 3)
+        assert c >= 1 and (c == 1 or c * m * 3 <= GRID_BLOCK_ELEMENTS)
+    rng = np.random.default_rng(0)
+    m = 5000
+    N, D = 10 ** rng.uniform(6, 9, m), 10 ** rng.uniform(7, 11, m)
+    L = 1.7 + 400 / N ** 0.34 + 410 / D ** 0.28
+    logX, logL = [np.log(N), np.log(D)], np.log(L)
+    grid = fits.chinchilla_grid()
+    auto = _lse_grid_objective(grid, logX, logL, fits.HUBER_DELTA)
+    assert grid_chunk(m, 3) < 2048
+    assert np.array_equal(auto, _lse_grid_objective(grid, logX, logL, fits.HUBER_DELTA,
+                                                    chunk=2048))
+
+
+def test_joint_grid_scores_do_not_depend_on_the_block_size():
+    from moe.scaling import joint_moe
+
+    rng = np.random.default_rng(1)
+    m, p = 3000, 3
+    feats = [rng.normal(size=(m, p)), rng.normal(size=(m, p))]
+    grid = rng.normal(size=(700, 2 * p + 1))
+    logL = rng.normal(size=m)
+    a = joint_moe._grid_scores(grid, feats, logL, 1e-3)
+    b = joint_moe._grid_scores(grid, feats, logL, 1e-3, chunk=2048)
+    assert np.array_equal(a, b)
+
+
+def test_maxvio_figure_width_is_capped(tmp_path):
+    """A MaxVio bar per run drew a 0.35 in x N canvas: ~1 GB of pixels at 13,000 MoE runs."""
+    import matplotlib.image as mpimg
+
+    from moe.scaling.figures import MAXVIO_MAX_WIDTH_IN, maxvio
+
+    runs = [{"name": f"r{i}", "maxvio": 0.1 + (i % 7) / 100} for i in range(5000)]
+    name = maxvio({"runs": runs}, tmp_path)
+    h, w = mpimg.imread(tmp_path / name).shape[:2]
+    assert w <= MAXVIO_MAX_WIDTH_IN * 110 + 1 and h <= 4 * 110 + 1

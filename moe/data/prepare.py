@@ -196,7 +196,7 @@ def prepare_data(corpus: Union[str, list] = "stdlib", tokenizer: str = "bpe",
                 _build(source, tokenizer, vocab_size, val_fraction, fp, root, final, progress,
                        text_field, on_bad_record, tokenizer_sample_bytes)
                 built = True
-    return _load_cached(final, fp, t0, built)
+    return _load_cached(final, fp, t0, built, vocab_size)
 
 
 def _cache_path(source: CorpusSource, tokenizer: str, vocab_size: int, val_fraction: float,
@@ -297,7 +297,32 @@ def corpus_bytes(source: CorpusSource) -> int:
     return int(source.path.stat().st_size)
 
 
-def _load_cached(final: Path, fp: str, t0: float, built: bool) -> PreparedData:
+def _max_id(final: Path, splits: dict) -> int:
+    """The largest token id of the cached splits, remembered in ``final/max_id.json``
+    against each .bin's size and mtime (a rewritten .bin is scanned again)."""
+    stamp = {}
+    for s in SPLITS:
+        with contextlib.suppress(OSError):
+            st = (final / f"{s}.bin").stat()
+            stamp[s] = [st.st_size, st.st_mtime_ns]
+    memo = final / "max_id.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(memo.read_text())
+        if saved["bins"] == stamp:
+            return int(saved["max_id"])
+    max_id = 0
+    for split in splits.values():
+        if split.num_tokens:
+            max_id = max(max_id, int(split.tokens().max()))
+    with contextlib.suppress(OSError):  # only a speed-up: a read-only cache is fine
+        tmp = memo.with_name(f".tmp-{memo.name}-{os.getpid()}")
+        tmp.write_text(json.dumps({"max_id": max_id, "bins": stamp}))
+        os.replace(tmp, memo)
+    return max_id
+
+
+def _load_cached(final: Path, fp: str, t0: float, built: bool,
+                 vocab_size: Optional[int] = None) -> PreparedData:
     try:
         meta = json.loads((final / "meta.json").read_text())
     except (OSError, ValueError) as e:
@@ -310,6 +335,12 @@ def _load_cached(final: Path, fp: str, t0: float, built: bool) -> PreparedData:
         if splits[s].num_tokens != meta["stats"]["tokens"][s]:
             raise DataError(f"cached {s} split in {final} has {splits[s].num_tokens} tokens, "
                             f"meta.json says {meta['stats']['tokens'][s]}; delete {final}")
+    if vocab_size is not None:  # checked when opened, not as an index error mid-training
+        max_id = _max_id(final, splits)
+        if max_id >= vocab_size:
+            raise DataError(f"cached data {final} contains token id {max_id}, outside "
+                            f"vocab_size={vocab_size} (needs >= {max_id + 1}): the cache is "
+                            f"corrupt or was written for another vocabulary; delete {final}")
     stats = dict(meta["stats"])
     stats["cached"] = not built
     stats["seconds"] = dict(stats["seconds"])

@@ -221,7 +221,7 @@ def consolidate_main(argv: list[str]) -> int:
     import argparse
     from pathlib import Path
 
-    from ..train.checkpoint import latest_checkpoint, save_file
+    from ..train.checkpoint import CKPT_DIR, check_checkpoint, save_file, usable_checkpoint
 
     p = argparse.ArgumentParser(prog="moe-testbed consolidate",
                                 description="Merge a sharded checkpoint into one model state dict.")
@@ -229,19 +229,34 @@ def consolidate_main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output file (.pt)")
     a = p.parse_args(argv)
     d = Path(a.path)
-    if not (d / "meta.json").is_file():
-        latest = latest_checkpoint(d) if d.is_dir() else None
+    if d.is_dir() and (d / CKPT_DIR).is_dir():  # a run directory: its newest usable one
+        latest, problems = usable_checkpoint(d)
         if latest is None:
-            print(f"error: {d} is neither a checkpoint directory nor a run directory with "
-                  "checkpoints", file=sys.stderr)
+            why = "; ".join(problems) if problems else "it has no checkpoint"
+            print(f"error: nothing to consolidate in {d}: {why}", file=sys.stderr)
             return 2
+        for problem in problems:
+            print(f"warning: {problem}; consolidating {latest}", file=sys.stderr)
         d = latest
+    elif not (d / "meta.json").exists():
+        print(f"error: {d} is neither a checkpoint directory nor a run directory with "
+              "checkpoints", file=sys.stderr)
+        return 2
+    problem = check_checkpoint(d)
+    if problem is not None:  # meta.json unreadable / a listed file missing or truncated
+        print(f"error: cannot consolidate {d}: {problem}", file=sys.stderr)
+        return 2
     try:
         state = load_consolidated(d)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:  # missing / corrupt shard files
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        # corrupt shard files, or a meta.json whose parallel layout is not {tp: int, ep: int}
         print(f"error: cannot consolidate {d}: {e}", file=sys.stderr)
         return 2
-    save_file(state, Path(a.out))
+    try:
+        save_file(state, Path(a.out))
+    except OSError as e:
+        print(f"error: cannot write {a.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     n = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
     print(f"{d} -> {a.out}: {len(state)} tensors, {n:,} elements")
     return 0

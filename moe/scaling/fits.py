@@ -134,9 +134,24 @@ def _lse_objective(theta, logX, logL, delta, reduction):
     return f, grad
 
 
-def _lse_grid_objective(grid, logX, logL, delta, chunk=2048):
+#: elements of one (terms x grid rows x data rows) block scored at once: 2^22 float64 =
+#: 32 MiB, so a grid pass peaks near 0.2 GB whatever the table size (the numpy temporaries
+#: of _lse0 and huber are a few blocks). A fixed 2048 grid rows was 4.9 GB per block at
+#: 100,000 rows and the fit peaked at 9.4 GB.
+GRID_BLOCK_ELEMENTS = 1 << 22
+
+
+def grid_chunk(n_rows: int, n_terms: int, cap: int = 2048) -> int:
+    """Grid rows per block so that a block holds <= GRID_BLOCK_ELEMENTS values (>= 1,
+    <= ``cap``: small tables keep the old 2048-row blocks). Scores do not depend on it:
+    each grid row is reduced on its own."""
+    return max(1, min(cap, GRID_BLOCK_ELEMENTS // max(1, n_rows * n_terms)))
+
+
+def _lse_grid_objective(grid, logX, logL, delta, chunk=None):
     """Summed Huber objective at every grid row, vectorised in chunks (bounded memory)."""
     out = np.empty(len(grid))
+    chunk = chunk or grid_chunk(len(logL), len(logX) + 1)
     for s in range(0, len(grid), chunk):
         T = _lse_terms(grid[s:s + chunk], logX)
         r = _lse0(T) - logL[None, :]

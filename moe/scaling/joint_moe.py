@@ -68,7 +68,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 from moe.scaling._blas import single_threaded_blas
-from moe.scaling.fits import HUBER_DELTA, _as_pos_array, clark_expert_transform, huber
+from moe.scaling.fits import (HUBER_DELTA, _as_pos_array, clark_expert_transform, grid_chunk,
+                              huber)
 
 __all__ = ["fit_joint_moe", "joint_moe_predict", "joint_moe_grid", "JOINT_PARAMS"]
 
@@ -133,8 +134,9 @@ def _feature_lse_objective(theta, feats, logL, huber_delta=HUBER_DELTA):
     return f, grad
 
 
-def _grid_scores(grid, feats, logL, huber_delta, chunk=2048):
+def _grid_scores(grid, feats, logL, huber_delta, chunk=None):
     out = np.empty(len(grid))
+    chunk = chunk or grid_chunk(len(logL), len(feats) + 1)  # bounded memory (fits.py)
     for s in range(0, len(grid), chunk):
         r = _lse0(_feature_terms(grid[s:s + chunk], feats)) - logL[None, :]
         out[s:s + chunk] = huber(r, huber_delta).sum(axis=1)

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -210,6 +211,16 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
                               "names run directories")
     if cfg.n_boot < 1:
         raise ConfigError(f"n_boot={cfg.n_boot} is invalid: allowed an integer >= 1")
+    if not cfg.est_flops_per_s > 0 or not math.isfinite(cfg.est_flops_per_s):
+        raise ConfigError(f"est_flops_per_s={cfg.est_flops_per_s} is invalid: allowed a "
+                          "finite value > 0 (FLOP/s one run achieves)")
+    if cfg.gpus < 0:
+        raise ConfigError(f"gpus={cfg.gpus} is invalid: allowed an integer >= 0")
+    if cfg.launcher:
+        try:
+            shlex.split(os.path.expandvars(cfg.launcher))
+        except ValueError as exc:  # unbalanced quotes: shlex's "No closing quotation"
+            raise ConfigError(f"launcher={cfg.launcher!r} is invalid: {exc}") from None
     for what, items in (("sizes", cfg.sizes), ("sparsities", cfg.sparsities)):
         names = [i.name for i in items]
         if len(set(names)) != len(names):
@@ -607,6 +618,31 @@ def default_train_cmd(cfg: LadderConfig) -> list[str]:
     return shlex.split(os.path.expandvars(cfg.launcher)) + ["-m", "moe.cli", "train"]
 
 
+def check_runnable(cfg: LadderConfig, base: Path, runs: list[Run]) -> Optional[str]:
+    """Before training anything (not for --dry-run, which may plan for another machine):
+    the launcher's executable exists here, and each run not yet done fits this machine
+    when it runs as one local process. One line naming the problem, or None."""
+    if cfg.launcher:
+        exe = default_train_cmd(cfg)[0]
+        if shutil.which(exe) is None:
+            return (f"launcher={cfg.launcher!r} is invalid: {exe!r} is not an executable "
+                    "found on PATH")
+        return None  # a launcher decides the world size: train checks each rank itself
+    import torch
+
+    from ..train.memguard import check_fits
+
+    if torch.cuda.is_available():
+        # measuring free GPU memory here would give this parent a CUDA context for the
+        # whole ladder; each run's train checks its own device before allocating
+        return None
+    for r in runs:
+        err = check_fits(load_config(base, r.overrides), "cpu", 1)
+        if err is not None:
+            return f"ladder run {r.name}: {err}"
+    return None
+
+
 def run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
                train_cmd: Optional[list[str]] = None, progress: bool = True) -> list[dict]:
     """Train every run not yet done (resuming where a checkpoint exists); return result rows."""
@@ -895,6 +931,10 @@ def ladder_main(argv: list[str]) -> int:
     if a.dry_run:
         return 0
     out = Path(a.out or f"runs/ladder-{cfg.name}")
+    problem = check_runnable(cfg, base, runs)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     t0 = time.time()
     from ..rundir import RunDirError
 

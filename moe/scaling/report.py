@@ -416,10 +416,6 @@ def fit_main(argv: list[str] | None = None) -> int:
         side: dict = {}
         rows = load_results(path, skipped=skipped, columns=_parse_columns(args.column),
                             side=side)
-        out = Path(args.out) if args.out else path.parent / "scaling_report"
-        notes = [f"not fitted: {n} ({why})" for n, why in skipped]
-        report = write_report(rows, out, n_boot=args.n_boot, holdout=args.holdout,
-                              seed=args.seed, source=path.name, notes=notes, side=side)
     except ResultsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -428,6 +424,26 @@ def fit_main(argv: list[str] | None = None) -> int:
         return 2
     except (OSError, UnicodeDecodeError) as exc:
         print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    # the output directory is checked before fitting, and its errors name it (not RESULTS)
+    from ..rundir import RunDirError, check_dir
+
+    out = Path(args.out) if args.out else path.parent / "scaling_report"
+    try:
+        check_dir(out, "output directory")
+    except RunDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        notes = [f"not fitted: {n} ({why})" for n, why in skipped]
+        report = write_report(rows, out, n_boot=args.n_boot, holdout=args.holdout,
+                              seed=args.seed, source=path.name, notes=notes, side=side)
+    except ResultsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing the report (disk full, a file in the way, ...)
+        print(f"error: cannot write {exc.filename or out}: {exc.strerror or exc}",
+              file=sys.stderr)
         return 2
     print(report)
     print(out / "fits.json")

@@ -118,6 +118,7 @@ def save_checkpoint(run_dir: Path, step: int, rank_state: dict, *, model_state: 
                     meta: dict, rank: int = 0, world_size: int = 1,
                     model_file: str = "model.pt", model_files: Optional[list[str]] = None,
                     barrier: Callable[[], None] = _noop, keep_last: int = 2,
+                    any_failed: Callable[[bool], bool] = bool,
                     _before_publish: Callable[[Path], None] = _noop) -> Path:
     """Write checkpoint ``step`` atomically and point ``latest`` at it; return its path.
 
@@ -127,51 +128,97 @@ def save_checkpoint(run_dir: Path, step: int, rank_state: dict, *, model_state: 
     ``model_files`` lists every shard's file (default ``[model_file]``). ``keep_last``
     older complete checkpoints are kept besides the new one. ``_before_publish`` is a test
     hook called with the temporary directory just before it is renamed into place.
+
+    A write that fails (ENOSPC: disk full, EIO, ...) on any rank raises
+    :class:`CheckpointWriteError` on every rank (``any_failed``: True on every rank when
+    any rank passes True, e.g. an all-reduce; default: this rank only): the partial
+    directory is removed and ``latest`` still names the previous complete checkpoint.
     """
     root = Path(run_dir) / CKPT_DIR
     name = step_dirname(step)
     tmp = root / f".tmp-{name}"
+    error: Optional[OSError] = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # left by a crash mid-write
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-*"):  # left by a crash mid-write
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            error = e
     barrier()
-    save_file(rank_state, tmp / rank_filename(rank))
-    if model_state is not None:
-        save_file(model_state, tmp / model_file)
+    if error is None and tmp.is_dir():
+        try:
+            save_file(rank_state, tmp / rank_filename(rank))
+            if model_state is not None:
+                save_file(model_state, tmp / model_file)
+        except OSError as e:
+            error = e
     barrier()
+    if any_failed(error is not None):
+        _write_failed(run_dir, tmp, name, rank, error)
     final = root / name
     if rank == 0:
-        meta = dict(meta, step=step, world_size=world_size,
-                    files=list(model_files or [model_file])
-                    + [rank_filename(r) for r in range(world_size)])
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _before_publish(tmp)
         try:
-            current = latest_checkpoint(run_dir)
-        except RuntimeError:  # `latest` names a broken checkpoint: replaced below
-            current = None
-        if final.exists():
-            if current is not None and current.resolve() == final.resolve() \
-                    and check_checkpoint(final) is None:
-                # The same step is already the published checkpoint (a finished run
-                # resumed and saved again): keep it rather than open a window in which
-                # ``latest`` names a missing directory.
-                shutil.rmtree(tmp, ignore_errors=True)
-                barrier()
-                return final
-            shutil.rmtree(final)  # an unpublished leftover of the same step
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        write_text_atomic(root / LATEST, name + "\n")
-        _prune(root, keep_last, keep={name})
+            _publish(run_dir, root, tmp, final, name, step, world_size, meta,
+                     list(model_files or [model_file]), keep_last, _before_publish)
+        except OSError as e:
+            error = e
     barrier()
+    if any_failed(error is not None):
+        _write_failed(run_dir, tmp, name, rank, error)
     return final
+
+
+def _publish(run_dir: Path, root: Path, tmp: Path, final: Path, name: str, step: int,
+             world_size: int, meta: dict, model_files: list[str], keep_last: int,
+             before_publish: Callable[[Path], None]) -> None:
+    """Rank 0: meta.json into ``tmp``, rename it to ``final``, point ``latest`` at it."""
+    meta = dict(meta, step=step, world_size=world_size,
+                files=model_files + [rank_filename(r) for r in range(world_size)])
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    before_publish(tmp)
+    try:
+        current = latest_checkpoint(run_dir)
+    except RuntimeError:  # `latest` names a broken checkpoint: replaced below
+        current = None
+    if final.exists():
+        if current is not None and current.resolve() == final.resolve() \
+                and check_checkpoint(final) is None:
+            # The same step is already the published checkpoint (a finished run
+            # resumed and saved again): keep it rather than open a window in which
+            # ``latest`` names a missing directory.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        shutil.rmtree(final)  # an unpublished leftover of the same step
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    write_text_atomic(root / LATEST, name + "\n")
+    _prune(root, keep_last, keep={name})
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous complete one is still ``latest``."""
+
+
+def _write_failed(run_dir: Path, tmp: Path, name: str, rank: int,
+                  error: Optional[OSError]) -> None:
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial files (and the space they hold)
+    try:
+        kept = latest_checkpoint(run_dir)
+    except RuntimeError:
+        kept = None
+    why = (f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+           if error is not None else "another rank failed to write its part")
+    keep = (f"the last good checkpoint {kept} is kept" if kept is not None
+            else "there is no earlier checkpoint")
+    raise CheckpointWriteError(f"cannot write checkpoint {name} in {Path(run_dir) / CKPT_DIR}: "
+                               f"{why}; {keep}; free space and rerun with --resume")
 
 
 def _prune(root: Path, keep_last: int, keep: set) -> None:

@@ -342,6 +342,11 @@ def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, ds_confi
     scheduler). The process group must exist (see :func:`init_process_group`). ``mpu``:
     the model-parallel adapter (:class:`moe.parallel.MegatronMPU`) for TP/EP layouts."""
     deepspeed = import_deepspeed()
+    # build/load DeepSpeed's C++ ops ourselves first: a stale build lock is removed or
+    # named instead of hanging inside init_distributed (see moe.train.opbuild)
+    from .opbuild import ensure_deepspeed_ops
+
+    ensure_deepspeed_ops(cfg.data.cache_dir)
     deepspeed.init_distributed(
         dist_backend="nccl" if device_type() == "cuda" else "gloo",
         timeout=timedelta(seconds=cfg.parallel.timeout_s))

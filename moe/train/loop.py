@@ -50,6 +50,7 @@ from ..model import build_model
 from ..router import max_violation
 from ..rundir import RunDirError, lock_dir
 from . import checkpoint as ckpt
+from .opbuild import OpBuildError
 from .engine import (all_reduce_sum, build_engine, deepspeed_config, device_type,
                      init_process_group, load_optimizer_state, optimizer_state,
                      resolve_precision)
@@ -87,6 +88,14 @@ class RunResult:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any (a checkpoint write failed)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        return bool(all_reduce_sum(t)[0])
+    return bool(flag)
 
 
 def _broadcast(obj):
@@ -394,6 +403,13 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
     if dev == "cpu" and cfg.train.cpu_keep_freed_memory:
         keep_freed_memory()
 
+    # ---------------- does it fit? (rank 0 decides from the config's accounting)
+    from .memguard import check_fits
+
+    err = _broadcast(check_fits(cfg, dev, world, par.topo.tp) if is0 else None)
+    if err is not None:
+        raise TrainError(err)
+
     # ---------------- run directory (decided on rank 0, shared with the others)
     if is0:
         if run_dir is None:
@@ -478,7 +494,10 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
         ds_cfg["gradient_clipping"] = 0.0  # exact clipping over shards: par.clip_grad_norm_
     if is0:
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
-    engine, _, scheduler = build_engine(cfg, model, total_steps, ds_cfg, mpu=par.mpu)
+    try:
+        engine, _, scheduler = build_engine(cfg, model, total_steps, ds_cfg, mpu=par.mpu)
+    except OpBuildError as e:
+        raise TrainError(str(e)) from None
     module = engine.module
     batches = TokenBatches(data.train, batch_size=cfg.train.micro_batch_size,
                            seq_len=cfg.train.seq_len, extra_tokens=cfg.mtp.depth,
@@ -558,6 +577,12 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
             bar.write(f"step {counters['step']}: eval lm_loss {row['lm_loss']:.4f}")
 
     def do_ckpt():
+        try:
+            _save()
+        except ckpt.CheckpointWriteError as e:  # disk full: stop, the last good one is kept
+            raise TrainError(str(e)) from None
+
+    def _save():
         nonlocal last_ckpt_step
         ckpt.save_checkpoint(
             run_dir, counters["step"], _rank_state(engine, scheduler, batches, counters),
@@ -568,7 +593,7 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
                   "data_fingerprint": data.fingerprint,
                   "config_name": cfg.name, "zero_stage": cfg.train.zero_stage,
                   "precision": precision, "saved_utc": datetime.now(timezone.utc).isoformat()},
-            rank=rank, world_size=world, barrier=_barrier)
+            rank=rank, world_size=world, barrier=_barrier, any_failed=_any_rank)
         last_ckpt_step = counters["step"]
 
     if counters["step"] == 0 and cfg.train.eval_at_start:

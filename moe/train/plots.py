@@ -8,10 +8,13 @@ eval set's MaxVio_global as markers).
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
+from typing import Optional
 
-from .metrics import METRICS, read_rows
+from .metrics import METRICS
 
 PNG = "training.png"
 
@@ -40,17 +43,58 @@ def _moe_layer_names(run_dir: Path, n: int) -> list[str]:
     return [f"MoE layer {i}" for i in range(n)]
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the training plot of ``run_dir``; return the PNG path."""
+def _is_step(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _plottable(row) -> bool:
+    """A metrics row the plot can use: a mapping with kind train/eval, a numeric step,
+    an lm_loss, and list-valued MaxVio fields when present."""
+    if not isinstance(row, dict) or row.get("kind", "train") not in ("train", "eval"):
+        return False
+    if not _is_step(row.get("step")) or "lm_loss" not in row:
+        return False
+    return all(isinstance(row[k], list) for k in ("maxvio", "maxvio_global")
+               if row.get(k) is not None)
+
+
+def read_plot_rows(path: Path) -> tuple[list[dict], int]:
+    """(the plottable rows of a metrics file, how many other non-empty lines were skipped:
+    not JSON, not a mapping, or missing/mistyped step, lm_loss, maxvio)."""
+    rows, skipped = [], 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                skipped += 1
+                continue
+            if _plottable(row):
+                rows.append(row)
+            else:
+                skipped += 1
+    return rows, skipped
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, *,
+             skipped: Optional[list] = None) -> Path:
+    """Write the training plot of ``run_dir``; return the PNG path. Malformed metrics rows
+    are left out; their number is appended to ``skipped`` when given."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed (CI, ssh)
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    rows = read_rows(run_dir / METRICS)
+    rows, n_bad = read_plot_rows(run_dir / METRICS)
+    if skipped is not None:
+        skipped.append(n_bad)
     if not rows:
-        raise FileNotFoundError(f"{run_dir / METRICS} has no rows")
+        raise FileNotFoundError(f"{run_dir / METRICS} has no usable rows"
+                                + (f" ({n_bad} malformed)" if n_bad else ""))
     train = [r for r in rows if r.get("kind", "train") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
 
@@ -88,7 +132,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     n_layers = max((len(r["maxvio"]) for r in tv), default=0)
     names = _moe_layer_names(run_dir, n_layers)
     for i in range(n_layers):
-        line, = ax.plot([r["step"] for r in tv], [_num(r["maxvio"][i]) for r in tv], lw=1,
+        line, = ax.plot([r["step"] for r in tv], [_num(r["maxvio"][i]) if i < len(r["maxvio"])
+                                                      else math.nan for r in tv], lw=1,
                         label=names[i])
         ev = [r for r in evals if len(r.get("maxvio_global") or []) > i]
         if ev:
@@ -126,6 +171,17 @@ def plot_run_main(argv: list[str] | None = None) -> int:
     if not (Path(run_dir) / METRICS).is_file():
         print(f"error: {run_dir} is not a run directory (no {METRICS})", file=sys.stderr)
         return 2
-    out = plot_run(run_dir, a.out)
+    skipped: list = []
+    try:
+        out = plot_run(run_dir, a.out, skipped=skipped)
+    except FileNotFoundError as e:  # no usable rows
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # metrics unreadable or the PNG not writable
+        print(f"error: {e.filename or a.out or run_dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    if skipped and skipped[0]:
+        print(f"warning: skipped {skipped[0]} malformed row(s) of {Path(run_dir) / METRICS}",
+              file=sys.stderr)
     print(f"wrote {out}")
     return 0
