@@ -150,14 +150,20 @@ _ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": 
 _MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
+def _norm_attn_names(ours: str, theirs: str) -> list[tuple[str, str]]:
+    """(our key, transformers' key) of a block's norms and attention projections, for
+    block prefixes ``ours`` and ``theirs`` (used in both directions)."""
+    return ([(f"{ours}attn_norm.weight", f"{theirs}input_layernorm.weight"),
+             (f"{ours}ffn_norm.weight", f"{theirs}post_attention_layernorm.weight")]
+            + [(f"{ours}attn.{a}.weight", f"{theirs}self_attn.{b}.weight")
+               for a, b in _ATTN.items()])
+
+
 def _block_to_hf(sd: dict, src: str, dst: str, out: dict) -> None:
     """One of our blocks (prefix ``src``) into transformers' names (prefix ``dst``)."""
-    out[f"{dst}input_layernorm.weight"] = sd[f"{src}attn_norm.weight"]
-    out[f"{dst}post_attention_layernorm.weight"] = sd[f"{src}ffn_norm.weight"]
-    for ours, theirs in _ATTN.items():
-        k = f"{src}attn.{ours}.weight"
-        if k in sd:
-            out[f"{dst}self_attn.{theirs}.weight"] = sd[k]
+    for k_ours, k_hf in _norm_attn_names(src, dst):
+        if k_ours in sd:
+            out[k_hf] = sd[k_ours]
     if f"{src}ffn.router.weight" in sd:  # MoE
         out[f"{dst}mlp.gate.weight"] = sd[f"{src}ffn.router.weight"].float()
         out[f"{dst}mlp.gate.e_score_correction_bias"] = sd[f"{src}ffn.expert_bias"].float()
@@ -198,12 +204,9 @@ def to_hf_state_dict(sd: dict, cfg: Config) -> dict:
 
 
 def _block_from_hf(hf: dict, src: str, dst: str, out: dict, cfg: Config, moe: bool) -> None:
-    out[f"{dst}attn_norm.weight"] = hf[f"{src}input_layernorm.weight"]
-    out[f"{dst}ffn_norm.weight"] = hf[f"{src}post_attention_layernorm.weight"]
-    for ours, theirs in _ATTN.items():
-        k = f"{src}self_attn.{theirs}.weight"
-        if k in hf:
-            out[f"{dst}attn.{ours}.weight"] = hf[k]
+    for k_ours, k_hf in _norm_attn_names(dst, src):
+        if k_hf in hf:
+            out[k_ours] = hf[k_hf]
     if moe:
         out[f"{dst}ffn.router.weight"] = hf[f"{src}mlp.gate.weight"]
         out[f"{dst}ffn.expert_bias"] = hf.get(f"{src}mlp.gate.e_score_correction_bias",

@@ -21,6 +21,17 @@ from moe.rundir import RunDirError, lock_dir
 REPO = Path(__file__).resolve().parents[1]
 
 
+
+def _write_ladder(path: Path) -> None:
+    """A one-run ladder config (one tiny dense size) at ``path``."""
+    path.write_text(f"train_config: {REPO / 'configs' / 'tiny-moe.yaml'}\n" + textwrap.dedent("""
+        name: t
+        overrides: [model.vocab_size=512, mtp.depth=0, train.seq_len=32]
+        sizes: [{name: xs, d_model: 16, n_layers: 2, n_heads: 2}]
+        sparsities: [{name: dense}]
+        tokens: {mode: fixed, value: 4096}
+    """))
+
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -90,13 +101,7 @@ def test_second_train_and_ladder_on_held_dir_exit_2_naming_pid(tmp_path):
         assert not (run / "config.yaml").exists()  # refused before writing anything
 
         ladder = tmp_path / "l.yaml"
-        ladder.write_text(f"train_config: {REPO / 'configs' / 'tiny-moe.yaml'}\n" + textwrap.dedent("""
-            name: t
-            overrides: [model.vocab_size=512, mtp.depth=0, train.seq_len=32]
-            sizes: [{name: xs, d_model: 16, n_layers: 2, n_heads: 2}]
-            sparsities: [{name: dense}]
-            tokens: {mode: fixed, value: 4096}
-        """))
+        _write_ladder(ladder)
         r = subprocess.run([sys.executable, "-m", "moe.cli", "ladder", str(ladder), "--out",
                             str(lad), "--no-progress"], env=_env(), capture_output=True,
                            text=True, timeout=300)
@@ -129,13 +134,7 @@ def _start_ladder(tmp_path: Path) -> tuple[subprocess.Popen, int]:
     stub = tmp_path / "sleeper.py"
     stub.write_text(SLEEPER)
     ladder = tmp_path / "l.yaml"
-    ladder.write_text(f"train_config: {REPO / 'configs' / 'tiny-moe.yaml'}\n" + textwrap.dedent("""
-        name: t
-        overrides: [model.vocab_size=512, mtp.depth=0, train.seq_len=32]
-        sizes: [{name: xs, d_model: 16, n_layers: 2, n_heads: 2}]
-        sparsities: [{name: dense}]
-        tokens: {mode: fixed, value: 4096}
-    """))
+    _write_ladder(ladder)
     out = tmp_path / "out"
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
