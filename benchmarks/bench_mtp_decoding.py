@@ -75,7 +75,7 @@ def call_costs(model, prompt, n: int = 200) -> dict:
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
-    from moe.generate import generate, run_tokenizer  # noqa: F401
+    from moe.generate import generate
     from moe.hf import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -93,12 +93,9 @@ def main(argv=None) -> int:
         print(f"error: --prompt-len + --new = {a.prompt_len + a.new} exceeds the model's "
               f"context {cfg.train.seq_len}", file=sys.stderr)
         return 2
-    from moe.data import prepare_data
+    from moe.hf import run_data
 
-    data = prepare_data(cfg.data.corpus, tokenizer=cfg.data.tokenizer,
-                        vocab_size=cfg.model.vocab_size, val_fraction=cfg.data.val_fraction,
-                        cache_dir=cfg.data.cache_dir, progress=False)
-    val = data.val
+    val = run_data(cfg).val
     n = val.num_tokens
     starts = [int(i * (n - a.prompt_len) / a.prompts) for i in range(a.prompts)]
     prompts = [[int(t) for t in val.read(s, a.prompt_len)] for s in starts]

@@ -63,10 +63,6 @@ def _pick(logits_V: torch.Tensor, temperature: float, gen: Optional[torch.Genera
     return int(torch.multinomial(p, 1, generator=gen)), p
 
 
-def _probs(logits_V, temperature):
-    return torch.softmax(logits_V.float() / temperature, dim=-1)
-
-
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0,
              seed: int = 0, speculative: Optional[str] = None,
@@ -121,7 +117,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
         if temperature <= 0:
             ok = int(torch.argmax(lv[0])) == draft
         else:
-            p = _probs(lv[0], temperature)
+            p = torch.softmax(lv[0].float() / temperature, dim=-1)
             ok = bool(torch.rand(1, generator=gen) < torch.clamp(p[draft] / q[draft], max=1.0))
         if ok:
             accepted += 1
@@ -151,14 +147,12 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
 
 def run_tokenizer(cfg):
     """The run's tokenizer (bytes, or the cached BPE; prepared if missing)."""
-    from .data import load_tokenizer, prepare_data
+    from .data import load_tokenizer
+    from .hf import run_data
 
     if cfg.data.tokenizer == "bytes":
         return load_tokenizer("bytes")
-    data = prepare_data(cfg.data.corpus, tokenizer=cfg.data.tokenizer,
-                        vocab_size=cfg.model.vocab_size, val_fraction=cfg.data.val_fraction,
-                        cache_dir=cfg.data.cache_dir, progress=False)
-    return data.tokenizer
+    return run_data(cfg).tokenizer
 
 
 def generate_main(argv=None) -> int:

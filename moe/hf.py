@@ -296,15 +296,21 @@ def load_model(path, device: str = "cpu"):
     return model.to(device).eval(), cfg
 
 
+def run_data(cfg: Config):
+    """The run's prepared data (cached; prepared when missing) with every ``data.*`` field,
+    so the cache fingerprint is the one training used (text_field, sample size, ...)."""
+    from .data import prepare_data
+
+    return prepare_data(cfg.data.corpus, tokenizer=cfg.data.tokenizer,
+                        vocab_size=cfg.model.vocab_size, val_fraction=cfg.data.val_fraction,
+                        cache_dir=cfg.data.cache_dir, progress=False, **cfg.data.options())
+
+
 def _tokenizer_file(cfg: Config) -> Optional[Path]:
     """The run's BPE tokenizer.json from the data cache (prepared when missing)."""
     if cfg.data.tokenizer != "bpe":
         return None
-    from .data import prepare_data
-
-    data = prepare_data(cfg.data.corpus, tokenizer=cfg.data.tokenizer,
-                        vocab_size=cfg.model.vocab_size, val_fraction=cfg.data.val_fraction,
-                        cache_dir=cfg.data.cache_dir, progress=False)
+    data = run_data(cfg)
     f = data.cache_path / "tokenizer.json" if data.cache_path else None
     return f if f is not None and f.is_file() else None
 

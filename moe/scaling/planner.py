@@ -64,7 +64,8 @@ import yaml
 
 from moe.accounting import count_params
 from moe.config import Config, ConfigError, apply_overrides, config_from_dict, read_yaml
-from moe.scaling.analysis import read_fits
+from moe.scaling.analysis import (_independent_spread, _params_of, _replicate_params,
+                                  read_fits)
 from moe.scaling.fits import clark_expert_transform
 from moe.scaling.results import ResultsError
 
@@ -163,16 +164,6 @@ class LawChoice:
     status: str
 
 
-def _entry_params(entry: dict, names) -> dict:
-    return {k: entry[k]["value"] for k in names}
-
-
-def _entry_replicates(entry: dict, names) -> list[dict]:
-    reps = entry.get("replicates") or {}
-    n = min((len(reps.get(k) or []) for k in names), default=0)
-    return [{k: reps[k][i] for k in names} for i in range(n)]
-
-
 _JOINT = ("a", "alpha", "gamma", "delta", "b", "beta", "zeta", "omega", "c")
 _CHIN = ("E", "A", "B", "alpha", "beta")
 
@@ -191,8 +182,8 @@ def choose_law(fits: dict, experts: int, level: Optional[str]) -> tuple[Optional
         fx = joint.get("fixed") or {}
         es, em = float(fx.get("e_start", 2.0)), float(fx.get("e_max", 256.0))
         E = 1 if experts == 0 else experts
-        point = joint_form(_entry_params(joint, _JOINT), E, es, em)
-        reps = [joint_form(p, E, es, em) for p in _entry_replicates(joint, _JOINT)]
+        point = joint_form(_params_of(joint, _JOINT), E, es, em)
+        reps = [joint_form(p, E, es, em) for p in _replicate_params(joint, _JOINT)]
         if point.ok:
             return LawChoice("joint", "Ludziejewski et al. joint L(N_active, D, E)", point,
                              reps, bool(joint.get("bounded")), joint["status"]), ""
@@ -208,8 +199,8 @@ def choose_law(fits: dict, experts: int, level: Optional[str]) -> tuple[Optional
         entry = (fits.get("chinchilla_levels") or {}).get(level) if level else None
         name = f"chinchilla_levels.{level} (approach 3 for {experts} experts)"
     if _usable(entry):
-        point = chinchilla_form(_entry_params(entry, _CHIN))
-        reps = [chinchilla_form(p) for p in _entry_replicates(entry, _CHIN)]
+        point = chinchilla_form(_params_of(entry, _CHIN))
+        reps = [chinchilla_form(p) for p in _replicate_params(entry, _CHIN)]
         if point.ok:
             return LawChoice("chinchilla", f"Chinchilla approach 3 L(N, D), {level or 'dense'}",
                              point, reps, bool(entry.get("bounded")), entry["status"]), ""
@@ -226,12 +217,8 @@ def token_variation(fits: dict) -> float:
     runs = [r for r in fits.get("runs", []) if not r.get("held_out")]
     if len(runs) < 3:
         return 0.0
-    ln = np.log([r["params_active"] for r in runs])
-    ld = np.log([r["tokens"] for r in runs])
-    if np.ptp(ln) == 0:
-        return float(np.std(ld))
-    X = np.column_stack([np.ones_like(ln), ln])
-    return float(np.std(ld - X @ np.linalg.lstsq(X, ld, rcond=None)[0]))
+    return _independent_spread(np.array([r["params_active"] for r in runs], float),
+                               np.array([r["tokens"] for r in runs], float))
 
 
 def flops_ratio(fits: dict) -> float:
@@ -656,6 +643,7 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
                              "config_active": cnt.active, "config_total": cnt.total,
                              "config_active_rel_err": err},
                 "_cfg": cfg,
+                "_choice": choice,
             }
             rows.append(row)
     if not rows:
@@ -705,6 +693,7 @@ def write_plan(plan: dict, out_dir, *, figure: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     fam = plan.pop("_family", None)
     for r in plan["rows"]:
+        r.pop("_choice", None)
         cfg = r.pop("_cfg", None)
         if cfg is None:
             continue
@@ -796,7 +785,7 @@ def render_plan(plan: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan_curves(fits: dict, plan: dict, families_rows: list) -> dict:
+def plan_curves(plan: dict, families_rows: list) -> dict:
     """Data for plan.png: loss vs N_active at each row's budget (with bands) and N* vs C."""
     level = plan["level"]
     kappa = plan["settings"]["kappa"]
@@ -890,11 +879,7 @@ def build_plan(fits_path, flops: Sequence[float], *, experts: Optional[Sequence[
         notes.append(f"configs scaled from the nearest preset, {s.family.name}; pass --ladder "
                      "or --base to use the fitted runs' own setup")
     plan = make_plan(fits, s)
-    choices = []
-    for r in plan["rows"]:
-        ch, _ = choose_law(fits, r["experts"], _level_of(fits, r["experts"]))
-        choices.append((r, ch))
-    plan["_curves"] = plan_curves(fits, plan, choices)
+    plan["_curves"] = plan_curves(plan, [(r, r["_choice"]) for r in plan["rows"]])
     plan["_family"] = s.family
     return plan
 
