@@ -21,6 +21,10 @@ train.flop_budget (FLOPs = count_params(cfg).flops_per_token_train x tokens) to 
 reached; it is fixed up front so the cosine schedule and the MTP lambda schedule end
 exactly where training does.
 
+Structure: :class:`Trainer` names the steps (setup, claim_run_dir, find_resume_point,
+build, restore, train_step / log_step / evaluate / checkpoint, finish); :func:`train` runs
+them and releases the run directory.
+
 Exactness: with one CPU process a resumed run continues bit-for-bit (model, AdamW state,
 scheduler, expert biases, data position and RNG states are all restored); see
 ``moe/train/checkpoint.py`` for the format.
@@ -327,38 +331,6 @@ def _env_info() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
-          progress: bool = True, data=None,
-          config_path: Optional[str | os.PathLike] = None) -> RunResult:
-    """Train ``cfg`` with DeepSpeed; write the run directory; return a :class:`RunResult`.
-
-    Args:
-        cfg: a validated config.
-        run_dir: output directory; None: ``runs/<name>-<timestamp>`` (with ``resume``:
-            the newest ``runs/<name>-*`` that has a checkpoint).
-        resume: continue from ``run_dir``'s latest checkpoint (exactly, same config).
-        progress: tqdm bar on rank 0.
-        data: an already prepared :class:`moe.data.PreparedData` (else :func:`prepare`).
-
-    Raises TrainError / DataError before any compute for unusable inputs. A non-finite
-    loss does not raise: the result has ``exit_code`` 3 and ``summary["status"]``
-    ``"diverged"``; the last good checkpoint stays ``latest``. A finished run has status
-    ``"done"`` (the ladder runner's contract).
-
-    The run directory is held by this process for the whole call (rank 0 takes
-    ``RUN_DIR/.lock``, see :mod:`moe.rundir`): a second run on it is refused (TrainError
-    naming the holder's pid). ``config_path``: the YAML the config was read from; it is
-    never overwritten by the resolved ``RUN_DIR/config.yaml``.
-    """
-    locks: list = []
-    try:
-        return _train(cfg, run_dir, resume=resume, progress=progress, data=data,
-                      config_path=config_path, locks=locks)
-    finally:
-        for lock in locks:
-            lock.release()
-
-
 def _load_initial_weights(model, path: str) -> None:
     """train.init_from: weights from a model.pt, a checkpoint directory or a run directory
     (its newest usable checkpoint, shards merged, or its model.pt)."""
@@ -389,224 +361,321 @@ def _load_initial_weights(model, path: str) -> None:
                          f"{bad.missing_keys[:3]}, unexpected {bad.unexpected_keys[:3]}")
 
 
-def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_path,
-           locks: list) -> RunResult:
-    t_start = time.perf_counter()
-    cfg.validate()
-    rank, world = init_process_group(cfg.parallel.timeout_s)
-    from ..parallel.plan import plan_parallel
+class _Diverged(Exception):
+    """A non-finite loss: the step stopped before its update (the message says where)."""
 
-    par = plan_parallel(cfg.parallel)  # ConfigError naming parallel.tp/ep if world does not factor
-    dp, dp_rank, dp_group = par.dp, par.dp_rank, par.dp_group
-    dev = device_type()
-    is0 = rank == 0
-    if dev == "cpu" and cfg.train.cpu_keep_freed_memory:
-        keep_freed_memory()
 
-    # ---------------- does it fit? (rank 0 decides from the config's accounting)
-    from .memguard import check_fits
+_BALANCE_KINDS = ("seq_aux", "switch_aux", "z_loss")
 
-    err = _broadcast(check_fits(cfg, dev, world, par.topo.tp) if is0 else None)
-    if err is not None:
-        raise TrainError(err)
 
-    # ---------------- run directory (decided on rank 0, shared with the others)
-    if is0:
-        if run_dir is None:
-            run_dir = find_resumable_run(cfg) if resume else default_run_dir(cfg)
+@dataclass
+class StepStats:
+    """One optimizer step, as :meth:`Trainer.train_step` returns it."""
+
+    acc: torch.Tensor  # means over micro-batches and DP ranks, in Trainer.loss_names order,
+    #                    then the per-kind balance losses (_BALANCE_KINDS)
+    lr: float  # the LR the step used
+    mtp_weight: float
+    grad_norm: float
+    counts: Optional[torch.Tensor]  # the step's expert counts summed over DP ranks, all
+    #                                 MoE layers concatenated (None: no MoE layer)
+
+
+class Trainer:
+    """One run of :func:`train`, in named steps (after torchtitan's ``Trainer``,
+    torchtitan/train.py). :meth:`run` calls them in this order:
+
+    - :meth:`setup`: process group, parallel plan, memory guard;
+    - :meth:`claim_run_dir`: choose RUN_DIR, hold its lock, protect the user's config file;
+    - :meth:`find_resume_point`: the newest usable checkpoint (falling back past damaged
+      ones) and the checks that make an exact resume possible;
+    - :meth:`build`: data, model, DeepSpeed engine, loader, metrics, MFU denominator;
+    - :meth:`restore`: model, optimizer, scheduler, loader and RNG state from the checkpoint;
+    - :meth:`train_loop`: :meth:`train_step` per optimizer step, then :meth:`log_step`,
+      :meth:`evaluate` and :meth:`checkpoint` at their intervals and at the end;
+    - :meth:`finish`: summary.json and the plot.
+
+    Run state lives on the instance (``counters``, ``last_eval``, ...), not in closures.
+    Collective steps are called on every rank in the same order; rank 0 alone decides
+    what is shared (run directory, checkpoint choice, precision) and broadcasts it.
+    """
+
+    def __init__(self, cfg: Config, *, progress: bool = True,
+                 config_path: Optional[str | os.PathLike] = None):
+        self.t_start = time.perf_counter()
+        self.cfg = cfg
+        self.progress = progress
+        self.config_path = config_path
+        self.locks: list = []
+        self.latest: Optional[Path] = None  # the checkpoint this run resumes from
+        self.counters = {"step": 0, "tokens": 0, "flops": 0.0, "train_seconds": 0.0}
+        self.last_eval: Optional[dict] = None
+        self.last_eval_step = -1
+        self.last_ckpt_step = -1
+        self.status, self.message, self.exit_code = "done", "", 0
+        self.bar = None
+        self._interval_tokens, self._interval_time = 0, 0.0
+
+    # ---------------- the whole run
+
+    def run(self, run_dir=None, *, resume: bool = False, data=None) -> RunResult:
+        self.setup()
+        self.claim_run_dir(run_dir, resume)
+        self.find_resume_point(resume)
+        self.build(data)
+        self.restore()
+        self.train_loop()
+        return self.finish()
+
+    def close(self) -> None:
+        """Release the run directory (also after an error)."""
+        for lock in self.locks:
+            lock.release()
+        self.locks.clear()
+
+    # ---------------- before any compute
+
+    def setup(self) -> None:
+        """Validate, join the process group, plan TP/EP/DP, and refuse a model that cannot
+        fit the machine (rank 0 decides from the config's accounting)."""
+        from ..parallel.plan import plan_parallel
+        from .memguard import check_fits
+
+        cfg = self.cfg
+        cfg.validate()
+        self.rank, self.world = init_process_group(cfg.parallel.timeout_s)
+        # ConfigError naming parallel.tp/ep if the world does not factor
+        self.par = plan_parallel(cfg.parallel)
+        self.dev = device_type()
+        self.is0 = self.rank == 0
+        if self.dev == "cpu" and cfg.train.cpu_keep_freed_memory:
+            keep_freed_memory()
+        err = _broadcast(check_fits(cfg, self.dev, self.world, self.par.topo.tp)
+                         if self.is0 else None)
+        if err is not None:
+            raise TrainError(err)
+
+    def claim_run_dir(self, run_dir, resume: bool) -> None:
+        """Rank 0 chooses the run directory (``runs/<name>-<stamp>``, or with ``resume`` the
+        newest resumable one), takes ``RUN_DIR/.lock`` until :meth:`close`, and refuses an
+        ``--out`` whose outputs would overwrite the config file; every rank gets the same
+        directory or the same error."""
+        cfg = self.cfg
+        if self.is0:
             if run_dir is None:
-                run_dir = "__none__"
-        run_dir = str(run_dir)
-    run_dir = _broadcast(run_dir)
-    if run_dir == "__none__":
-        raise TrainError(f"--resume: no run of {cfg.name!r} with a checkpoint under runs/; "
-                         "pass --out RUN_DIR")
-    run_dir = Path(run_dir)
-    # ---------------- ownership: rank 0 holds RUN_DIR/.lock until train() returns
-    err = None
-    if is0:
-        try:
-            locks.append(lock_dir(run_dir))
-            _check_config_source(cfg, run_dir, config_path)
-        except (RunDirError, TrainError) as e:
-            err = str(e)
-    err = _broadcast(err)
-    if err is not None:
-        raise TrainError(err)
-    latest = None
-    if resume:
-        # rank 0 picks the newest usable checkpoint (falling back past damaged ones)
+                run_dir = find_resumable_run(cfg) if resume else default_run_dir(cfg)
+                if run_dir is None:
+                    run_dir = "__none__"
+            run_dir = str(run_dir)
+        run_dir = _broadcast(run_dir)
+        if run_dir == "__none__":
+            raise TrainError(f"--resume: no run of {cfg.name!r} with a checkpoint under "
+                             "runs/; pass --out RUN_DIR")
+        self.run_dir = Path(run_dir)
+        err = None
+        if self.is0:
+            try:
+                self.locks.append(lock_dir(self.run_dir))
+                _check_config_source(cfg, self.run_dir, self.config_path)
+            except (RunDirError, TrainError) as e:
+                err = str(e)
+        err = _broadcast(err)
+        if err is not None:
+            raise TrainError(err)
+
+    def find_resume_point(self, resume: bool) -> None:
+        """With ``resume``: rank 0 picks the newest usable checkpoint, warning about each
+        damaged newer one it skips; the config and the world size must match the saved
+        ones. Without: refuse a directory that already holds checkpoints."""
+        run_dir = self.run_dir
+        if not resume:
+            if (run_dir / ckpt.CKPT_DIR / ckpt.LATEST).exists():
+                raise TrainError(f"{run_dir} already holds a run with checkpoints; pass "
+                                 "--resume to continue it or --out NEW_DIR for a new run")
+            return
         found = None
-        if is0:
+        if self.is0:
             path, problems = ckpt.usable_checkpoint(run_dir)
             found = (str(path) if path is not None else None, problems)
-        found = _broadcast(found)
-        latest = Path(found[0]) if found[0] is not None else None
-        if latest is None and not found[1]:
+        path, problems = _broadcast(found)
+        if path is None and not problems:
             raise TrainError(f"cannot resume: {run_dir} has no checkpoint "
                              f"({run_dir / ckpt.CKPT_DIR / ckpt.LATEST} is missing)")
-        if latest is None:
+        if path is None:
             raise TrainError(f"cannot resume: no usable checkpoint in "
-                             f"{run_dir / ckpt.CKPT_DIR}: {'; '.join(found[1])}")
-        if is0:
-            for problem in found[1]:
+                             f"{run_dir / ckpt.CKPT_DIR}: {'; '.join(problems)}")
+        latest = Path(path)
+        if self.is0:
+            for problem in problems:
                 print(f"warning: {problem}; resuming from {latest}", file=sys.stderr)
-        _check_resume_config(cfg, run_dir)
+        _check_resume_config(self.cfg, run_dir)
         meta = ckpt.read_meta(latest)
-        if meta.get("world_size") != world:
-            raise TrainError(f"cannot resume {latest}: it was written by {meta.get('world_size')} "
-                             f"ranks, this run has {world} (the optimizer/loader state is "
-                             "per rank); relaunch with the same number of processes")
-    elif (run_dir / ckpt.CKPT_DIR / ckpt.LATEST).exists():
-        raise TrainError(f"{run_dir} already holds a run with checkpoints; pass --resume to "
-                         "continue it or --out NEW_DIR for a new run")
+        if meta.get("world_size") != self.world:
+            raise TrainError(f"cannot resume {latest}: it was written by "
+                             f"{meta.get('world_size')} ranks, this run has {self.world} (the "
+                             "optimizer/loader state is per rank); relaunch with the same "
+                             "number of processes")
+        self.latest = latest
 
-    # ---------------- data (before any model compute)
-    if data is None:
-        data = prepare(cfg, progress=progress)
-    if latest is not None:
-        saved_fp = ckpt.read_meta(latest).get("data_fingerprint")
-        if saved_fp is not None and saved_fp != data.fingerprint:
-            raise TrainError(f"cannot resume {latest}: the data changed since it was written "
-                             f"(fingerprint {saved_fp[:12]} -> {data.fingerprint[:12]}); the "
-                             "loader position would point into different tokens")
+    # ---------------- build
 
-    if is0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    _barrier()
+    def build(self, data=None) -> None:
+        """Data (prepared before any model compute), then config.yaml, the model (same full
+        init on every rank, then this rank's TP/EP shard), the DeepSpeed engine, the loader,
+        the step plan, the metrics log and the MFU denominator."""
+        from ..data import TokenBatches
 
-    # ---------------- model + engine
-    from ..data import TokenBatches
+        cfg, par, dev, is0 = self.cfg, self.par, self.dev, self.is0
+        if data is None:
+            data = prepare(cfg, progress=self.progress)
+        if self.latest is not None:
+            saved_fp = ckpt.read_meta(self.latest).get("data_fingerprint")
+            if saved_fp is not None and saved_fp != data.fingerprint:
+                raise TrainError(f"cannot resume {self.latest}: the data changed since it was "
+                                 f"written (fingerprint {saved_fp[:12]} -> "
+                                 f"{data.fingerprint[:12]}); the loader position would point "
+                                 "into different tokens")
+        self.data = data
+        if is0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        _barrier()
 
-    # Same full init on every rank (DeepSpeed also broadcasts), then this rank's TP/EP shard.
-    torch.manual_seed(cfg.train.seed)
-    full = build_model(cfg)
-    if cfg.train.init_from and latest is None:
-        _load_initial_weights(full, cfg.train.init_from)
-    model = par.parallelize(full).to(dev)
-    total_steps, stop_rule = plan_total_steps(cfg, dp)
-    # one precision for every rank: `auto` on CPU is a timing probe, decided on rank 0
-    precision = _broadcast(resolve_precision(cfg, dev) if is0 else None)
-    ds_cfg = deepspeed_config(cfg, dp, dev, precision)
-    own_clip = par.model_parallel and cfg.train.zero_stage == 0
-    if own_clip:
-        ds_cfg["gradient_clipping"] = 0.0  # exact clipping over shards: par.clip_grad_norm_
-    if is0:
-        (run_dir / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
-    try:
-        engine, _, scheduler = build_engine(cfg, model, total_steps, ds_cfg, mpu=par.mpu)
-    except OpBuildError as e:
-        raise TrainError(str(e)) from None
-    module = engine.module
-    batches = TokenBatches(data.train, batch_size=cfg.train.micro_batch_size,
-                           seq_len=cfg.train.seq_len, extra_tokens=cfg.mtp.depth,
-                           seed=cfg.train.seed, rank=dp_rank, world_size=dp)
-
-    counts = count_params(cfg)
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * dp * cfg.train.seq_len
-    planned_epochs = epochs_of(total_steps * tokens_per_step, len(data.train))
-    if is0 and planned_epochs > 1.0:
-        # one line: repeated data bends the loss curve (Muennighoff et al. 2023)
-        print(f"warning: {cfg.name} will train {total_steps * tokens_per_step:,} tokens = "
-              f"{planned_epochs:.2f} epochs of the train split of {cfg.data.corpus!r} "
-              f"({len(data.train):,} tokens); repeated data changes the loss curve",
-              file=sys.stderr)
-    fpt = counts.flops_per_token_train
-    counters = {"step": 0, "tokens": 0, "flops": 0.0, "train_seconds": 0.0}
-
-    metrics = MetricsLog(run_dir, enabled=is0, tensorboard=cfg.train.tensorboard)
-    if latest is not None:
-        # every rank loads its shard (the whole model when not model parallel)
+        torch.manual_seed(cfg.train.seed)
+        full = build_model(cfg)
+        if cfg.train.init_from and self.latest is None:
+            _load_initial_weights(full, cfg.train.init_from)
+        model = par.parallelize(full).to(dev)
+        self.total_steps, self.stop_rule = plan_total_steps(cfg, par.dp)
+        # one precision for every rank: `auto` on CPU is a timing probe, decided on rank 0
+        self.precision = _broadcast(resolve_precision(cfg, dev) if is0 else None)
+        ds_cfg = deepspeed_config(cfg, par.dp, dev, self.precision)
+        self.own_clip = par.model_parallel and cfg.train.zero_stage == 0
+        if self.own_clip:
+            ds_cfg["gradient_clipping"] = 0.0  # exact clipping over shards: par.clip_grad_norm_
+        if is0:
+            (self.run_dir / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
         try:
-            model_sd = ckpt.load_file(latest / par.shard_file())
-            st = ckpt.load_file(latest / ckpt.rank_filename(rank))
+            self.engine, _, self.scheduler = build_engine(cfg, model, self.total_steps, ds_cfg,
+                                                          mpu=par.mpu)
+        except OpBuildError as e:
+            raise TrainError(str(e)) from None
+        self.module = self.engine.module
+        self.batches = TokenBatches(data.train, batch_size=cfg.train.micro_batch_size,
+                                    seq_len=cfg.train.seq_len, extra_tokens=cfg.mtp.depth,
+                                    seed=cfg.train.seed, rank=par.dp_rank, world_size=par.dp)
+
+        self.counts = count_params(cfg)
+        self.fpt = self.counts.flops_per_token_train
+        self.tokens_per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum * par.dp
+                                * cfg.train.seq_len)
+        planned_tokens = self.total_steps * self.tokens_per_step
+        self.planned_epochs = epochs_of(planned_tokens, len(data.train))
+        if is0 and self.planned_epochs > 1.0:
+            # one line: repeated data bends the loss curve (Muennighoff et al. 2023)
+            print(f"warning: {cfg.name} will train {planned_tokens:,} tokens = "
+                  f"{self.planned_epochs:.2f} epochs of the train split of "
+                  f"{cfg.data.corpus!r} ({len(data.train):,} tokens); repeated data changes "
+                  "the loss curve", file=sys.stderr)
+        self.loss_names = (["loss", "lm_loss"] + [f"mtp_loss_{k + 1}" for k in range(cfg.mtp.depth)]
+                           + ["balance_loss"])
+
+        self.metrics = MetricsLog(self.run_dir, enabled=is0, tensorboard=cfg.train.tensorboard)
+        if self.latest is None and is0 and self.metrics.path.exists():
+            self.metrics.path.unlink()  # a fresh run in a directory without checkpoints
+
+        if cfg.train.peak_flops is not None:
+            self.peak, self.peak_src = cfg.train.peak_flops, "config"
+        else:
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            self.peak = float(_broadcast(measure_matmul_peak(dev, dtype)))
+            self.peak_src = f"measured {self.precision} matmul"
+
+    def restore(self) -> None:
+        """Every rank loads its shard (the whole model when not model parallel) and its own
+        optimizer, scheduler, loader and RNG state; metrics rows after the checkpoint step
+        are dropped, and an eval row logged at that step counts as done."""
+        if self.latest is None:
+            return
+        cfg, counters = self.cfg, self.counters
+        try:
+            model_sd = ckpt.load_file(self.latest / self.par.shard_file())
+            st = ckpt.load_file(self.latest / ckpt.rank_filename(self.rank))
         except ckpt.CheckpointError as e:
             raise TrainError(str(e)) from None
-        module.load_state_dict(model_sd)
-        load_optimizer_state(engine.optimizer, st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        batches.load_state_dict(st["data"])
+        self.module.load_state_dict(model_sd)
+        load_optimizer_state(self.engine.optimizer, st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.batches.load_state_dict(st["data"])
         ckpt.set_rng_state(st["rng"])
         counters.update(st["counters"])
         # DeepSpeed's own step counters (used for its accumulation boundary bookkeeping)
+        engine = self.engine
         engine.global_steps = counters["step"]
-        engine.global_samples = counters["step"] * cfg.train.micro_batch_size * cfg.train.grad_accum * dp
+        engine.global_samples = (counters["step"] * cfg.train.micro_batch_size
+                                 * cfg.train.grad_accum * self.par.dp)
         engine.micro_steps = counters["step"] * cfg.train.grad_accum
-        metrics.truncate_after(counters["step"])
-    elif is0 and metrics.path.exists():
-        metrics.path.unlink()  # a fresh run in a directory without checkpoints
-
-    if cfg.train.peak_flops is not None:
-        peak, peak_src = cfg.train.peak_flops, "config"
-    else:
-        peak = measure_matmul_peak(dev, torch.bfloat16 if precision == "bf16" else torch.float32)
-        peak, peak_src = float(_broadcast(peak)), f"measured {precision} matmul"
-
-    # ---------------- loop
-    from tqdm import tqdm
-
-    bar = tqdm(total=total_steps, initial=counters["step"], disable=not (progress and is0),
-               dynamic_ncols=True, desc=cfg.name)
-    depth = cfg.mtp.depth
-    status, message, exit_code = "done", "", 0
-    last_eval: Optional[dict] = None
-    last_eval_step = -1
-    if latest is not None:
+        self.metrics.truncate_after(counters["step"])
         # An eval row already logged at the checkpoint step (e.g. a finished run resumed)
         # counts as done: re-running it would duplicate the row. Rank 0 owns the file.
         found = None
-        if is0:
-            found = next((r for r in read_rows(metrics.path)
-                          if r.get("kind") == "eval" and r.get("step") == counters["step"]), None)
+        if self.is0:
+            found = next((r for r in read_rows(self.metrics.path)
+                          if r.get("kind") == "eval" and r.get("step") == counters["step"]),
+                         None)
         found = _broadcast(found)
         if found is not None:
-            last_eval, last_eval_step = found, counters["step"]
-    last_ckpt_step = counters["step"] if latest is not None else -1
-    interval_tokens, interval_time = 0, 0.0
-    module.train()
+            self.last_eval, self.last_eval_step = found, counters["step"]
+        self.last_ckpt_step = counters["step"]
 
-    def do_eval():
-        nonlocal last_eval, last_eval_step
-        row = evaluate(module, data, cfg, dp_rank, dp, dev, dp_group,
-                       collective_forward=par.topo.ep > 1)
-        row = {"kind": "eval", "step": counters["step"], "tokens": counters["tokens"], **row}
-        metrics.write(row)
-        last_eval, last_eval_step = row, counters["step"]
-        if is0 and progress:
-            bar.write(f"step {counters['step']}: eval lm_loss {row['lm_loss']:.4f}")
+    # ---------------- training
 
-    def do_ckpt():
-        try:
-            _save()
-        except ckpt.CheckpointWriteError as e:  # disk full: stop, the last good one is kept
-            raise TrainError(str(e)) from None
+    def train_loop(self) -> None:
+        """Steps until ``total_steps`` or a non-finite loss; a finished run ends with an
+        evaluation and a checkpoint at its last step (unless already written)."""
+        from tqdm import tqdm
 
-    def _save():
-        nonlocal last_ckpt_step
-        ckpt.save_checkpoint(
-            run_dir, counters["step"], _rank_state(engine, scheduler, batches, counters),
-            model_state=module.state_dict() if par.writes_model else None,
-            model_file=par.shard_file(), model_files=par.all_shard_files(),
-            meta={"tokens": counters["tokens"], "flops": counters["flops"],
-                  "parallel": par.describe(),
-                  "data_fingerprint": data.fingerprint,
-                  "config_name": cfg.name, "zero_stage": cfg.train.zero_stage,
-                  "precision": precision, "saved_utc": datetime.now(timezone.utc).isoformat()},
-            rank=rank, world_size=world, barrier=_barrier, any_failed=_any_rank)
-        last_ckpt_step = counters["step"]
+        cfg, t = self.cfg, self.cfg.train
+        self.bar = tqdm(total=self.total_steps, initial=self.counters["step"],
+                        disable=not (self.progress and self.is0), dynamic_ncols=True,
+                        desc=cfg.name)
+        self.module.train()
+        if self.counters["step"] == 0 and t.eval_at_start:
+            self.evaluate()  # the untrained baseline: the curve starts at ln(V)-ish
+        while self.counters["step"] < self.total_steps:
+            try:
+                stats = self.train_step()
+            except _Diverged as e:
+                self.status, self.message, self.exit_code = "diverged", str(e), EXIT_DIVERGED
+                break
+            s = self.counters["step"]
+            if s % t.log_every == 0 or s == self.total_steps:
+                self.log_step(stats)
+            if s % t.eval_every == 0 and s != self.total_steps:
+                self.evaluate()
+            if s % t.ckpt_every == 0 and s != self.total_steps:
+                self.checkpoint()
+        self.bar.close()
+        if self.status == "done":
+            if self.last_eval_step != self.counters["step"]:
+                self.evaluate()
+            if self.last_ckpt_step != self.counters["step"]:
+                self.checkpoint()
 
-    if counters["step"] == 0 and cfg.train.eval_at_start:
-        do_eval()  # the untrained baseline: the curve starts at ln(V)-ish
-
-    while counters["step"] < total_steps:
+    def train_step(self) -> StepStats:
+        """One optimizer step: grad_accum micro-batches (forward with the MTP weight of this
+        point of training, backward), the step's losses averaged over DP ranks and checked
+        for NaN/inf on every rank alike (raises :class:`_Diverged` before any update), the
+        gradient norm, the expert-bias update from the DP-summed counts, ``engine.step()``."""
+        cfg, engine, module, par = self.cfg, self.engine, self.module, self.par
         t0 = time.perf_counter()
-        step = counters["step"]
-        lam = cfg.mtp.weight_at(step / total_steps)
+        step = self.counters["step"]
+        depth = cfg.mtp.depth
+        lam = cfg.mtp.weight_at(step / self.total_steps)
         # local sums over micro-batches: loss, lm, mtp_1..D, balance, per-kind balance
-        acc = torch.zeros(3 + depth + 3, dtype=torch.float64)
+        acc = torch.zeros(3 + depth + len(_BALANCE_KINDS), dtype=torch.float64)
         for micro in range(cfg.train.grad_accum):
-            xb = next(batches).to(dev)
+            xb = next(self.batches).to(self.dev)
             out = engine(xb, mtp_weight=lam)
             loss = out["loss"]
             engine.backward(loss)
@@ -616,31 +685,28 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
                 acc[2 + k] += float(l.detach())
             acc[2 + depth] += float(out["balance_loss"].detach())
             for l in module.moe_layers():
-                for j, key in enumerate(("seq_aux", "switch_aux", "z_loss")):
+                for j, key in enumerate(_BALANCE_KINDS):
                     acc[3 + depth + j] += l.last_losses.get(key, 0.0)
             if micro < cfg.train.grad_accum - 1:
                 engine.step()  # off-boundary: DeepSpeed only advances its micro-step count
         assert engine.is_gradient_accumulation_boundary()
         # mean over micro-batches and ranks; a NaN on any rank reaches every rank
         acc /= cfg.train.grad_accum
-        all_reduce_sum(acc, dp_group)
-        acc /= dp
-        names = ["loss", "lm_loss"] + [f"mtp_loss_{k + 1}" for k in range(depth)] + ["balance_loss"]
-        bad = [f"{n}={acc[i].item()}" for i, n in enumerate(names)
+        all_reduce_sum(acc, par.dp_group)
+        acc /= par.dp
+        bad = [f"{n}={acc[i].item()}" for i, n in enumerate(self.loss_names)
                if not math.isfinite(acc[i].item())]
         if bad:
-            good = ckpt.latest_checkpoint(run_dir)
-            message = (f"non-finite loss at step {step + 1}: {', '.join(bad)}; stopped without "
-                       f"applying the update. Last good checkpoint: "
-                       f"{good if good is not None else 'none (no checkpoint was written yet)'}")
-            status, exit_code = "diverged", EXIT_DIVERGED
-            break
+            good = ckpt.latest_checkpoint(self.run_dir)
+            raise _Diverged(f"non-finite loss at step {step + 1}: {', '.join(bad)}; stopped "
+                            f"without applying the update. Last good checkpoint: "
+                            f"{good if good is not None else 'none (no checkpoint was written yet)'}")
 
         grad_norm = None
-        if own_clip:
+        if self.own_clip:
             # reduced gradients -> exact norm over all TP/EP shards, clipped here
             grad_norm = par.clip_grad_norm_(module, cfg.train.grad_clip)
-        elif cfg.train.zero_stage == 0 and precision == "fp32":
+        elif cfg.train.zero_stage == 0 and self.precision == "fp32":
             # DeepSpeed clips fp32/ZeRO-0 grads without recording the norm; measure it on
             # the already all-reduced grads (identical on every rank).
             grads = [p.grad for p in module.parameters() if p.grad is not None]
@@ -649,104 +715,178 @@ def _train(cfg: Config, run_dir, *, resume: bool, progress: bool, data, config_p
         step_counts: list[torch.Tensor] = []
 
         def reduce_and_record(t: torch.Tensor) -> torch.Tensor:
-            t = all_reduce_sum(t, dp_group)
+            t = all_reduce_sum(t, par.dp_group)
             step_counts.append(t.clone())
             return t
 
-        lr = scheduler.get_last_lr()[0]
+        lr = self.scheduler.get_last_lr()[0]
         module.update_expert_bias(all_reduce=reduce_and_record)
         engine.step()
         if grad_norm is None:
             gn = engine.get_global_grad_norm()
             grad_norm = float(gn) if gn is not None else float("nan")
 
-        counters["step"] += 1
-        counters["tokens"] += tokens_per_step
-        counters["flops"] += tokens_per_step * fpt
+        c = self.counters
+        c["step"] += 1
+        c["tokens"] += self.tokens_per_step
+        c["flops"] += self.tokens_per_step * self.fpt
         dt = time.perf_counter() - t0
-        counters["train_seconds"] += dt
-        interval_tokens += tokens_per_step
-        interval_time += dt
-        bar.update(1)
+        c["train_seconds"] += dt
+        self._interval_tokens += self.tokens_per_step
+        self._interval_time += dt
+        self.bar.update(1)
+        return StepStats(acc=acc, lr=lr, mtp_weight=lam, grad_norm=grad_norm,
+                         counts=step_counts[0] if step_counts else None)
 
-        s = counters["step"]
-        if s % cfg.train.log_every == 0 or s == total_steps:
-            maxvio = []
-            if step_counts:
-                sizes = [l.n_experts for l in module.moe_layers()]
-                maxvio = [max_violation(c) for c in torch.split(step_counts[0], sizes)]
-            tps = interval_tokens / max(interval_time, 1e-9)
-            row = {"kind": "train", "step": s, "tokens": counters["tokens"],
-                   "flops": counters["flops"], "lr": lr, "mtp_weight": lam}
-            for i, n in enumerate(names):
-                row[n] = acc[i].item()
-            for j, key in enumerate(("seq_aux", "switch_aux", "z_loss")):
-                if acc[3 + depth + j].item() != 0.0:
-                    row[key] = acc[3 + depth + j].item()
-            row.update({"grad_norm": grad_norm, "tokens_per_s": tps, "flops_per_s": tps * fpt,
-                        "mfu": tps * fpt / peak, "maxvio": maxvio})
-            metrics.write(row)
-            bar.set_postfix(loss=f"{row['lm_loss']:.3f}", tok_s=f"{tps:,.0f}")
-            interval_tokens, interval_time = 0, 0.0
-        if s % cfg.train.eval_every == 0 and s != total_steps:
-            do_eval()
-        if s % cfg.train.ckpt_every == 0 and s != total_steps:
-            do_ckpt()
-    bar.close()
+    def log_step(self, stats: StepStats) -> None:
+        """The step's metrics row: losses, LR, grad norm, throughput and MFU over the steps
+        since the last row, MaxVio of this step's counts per MoE layer."""
+        depth = self.cfg.mtp.depth
+        maxvio = []
+        if stats.counts is not None:
+            sizes = [l.n_experts for l in self.module.moe_layers()]
+            maxvio = [max_violation(c) for c in torch.split(stats.counts, sizes)]
+        tps = self._interval_tokens / max(self._interval_time, 1e-9)
+        c = self.counters
+        row = {"kind": "train", "step": c["step"], "tokens": c["tokens"], "flops": c["flops"],
+               "lr": stats.lr, "mtp_weight": stats.mtp_weight}
+        for i, n in enumerate(self.loss_names):
+            row[n] = stats.acc[i].item()
+        for j, key in enumerate(_BALANCE_KINDS):
+            if stats.acc[3 + depth + j].item() != 0.0:
+                row[key] = stats.acc[3 + depth + j].item()
+        row.update({"grad_norm": stats.grad_norm, "tokens_per_s": tps,
+                    "flops_per_s": tps * self.fpt, "mfu": tps * self.fpt / self.peak,
+                    "maxvio": maxvio})
+        self.metrics.write(row)
+        self.bar.set_postfix(loss=f"{row['lm_loss']:.3f}", tok_s=f"{tps:,.0f}")
+        self._interval_tokens, self._interval_time = 0, 0.0
 
-    if status == "done":
-        if last_eval_step != counters["step"]:
-            do_eval()
-        if last_ckpt_step != counters["step"]:
-            do_ckpt()
+    def evaluate(self) -> dict:
+        """Held-out losses and MaxVio_global at the current step (see :func:`evaluate`),
+        logged as an eval row."""
+        par = self.par
+        row = evaluate(self.module, self.data, self.cfg, par.dp_rank, par.dp, self.dev,
+                       par.dp_group, collective_forward=par.topo.ep > 1)
+        c = self.counters
+        row = {"kind": "eval", "step": c["step"], "tokens": c["tokens"], **row}
+        self.metrics.write(row)
+        self.last_eval, self.last_eval_step = row, c["step"]
+        if self.is0 and self.progress:
+            self.bar.write(f"step {c['step']}: eval lm_loss {row['lm_loss']:.4f}")
+        return row
 
-    summary = None
-    if is0:
-        wall = time.perf_counter() - t_start
-        train_s = counters["train_seconds"]
-        summary = {
-            "name": cfg.name, "status": status, "message": message,
+    def checkpoint(self) -> None:
+        """A complete checkpoint at the current step (collective; atomic, see
+        moe/train/checkpoint.py). A failed write (disk full) stops the run with a
+        TrainError; the last good checkpoint stays ``latest``."""
+        c = self.counters
+        par = self.par
+        try:
+            ckpt.save_checkpoint(
+                self.run_dir, c["step"],
+                _rank_state(self.engine, self.scheduler, self.batches, c),
+                model_state=self.module.state_dict() if par.writes_model else None,
+                model_file=par.shard_file(), model_files=par.all_shard_files(),
+                meta={"tokens": c["tokens"], "flops": c["flops"],
+                      "parallel": par.describe(),
+                      "data_fingerprint": self.data.fingerprint,
+                      "config_name": self.cfg.name, "zero_stage": self.cfg.train.zero_stage,
+                      "precision": self.precision,
+                      "saved_utc": datetime.now(timezone.utc).isoformat()},
+                rank=self.rank, world_size=self.world, barrier=_barrier, any_failed=_any_rank)
+        except ckpt.CheckpointWriteError as e:  # disk full: stop, the last good one is kept
+            raise TrainError(str(e)) from None
+        self.last_ckpt_step = c["step"]
+
+    # ---------------- the end
+
+    def finish(self) -> RunResult:
+        """Rank 0 writes summary.json (atomically: the ladder runner treats a run as finished
+        iff it says "done") and the run's plot; every rank returns the same summary."""
+        summary = None
+        if self.is0:
+            summary = self._summary()
+            ckpt.write_text_atomic(self.run_dir / "summary.json",
+                                   json.dumps(_json_safe(summary), indent=1) + "\n")
+            self.metrics.close()
+            try:
+                from .plots import plot_run
+
+                plot_run(self.run_dir)
+            except Exception as e:  # a plotting problem must not fail a finished run
+                print(f"warning: could not plot {self.run_dir}: {e}", file=sys.stderr)
+        summary = _broadcast(summary)
+        _barrier()
+        return RunResult(run_dir=self.run_dir, summary=summary, exit_code=self.exit_code)
+
+    def _summary(self) -> dict:
+        cfg, c, counts, data = self.cfg, self.counters, self.counts, self.data
+        wall = time.perf_counter() - self.t_start
+        train_s = c["train_seconds"]
+        last_eval = self.last_eval
+        return {
+            "name": cfg.name, "status": self.status, "message": self.message,
             "config_fingerprint": config_fingerprint(cfg),
-            "run_dir": str(run_dir), "world_size": world, "parallel": par.describe(),
-            "device": dev, "precision": precision,
-            "cpu_malloc": malloc_mode() if dev == "cpu" else None,
+            "run_dir": str(self.run_dir), "world_size": self.world,
+            "parallel": self.par.describe(),
+            "device": self.dev, "precision": self.precision,
+            "cpu_malloc": malloc_mode() if self.dev == "cpu" else None,
             "zero_stage": cfg.train.zero_stage,
             "params": counts.as_dict(),
             "total_params": counts.total, "active_params": counts.active,
             "total_params_nonembed": counts.total_nonembed,
             "active_params_nonembed": counts.active_nonembed,
-            "flops_per_token_train": fpt,
-            "steps": counters["step"], "planned_steps": total_steps, "stop_rule": stop_rule,
-            "tokens": counters["tokens"], "total_flops": counters["flops"],
+            "flops_per_token_train": self.fpt,
+            "steps": c["step"], "planned_steps": self.total_steps, "stop_rule": self.stop_rule,
+            "tokens": c["tokens"], "total_flops": c["flops"],
             # passes over the train split: tokens trained / train tokens (> 1: repeated data)
-            "epochs": epochs_of(counters["tokens"], len(data.train)),
-            "planned_epochs": planned_epochs,
+            "epochs": epochs_of(c["tokens"], len(data.train)),
+            "planned_epochs": self.planned_epochs,
             "final_eval_loss": last_eval["lm_loss"] if last_eval else None,
             "final_eval": last_eval,
             "maxvio_global": last_eval["maxvio_global"] if last_eval else None,
             "wall_time_s": wall,
             "train_time_s": train_s,
-            "tokens_per_s": counters["tokens"] / train_s if train_s > 0 else None,
-            "peak_flops": peak, "peak_flops_source": peak_src,
-            "mfu": (counters["flops"] / train_s / peak) if train_s > 0 else None,
+            "tokens_per_s": c["tokens"] / train_s if train_s > 0 else None,
+            "peak_flops": self.peak, "peak_flops_source": self.peak_src,
+            "mfu": (c["flops"] / train_s / self.peak) if train_s > 0 else None,
             "data": {"corpus": cfg.data.corpus, "tokenizer": cfg.data.tokenizer,
                      "fingerprint": data.fingerprint,
                      "train_tokens": len(data.train), "val_tokens": len(data.val)},
             "env": _env_info(),
         }
-        # atomic: the ladder runner treats a run as finished iff summary.json says "done"
-        ckpt.write_text_atomic(run_dir / "summary.json",
-                               json.dumps(_json_safe(summary), indent=1) + "\n")
-        metrics.close()
-        try:
-            from .plots import plot_run
 
-            plot_run(run_dir)
-        except Exception as e:  # a plotting problem must not fail a finished run
-            print(f"warning: could not plot {run_dir}: {e}", file=sys.stderr)
-    summary = _broadcast(summary)
-    _barrier()
-    return RunResult(run_dir=run_dir, summary=summary, exit_code=exit_code)
+
+def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
+          progress: bool = True, data=None,
+          config_path: Optional[str | os.PathLike] = None) -> RunResult:
+    """Train ``cfg`` with DeepSpeed; write the run directory; return a :class:`RunResult`.
+
+    Args:
+        cfg: a validated config.
+        run_dir: output directory; None: ``runs/<name>-<timestamp>`` (with ``resume``:
+            the newest ``runs/<name>-*`` that has a checkpoint).
+        resume: continue from ``run_dir``'s latest checkpoint (exactly, same config).
+        progress: tqdm bar on rank 0.
+        data: an already prepared :class:`moe.data.PreparedData` (else :func:`prepare`).
+
+    Raises TrainError / DataError before any compute for unusable inputs. A non-finite
+    loss does not raise: the result has ``exit_code`` 3 and ``summary["status"]``
+    ``"diverged"``; the last good checkpoint stays ``latest``. A finished run has status
+    ``"done"`` (the ladder runner's contract).
+
+    The run directory is held by this process for the whole call (rank 0 takes
+    ``RUN_DIR/.lock``, see :mod:`moe.rundir`): a second run on it is refused (TrainError
+    naming the holder's pid). ``config_path``: the YAML the config was read from; it is
+    never overwritten by the resolved ``RUN_DIR/config.yaml``. The steps are
+    :class:`Trainer`'s.
+    """
+    trainer = Trainer(cfg, progress=progress, config_path=config_path)
+    try:
+        return trainer.run(run_dir, resume=resume, data=data)
+    finally:
+        trainer.close()
 
 
 def _json_safe(v):
