@@ -10,7 +10,13 @@ prepares it in a child process with a fresh cache and records: characters/s and 
 over the whole preparation, seconds per stage, and the child's peak RSS (getrusage
 ru_maxrss) -- before preparing (imports: torch via megatron-core) and at the end.
 
-One row is appended to benchmarks/results/prepare_data.jsonl; ``--out`` keeps the corpus.
+``--workers 1,2`` prepares the same corpus once per data.workers value (each in a fresh
+cache, so each trains its own BPE; compare the tokenise stage); ``auto`` is the default
+(the CPU count). The workers' peak RSS is the largest child's (forked: pages shared with
+the parent, e.g. the imports, count in both).
+
+One row per run is appended to benchmarks/results/prepare_data.jsonl; ``--out`` keeps the
+corpus.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ from moe.data.indexed import megatron_indexed
 megatron_indexed()
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 corpus, vocab, tok, sample = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+workers = None if sys.argv[5] == "auto" else int(sys.argv[5])
 t = time.perf_counter()
-d = prepare_data(corpus, tok, vocab, progress=False, tokenizer_sample_bytes=sample)
+d = prepare_data(corpus, tok, vocab, progress=False, tokenizer_sample_bytes=sample,
+                 workers=workers)
 secs = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"seconds": secs, "rss_after_imports_mb": rss0, "peak_rss_mb": rss,
@@ -113,6 +121,8 @@ def main() -> int:
     p.add_argument("--tokenizer", default="bpe", choices=["bpe", "bytes"])
     p.add_argument("--sample-mb", type=float, default=500,
                    help="data.tokenizer_sample_bytes in MB (default: the pipeline default)")
+    p.add_argument("--workers", default="auto",
+                   help="comma-separated data.workers values, 'auto' = the CPU count")
     p.add_argument("--out", help="keep the generated corpus here (default: a temp dir)")
     p.add_argument("--note", default="")
     a = p.parse_args()
@@ -124,33 +134,39 @@ def main() -> int:
         gen_s = time.perf_counter() - t
         print(f"generated {info['chars'] / 1e6:,.0f} M chars in {info['files']} files "
               f"({info['disk_mb']:,} MB on disk) in {gen_s:.0f} s", flush=True)
-        env = {**os.environ, "MOE_TESTBED_CACHE": str(tmp / "cache"),
-               "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        res = subprocess.run([sys.executable, "-c", CHILD, str(corpus), str(a.vocab),
-                              a.tokenizer, str(int(a.sample_mb * 1e6))],
-                             env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(res.stderr, file=sys.stderr)
-            return res.returncode
-        r = json.loads(res.stdout.strip().splitlines()[-1])
-        st = r["stats"]
-        tokens = st["tokens"]["train"] + st["tokens"]["val"]
-        row = {"bench": "prepare_data", "corpus_chars": info["chars"],
-               "corpus_disk_mb": info["disk_mb"], "files": info["files"],
-               "formats": info["formats"], "huge_doc_mb": a.huge_doc_mb,
-               "tokenizer": a.tokenizer, "vocab": a.vocab,
-               "tokenizer_sample_chars": st.get("tokenizer_sample_chars"),
-               "docs": st["docs"], "tokens": st["tokens"], "seconds": round(r["seconds"], 1),
-               "stage_seconds": {k: round(v, 1) for k, v in st["seconds"].items()},
-               "chars_per_s": round(info["chars"] / r["seconds"]),
-               "tokens_per_s": round(tokens / r["seconds"]),
-               "tokenize_chars_per_s": round(info["chars"] / st["seconds"]["tokenize"]),
-               "rss_after_imports_mb": round(r["rss_after_imports_mb"]),
-               "peak_rss_mb_by_stage": st.get("peak_rss_mb"),
-               "peak_rss_mb": round(r["peak_rss_mb"]), "note": a.note, **environment()}
-        path = append_rows("prepare_data.jsonl", [row])
-        print(json.dumps(row, indent=1))
-        print(f"appended to {path}")
+        for workers in a.workers.split(","):
+            cache = tmp / f"cache-{workers}"
+            env = {**os.environ, "MOE_TESTBED_CACHE": str(cache),
+                   "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+            res = subprocess.run([sys.executable, "-c", CHILD, str(corpus), str(a.vocab),
+                                  a.tokenizer, str(int(a.sample_mb * 1e6)), workers],
+                                 env=env, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(res.stderr, file=sys.stderr)
+                return res.returncode
+            shutil.rmtree(cache, ignore_errors=True)
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            st = r["stats"]
+            tokens = st["tokens"]["train"] + st["tokens"]["val"]
+            row = {"bench": "prepare_data", "corpus_chars": info["chars"],
+                   "corpus_disk_mb": info["disk_mb"], "files": info["files"],
+                   "formats": info["formats"], "huge_doc_mb": a.huge_doc_mb,
+                   "tokenizer": a.tokenizer, "vocab": a.vocab,
+                   "workers_requested": workers, "workers": st.get("workers"),
+                   "parts": st.get("parts"),
+                   "tokenizer_sample_chars": st.get("tokenizer_sample_chars"),
+                   "docs": st["docs"], "tokens": st["tokens"],
+                   "seconds": round(r["seconds"], 1),
+                   "stage_seconds": {k: round(v, 1) for k, v in st["seconds"].items()},
+                   "chars_per_s": round(info["chars"] / r["seconds"]),
+                   "tokens_per_s": round(tokens / r["seconds"]),
+                   "tokenize_chars_per_s": round(info["chars"] / st["seconds"]["tokenize"]),
+                   "rss_after_imports_mb": round(r["rss_after_imports_mb"]),
+                   "peak_rss_mb_by_stage": st.get("peak_rss_mb"),
+                   "peak_rss_mb": round(r["peak_rss_mb"]), "note": a.note, **environment()}
+            path = append_rows("prepare_data.jsonl", [row])
+            print(json.dumps(row, indent=1))
+            print(f"appended to {path}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -76,7 +76,11 @@ def _cmd_prepare(argv: list[str]) -> int:
     if bad.get("skipped"):
         print(f"skipped {bad['skipped']:,} bad record(s) (data.on_bad_record=skip), e.g. "
               f"{bad['examples'][0]}")
-    print(f"took {seconds:.1f} s, peak memory {peak_mb:,.0f} MB (max RSS of this process)")
+    workers = st.get("workers")
+    print(f"took {seconds:.1f} s, peak memory {peak_mb:,.0f} MB (max RSS of this process)"
+          + (f"; tokenised by {workers} worker processes, each at most "
+             f"{st['peak_rss_mb'].get('tokenize_worker_max', 0):,.0f} MB"
+             if workers and workers > 1 else ""))
     return 0
 
 

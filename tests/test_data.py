@@ -534,6 +534,87 @@ def test_streaming_prepare_equals_in_memory_token_for_token(tmp_path, monkeypatc
     assert data.stats["tokenizer_sample_chars"] == ref_chars  # the whole train split
 
 
+def _cache_bytes(d) -> dict:
+    return {f: (d.cache_path / f).read_bytes()
+            for f in ("train.bin", "train.idx", "val.bin", "val.idx")}
+
+
+@pytest.mark.parametrize("kind,vocab", [("bytes", 257), ("bpe", 400)])
+def test_workers_write_the_same_bytes_as_one_process(tmp_path, monkeypatch, capfd, kind, vocab):
+    """data.workers: contiguous file ranges tokenised in forked processes and merged in
+    file order give the one-process .bin/.idx byte for byte (split, order, EOS, dtype), with
+    a bad record counted once and no fork warning from the tokenizer library."""
+    from moe.data import tokenizer as tok_mod
+
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("zstandard")
+    root = make_mixed_shards(tmp_path / "mixed")
+    (root / "c_rows.jsonl").write_text((root / "c_rows.jsonl").read_text() + "{bad json\n")
+    (root / "g_empty.txt").write_text("")  # a file without documents inside a range
+    monkeypatch.setattr(tok_mod, "CHUNK_CHARS", 4096)
+    monkeypatch.setattr(prep_mod, "PARALLEL_MIN_CHARS", 0)
+    opts = dict(val_fraction=0.1, progress=False, on_bad_record="skip")
+    one = prepare_data(str(root), kind, vocab, cache_dir=tmp_path / "c1", workers=1, **opts)
+    many = prepare_data(str(root), kind, vocab, cache_dir=tmp_path / "c3", workers=3, **opts)
+    assert one.stats["workers"] == 1 and many.stats["workers"] == 3
+    assert many.stats["parts"] > 3  # several ranges per worker
+    assert _cache_bytes(one) == _cache_bytes(many)
+    for key in ("docs", "tokens", "bytes", "bad_records"):
+        assert one.stats[key] == many.stats[key], key
+    assert many.stats["bad_records"]["skipped"] == 1
+    assert many.stats["peak_rss_mb"]["tokenize_worker_max"] > 0
+    assert not list((tmp_path / "c3" / "data").glob(".tmp-*"))  # shards merged and removed
+    assert "forked" not in capfd.readouterr().err
+
+
+def test_worker_failure_fails_the_build_and_publishes_nothing(tmp_path, monkeypatch):
+    """A DataError in a worker (e.g. a shard changed between the split pass and
+    tokenisation) reaches the caller; no cache folder is published and nothing is left."""
+    root = make_folder(tmp_path / "c", n=12)
+    monkeypatch.setattr(prep_mod, "PARALLEL_MIN_CHARS", 0)
+    real = prep_mod.iter_file_documents
+
+    def flaky(source, text_field, bad, start=0, stop=None, files=None):
+        if start > 0:  # a worker's range (the parent reads from file 0)
+            raise DataError("data.corpus: doc007.txt changed while it was read")
+        return real(source, text_field, bad, start, stop, files)
+
+    monkeypatch.setattr(prep_mod, "iter_file_documents", flaky)  # forked workers inherit it
+    with pytest.raises(DataError, match="doc007.txt changed"):
+        prepare_data(str(root), "bytes", 257, progress=False, workers=2)
+    data_dir = tmp_path / "cache" / "data"
+    assert data_dir.is_dir() and not list(data_dir.iterdir())  # no cache, no .tmp-* left
+    monkeypatch.setattr(prep_mod, "iter_file_documents", real)
+    ok = prepare_data(str(root), "bytes", 257, progress=False, workers=2)
+    assert ok.stats["workers"] == 2 and sum(ok.stats["docs"].values()) == 12
+
+
+def test_file_ranges_cover_every_file_once_in_order():
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 30)
+        docs = [rng.choice([0, 0, 1, 3, 10]) for _ in range(n)]
+        if not any(docs):
+            docs[rng.randrange(n)] = 1
+        chars = [d * rng.randint(1, 1000) for d in docs]
+        k = rng.randint(1, 12)
+        ranges = prep_mod._file_ranges(docs, chars, k)
+        assert 1 <= len(ranges) <= k
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous
+        for lo, hi, first in ranges:
+            assert first == sum(docs[:lo]) and sum(docs[lo:hi]) > 0
+
+
+def test_bad_workers_setting_is_named():
+    from moe.config import ConfigError, load_config
+
+    with pytest.raises(DataError, match="data.workers must be a positive int"):
+        prepare_data("stdlib", "bytes", 257, progress=False, workers=0)
+    with pytest.raises(ConfigError, match="data.workers"):
+        load_config(None, ["data.workers=0"]).validate()
+
+
 def test_tokenizer_trained_on_a_sample(tmp_path):
     root = make_folder(tmp_path / "c", n=60, n_words=300)
     full = prepare_data(str(root), "bpe", 400, progress=False)
@@ -664,6 +745,58 @@ def test_corrupt_shards_are_named_or_skipped_and_counted(tmp_path):
         prepare_data(str(tmp_path / "p"), "bytes", 257, progress=False)
     d = prepare_data(str(tmp_path / "p"), "bytes", 257, progress=False, on_bad_record="skip")
     assert d.stats["bad_records"]["skipped"] == 1 and sum(d.stats["docs"].values()) == 2
+
+
+def test_hugging_face_dataset_directories(tmp_path, monkeypatch):
+    """save_to_disk folders (Dataset; DatasetDict -> its train split) and a local Hub dataset
+    repository (dataset card + data files, read through datasets.load_dataset's train
+    split) prepare exactly as a .jsonl of the same rows; errors name the folder."""
+    import sys
+
+    datasets = pytest.importorskip("datasets")
+    datasets.disable_progress_bars()
+    rng = random.Random(11)
+    texts = [_text(rng, rng.randint(10, 80)) for _ in range(40)]
+    held = [_text(rng, 30) for _ in range(7)]  # a test split that must not be read
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ref = prepare_data(str(jsonl), "bytes", 257, progress=False)
+
+    ds = datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))})
+    ds.save_to_disk(str(tmp_path / "disk"))
+    datasets.DatasetDict({"train": ds, "test": datasets.Dataset.from_dict({"text": held})}) \
+        .save_to_disk(str(tmp_path / "dict"))
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    (hub / "README.md").write_text("---\nlicense: mit\n---\n# A corpus\n\nNot a document.\n")
+    ds.select(range(25)).to_parquet(str(hub / "data" / "train-00000-of-00002.parquet"))
+    ds.select(range(25, 40)).to_parquet(str(hub / "data" / "train-00001-of-00002.parquet"))
+    datasets.Dataset.from_dict({"text": held}).to_parquet(
+        str(hub / "data" / "test-00000-of-00001.parquet"))
+
+    for name, kind in (("disk", "hf_disk"), ("dict", "hf_disk"), ("hub", "hf_dir")):
+        assert resolve_corpus(str(tmp_path / name)).kind == kind
+        d = prepare_data(str(tmp_path / name), "bytes", 257, progress=False)
+        assert d.stats["docs"] == ref.stats["docs"], name
+        for s in ("train", "val"):
+            assert np.array_equal(d.split(s).tokens(), ref.split(s).tokens()), (name, s)
+    # a folder whose README has no dataset card stays a plain folder of documents
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "README.md").write_text("# notes\n")
+    (plain / "a.txt").write_text(texts[0])
+    assert resolve_corpus(str(plain)).kind == "folder"
+
+    with pytest.raises(DataError, match=r"disk has no column 'body'.*columns: \['text', 'n'\]"):
+        prepare_data(str(tmp_path / "disk"), "bytes", 257, progress=False, text_field="body")
+    datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "notrain"))
+    with pytest.raises(DataError, match=r"DatasetDict without a 'train' split \(splits: "
+                                        r"\['validation'\]\)"):
+        prepare_data(str(tmp_path / "notrain"), "bytes", 257, progress=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(DataError, match=r"hub is a Hugging Face dataset directory and the "
+                                        r"datasets package is not installed.*\*\*/\*\.parquet"):
+        prepare_data(str(hub), "bytes", 257, progress=False, cache_dir=tmp_path / "c2")
 
 
 def test_folder_caches_of_text_only_corpora_keep_their_key(tmp_path):

@@ -43,6 +43,16 @@ are *bad records*: ``on_bad_record="error"`` (default) raises a DataError naming
 and line/row; ``"skip"`` skips them (a corrupt stream: the rest of that shard) and counts
 them in ``bad``.
 
+a Hugging Face dataset directory (needs the optional ``datasets`` package)
+    A folder written by ``Dataset.save_to_disk`` (``state.json`` + ``dataset_info.json``;
+    a ``DatasetDict``'s folder with ``dataset_dict.json`` gives its ``train`` split),
+    read with ``datasets.load_from_disk``; or a local copy of a Hub dataset repository (a
+    ``README.md`` dataset card opening with YAML front matter, beside data files), read
+    with ``datasets.load_dataset(DIR, split="train", streaming=True)``, which follows the
+    card's ``configs``/data-file layout (the card itself is not a document). One row is
+    one document, text in ``text_field``. Another split: point ``data.corpus`` at that
+    split's folder (save_to_disk) or at its data files (a glob).
+
 a Megatron indexed-dataset prefix
     ``path/to/prefix`` such that ``prefix.idx`` and ``prefix.bin`` exist (``prefix.idx``
     or ``prefix.bin`` themselves are accepted too). Handled in :mod:`moe.data.indexed`.
@@ -79,6 +89,11 @@ _SNIFF_BYTES = 8192
 SHARD_SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet")
 BAD_RECORD_MODES = ("error", "skip")
 _GLOB_CHARS = set("*?[")
+# Hugging Face dataset directories: save_to_disk output, a local Hub dataset repository
+HF_KINDS = ("hf_disk", "hf_dir")
+# Data files that make a folder with a dataset card a Hub dataset repository
+_HF_DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".jsonl.gz",
+                     ".jsonl.zst", ".json.gz", ".csv.gz")
 
 
 def shard_format(path: Union[str, Path]) -> Optional[str]:
@@ -100,7 +115,8 @@ class CorpusSource:
     """A resolved corpus argument.
 
     kind: ``"stdlib"``, ``"folder"``, ``"jsonl"`` (also .jsonl.gz/.zst), ``"parquet"``,
-        ``"files"`` (a glob or list) or ``"indexed"``.
+        ``"files"`` (a glob or list), ``"hf_disk"`` / ``"hf_dir"`` (Hugging Face dataset
+        directories) or ``"indexed"``.
     path: the folder root, the shard file, the files' common folder, or the prefix.
     spec: the corpus argument as given (for messages).
     files: ``"files"`` only: (name relative to ``path``, absolute path) in corpus order.
@@ -119,6 +135,30 @@ class CorpusSource:
 def stdlib_root() -> Path:
     """The running interpreter's standard-library folder."""
     return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def hf_dataset_kind(path: Path) -> Optional[str]:
+    """``"hf_disk"`` for a ``save_to_disk`` folder (a Dataset's or a DatasetDict's),
+    ``"hf_dir"`` for a Hub dataset repository (a README.md opening with YAML front matter,
+    and data files under the folder), else None (a plain folder)."""
+    if (path / "dataset_dict.json").is_file() or (
+            (path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
+        return "hf_disk"
+    readme = path / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        with open(readme, "rb") as f:
+            if f.read(4).rstrip(b"\r\n") != b"---":
+                return None
+    except OSError:
+        return None
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(n.lower().endswith(_HF_DATA_SUFFIXES) for n in filenames
+               if n != "README.md" and not n.startswith(".")):
+            return "hf_dir"
+    return None
 
 
 def resolve_corpus(corpus: str) -> CorpusSource:
@@ -153,7 +193,7 @@ def resolve_corpus(corpus: str) -> CorpusSource:
                         f"of text files / .jsonl[.gz|.zst] / .parquet shards, one such file, a "
                         f"glob or list of files, or a Megatron prefix with .bin/.idx files)")
     if path.is_dir():
-        return CorpusSource("folder", path.resolve(), spec)
+        return CorpusSource(hf_dataset_kind(path) or "folder", path.resolve(), spec)
     fmt = shard_format(path)
     if fmt is not None:
         return CorpusSource("parquet" if fmt == ".parquet" else "jsonl", path.resolve(), spec)
@@ -226,7 +266,7 @@ def source_fingerprint(source: CorpusSource) -> str:
     """
     h = hashlib.sha256()
     h.update(f"{source.kind}\n".encode())
-    if source.kind in ("stdlib", "folder", "files"):
+    if source.kind in ("stdlib", "folder", "files") + HF_KINDS:
         shards = False
         for rel, full in list_files(source):
             st = full.stat()
@@ -284,22 +324,47 @@ def iter_documents(source: CorpusSource, text_field: str = "text",
     text_field: the JSON field / parquet column of shard rows. bad: where bad records go
     (default: raise DataError naming the file and line/row).
     """
-    bad = bad if bad is not None else BadRecords("error")
+    for _, doc in iter_file_documents(source, text_field, bad):
+        yield doc
+
+
+def corpus_files(source: CorpusSource) -> list[tuple[str, Path]]:
+    """The files a text corpus is read from, in corpus order: :func:`list_files` for
+    folders, globs and the stdlib; the one shard of a .jsonl/.parquet corpus."""
     if source.kind in ("stdlib", "folder", "files"):
-        for rel, full in list_files(source):
-            if source.kind != "stdlib" and shard_format(full) is not None:
-                yield from _iter_shard(full, text_field, bad)
-                continue
-            try:
-                text = _read_text_file(full, skip_binary=source.kind != "stdlib")
-            except OSError as e:
-                raise DataError(f"data.corpus: cannot read {full}: {e}") from e
-            if text:
-                yield Document(rel, text)
-    elif source.kind in ("jsonl", "parquet"):
-        yield from _iter_shard(source.path, text_field, bad)
-    else:
-        raise DataError(f"data.corpus: {source.describe()} is not a text corpus")
+        return list_files(source)
+    if source.kind in ("jsonl", "parquet") + HF_KINDS:
+        return [(source.path.name, source.path)]
+    raise DataError(f"data.corpus: {source.describe()} is not a text corpus")
+
+
+def iter_file_documents(source: CorpusSource, text_field: str = "text",
+                        bad: Optional[BadRecords] = None, start: int = 0,
+                        stop: Optional[int] = None, files: Optional[list] = None
+                        ) -> Iterator[tuple[int, Document]]:
+    """``(file index, document)`` for the files ``start:stop`` of :func:`corpus_files`
+    (``files``: that list, when the caller already has it), in corpus order: what
+    :func:`iter_documents` yields for the whole corpus, so that contiguous file ranges read
+    by separate workers concatenate to the same stream."""
+    bad = bad if bad is not None else BadRecords("error")
+    files = corpus_files(source) if files is None else files
+    stop = len(files) if stop is None else stop
+    for fi in range(start, stop):
+        rel, full = files[fi]
+        if source.kind in HF_KINDS:
+            for doc in _iter_hf(source, text_field, bad):
+                yield fi, doc
+            continue
+        if source.kind != "stdlib" and shard_format(full) is not None:
+            for doc in _iter_shard(full, text_field, bad):
+                yield fi, doc
+            continue
+        try:
+            text = _read_text_file(full, skip_binary=source.kind != "stdlib")
+        except OSError as e:
+            raise DataError(f"data.corpus: cannot read {full}: {e}") from e
+        if text:
+            yield fi, Document(rel, text)
 
 
 def _content_key(text: str) -> str:
@@ -419,6 +484,66 @@ def _iter_parquet(path: Path, field: str, bad: BadRecords,
                     continue  # a null cell is an empty document
                 bad(f"data.corpus: {path} row {row}: column {field!r} must be text, got "
                     f"{type(text).__name__}")
+                continue
+            if text:
+                yield Document(_content_key(text), text)
+
+
+def _open_hf_dataset(source: CorpusSource):
+    """The rows of a Hugging Face dataset directory: a (memory-mapped) ``Dataset`` from
+    ``load_from_disk`` (a DatasetDict's ``train``), or a streaming ``IterableDataset``."""
+    try:
+        import datasets
+    except ImportError:
+        hint = (f"; or point data.corpus at its data files, e.g. '{source.path}/**/*.parquet'"
+                if source.kind == "hf_dir" else "")
+        raise DataError(f"data.corpus: {source.path} is a Hugging Face dataset directory and "
+                        "the datasets package is not installed: pip install "
+                        f"'moe-testbed[data]' (or datasets){hint}") from None
+    try:
+        if source.kind == "hf_disk":
+            ds = datasets.load_from_disk(str(source.path))
+        else:
+            ds = datasets.load_dataset(str(source.path), split="train", streaming=True)
+    except Exception as e:  # the library's errors have no common base class
+        how = ("datasets.load_from_disk" if source.kind == "hf_disk"
+               else "datasets.load_dataset(..., split='train', streaming=True)")
+        raise DataError(f"data.corpus: cannot read the Hugging Face dataset {source.path} with "
+                        f"{how} ({type(e).__name__}: {e})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"data.corpus: {source.path} is a DatasetDict without a 'train' "
+                            f"split (splits: {sorted(ds)}); point data.corpus at one split's "
+                            f"folder, e.g. {source.path / sorted(ds)[0]}")
+        ds = ds["train"]
+    return ds
+
+
+def _iter_hf(source: CorpusSource, field: str, bad: BadRecords,
+             batch_rows: int = 1024) -> Iterator[Document]:
+    ds = _open_hf_dataset(source)
+    names = ds.column_names
+    if names is not None and field not in names:
+        raise DataError(f"data.corpus: {source.path} has no column {field!r} (columns: "
+                        f"{names}); set data.text_field to the text column")
+    batches = iter(ds.select_columns([field]).iter(batch_size=batch_rows))
+    row = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # a corrupt arrow/parquet file under the dataset
+            bad(f"data.corpus: {source.path} is corrupt at row {row + 1} "
+                f"({type(e).__name__}: {e})", e)
+            return
+        for text in batch[field]:
+            row += 1
+            if not isinstance(text, str):
+                if text is None:
+                    continue  # a null cell is an empty document
+                bad(f"data.corpus: {source.path} row {row}: column {field!r} must be text, "
+                    f"got {type(text).__name__}")
                 continue
             if text:
                 yield Document(_content_key(text), text)

@@ -340,7 +340,8 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
             dc = exact.data
             corpus = dc.corpus if isinstance(dc.corpus, str) else tuple(dc.corpus)
             dkey = (corpus, dc.tokenizer, exact.model.vocab_size, dc.cache_dir,
-                    dc.val_fraction, dc.text_field, dc.on_bad_record, dc.tokenizer_sample_bytes)
+                    dc.val_fraction, dc.text_field, dc.on_bad_record, dc.tokenizer_sample_bytes,
+                    dc.workers)
             runs.append(Run(name=rname, size=size.name, sparsity=sp.name, overrides=rov,
                             group=group, counts=c.as_dict(), tokens=tokens,
                             flops=tokens * c.flops_per_token_train,
@@ -409,11 +410,11 @@ def attach_epochs(runs: list[Run], build: bool = False, progress: bool = False) 
     sizes: dict = {}
     for r in runs:
         if r.data_key not in sizes:
-            corpus, tok, vocab, cache, vf, field_, on_bad, sample = r.data_key
+            corpus, tok, vocab, cache, vf, field_, on_bad, sample, workers = r.data_key
             sizes[r.data_key] = train_token_count(
                 list(corpus) if isinstance(corpus, tuple) else corpus, tok, vocab, cache, vf,
                 build=build, progress=progress, text_field=field_, on_bad_record=on_bad,
-                tokenizer_sample_bytes=sample)
+                tokenizer_sample_bytes=sample, workers=workers)
         cs = sizes[r.data_key]
         r.train_tokens = cs.train_tokens
         r.epochs = r.tokens / cs.train_tokens if cs.train_tokens else None

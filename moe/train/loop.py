@@ -68,7 +68,7 @@ RESUME_MAY_CHANGE = {"train.log_every", "train.eval_every", "train.eval_batches"
                      "train.eval_at_start",
                      "train.ckpt_every", "train.tensorboard", "train.peak_flops",
                      "train.cpu_keep_freed_memory",
-                     "data.cache_dir", "parallel.timeout_s"}
+                     "data.cache_dir", "data.workers", "parallel.timeout_s"}
 
 
 class TrainError(RuntimeError):
