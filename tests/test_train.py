@@ -292,6 +292,42 @@ def test_train_reduces_eval_loss_and_writes_run_dir(tmp_path):
     assert len(biases) == 2 and all(b.dtype == torch.float32 and b.abs().sum() > 0 for b in biases)
 
 
+def test_trainer_steps_can_be_driven_one_by_one(tmp_path):
+    """The Trainer's named steps are the run: driving them by hand (setup .. build, two
+    train_steps, evaluate, checkpoint, finish) gives the same weights and losses as
+    train() stopped at the same step, and the run directory is released by close()."""
+    from moe.rundir import lock_dir
+    from moe.train.loop import StepStats, Trainer, train
+
+    cfg = tiny_cfg(tmp_path, **{"train.max_steps": 2, "train.eval_at_start": False})
+    ref = train(cfg, tmp_path / "ref", progress=False)
+    t = Trainer(cfg, progress=False)
+    try:
+        t.setup()
+        t.claim_run_dir(tmp_path / "manual", resume=False)
+        t.find_resume_point(resume=False)
+        t.build()
+        t.restore()  # nothing to restore in a new run
+        assert t.total_steps == 2 and t.latest is None
+        t.module.train()
+        stats = [t.train_step() for _ in range(2)]
+        assert all(isinstance(s, StepStats) and s.counts is not None for s in stats)
+        assert t.counters["step"] == 2 and t.counters["tokens"] == 2 * 4 * 32
+        row = t.evaluate()
+        t.checkpoint()
+        res = t.finish()
+    finally:
+        t.close()
+    lock_dir(tmp_path / "manual").release()  # released: a new holder gets it
+    assert res.summary["status"] == "done" and res.summary["steps"] == 2
+    assert row["lm_loss"] == ref.summary["final_eval_loss"]
+    tr = [r for r in read_rows(tmp_path / "ref" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [s.acc[1].item() for s in stats] == [r["lm_loss"] for r in tr]
+    a = ckpt.load_file(ckpt.latest_checkpoint(tmp_path / "ref") / "model.pt")
+    b = ckpt.load_file(ckpt.latest_checkpoint(tmp_path / "manual") / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_run_over_one_epoch_warns_once_and_records_epochs(tmp_path, capsys):
     """Issue 17: repeated data is announced before training and counted in summary.json."""
     from moe.cli import main

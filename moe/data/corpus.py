@@ -191,7 +191,8 @@ def resolve_corpus(corpus: str) -> CorpusSource:
     if not path.exists():
         raise DataError(f"data.corpus path does not exist: {path} (expected 'stdlib', a folder "
                         f"of text files / .jsonl[.gz|.zst] / .parquet shards, one such file, a "
-                        f"glob or list of files, or a Megatron prefix with .bin/.idx files)")
+                        f"glob or list of files, a Hugging Face dataset folder, or a Megatron "
+                        f"prefix with .bin/.idx files)")
     if path.is_dir():
         return CorpusSource(hf_dataset_kind(path) or "folder", path.resolve(), spec)
     fmt = shard_format(path)

@@ -734,7 +734,8 @@ class Trainer:
         c["train_seconds"] += dt
         self._interval_tokens += self.tokens_per_step
         self._interval_time += dt
-        self.bar.update(1)
+        if self.bar is not None:  # None: steps driven by hand, outside train_loop
+            self.bar.update(1)
         return StepStats(acc=acc, lr=lr, mtp_weight=lam, grad_norm=grad_norm,
                          counts=step_counts[0] if step_counts else None)
 
@@ -759,7 +760,8 @@ class Trainer:
                     "flops_per_s": tps * self.fpt, "mfu": tps * self.fpt / self.peak,
                     "maxvio": maxvio})
         self.metrics.write(row)
-        self.bar.set_postfix(loss=f"{row['lm_loss']:.3f}", tok_s=f"{tps:,.0f}")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['lm_loss']:.3f}", tok_s=f"{tps:,.0f}")
         self._interval_tokens, self._interval_time = 0, 0.0
 
     def evaluate(self) -> dict:
@@ -772,7 +774,7 @@ class Trainer:
         row = {"kind": "eval", "step": c["step"], "tokens": c["tokens"], **row}
         self.metrics.write(row)
         self.last_eval, self.last_eval_step = row, c["step"]
-        if self.is0 and self.progress:
+        if self.is0 and self.progress and self.bar is not None:
             self.bar.write(f"step {c['step']}: eval lm_loss {row['lm_loss']:.4f}")
         return row
 
