@@ -459,7 +459,6 @@ def _iter_parquet(path: Path, field: str, bad: BadRecords,
                         "pip install 'moe-testbed[data]' (or pyarrow)") from None
     import pyarrow as pa
 
-    row = 0
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
@@ -470,15 +469,26 @@ def _iter_parquet(path: Path, field: str, bad: BadRecords,
         raise DataError(f"data.corpus: {path} has no column {field!r} (columns: {names}); set "
                         f"data.text_field to the text column")
     batches = pf.iter_batches(batch_size=batch_rows, columns=[field])
+    yield from _column_documents(batches, lambda b: b.column(0).to_pylist(),
+                                 (pa.ArrowException, OSError), path, field, bad)
+
+
+def _column_documents(batches: Iterator, texts_of, errors: tuple, path: Path, field: str,
+                      bad: BadRecords) -> Iterator[Document]:
+    """The documents of a text column read in batches (parquet, Hugging Face datasets):
+    ``texts_of(batch)`` lists a batch's cells. An error from ``errors`` while reading is a
+    corrupt file (the rest of it is lost), a null cell an empty document, a non-string cell
+    a bad record; rows are counted from 1 in messages."""
+    row = 0
     while True:
         try:
             batch = next(batches)
         except StopIteration:
             return
-        except (pa.ArrowException, OSError) as e:
+        except errors as e:
             bad(f"data.corpus: {path} is corrupt at row {row + 1} ({type(e).__name__}: {e})", e)
             return
-        for text in batch.column(0).to_pylist():
+        for text in texts_of(batch):
             row += 1
             if not isinstance(text, str):
                 if text is None:
@@ -528,26 +538,9 @@ def _iter_hf(source: CorpusSource, field: str, bad: BadRecords,
         raise DataError(f"data.corpus: {source.path} has no column {field!r} (columns: "
                         f"{names}); set data.text_field to the text column")
     batches = iter(ds.select_columns([field]).iter(batch_size=batch_rows))
-    row = 0
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except Exception as e:  # a corrupt arrow/parquet file under the dataset
-            bad(f"data.corpus: {source.path} is corrupt at row {row + 1} "
-                f"({type(e).__name__}: {e})", e)
-            return
-        for text in batch[field]:
-            row += 1
-            if not isinstance(text, str):
-                if text is None:
-                    continue  # a null cell is an empty document
-                bad(f"data.corpus: {source.path} row {row}: column {field!r} must be text, "
-                    f"got {type(text).__name__}")
-                continue
-            if text:
-                yield Document(_content_key(text), text)
+    # the library's read errors have no common base class: any is a corrupt file
+    yield from _column_documents(batches, lambda b: b[field], (Exception,), source.path, field,
+                                 bad)
 
 
 def split_hash(key: str) -> float:
