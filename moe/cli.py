@@ -78,9 +78,10 @@ def _cmd_prepare(argv: list[str]) -> int:
               f"{bad['examples'][0]}")
     workers = st.get("workers")
     print(f"took {seconds:.1f} s, peak memory {peak_mb:,.0f} MB (max RSS of this process)"
-          + (f"; tokenised by {workers} worker processes, each at most "
-             f"{st['peak_rss_mb'].get('tokenize_worker_max', 0):,.0f} MB"
-             if workers and workers > 1 else ""))
+          + (f"; tokenised by {workers} worker processes, the largest peaking at "
+             f"{st['peak_rss_mb'].get('tokenize_worker_max', 0):,.0f} MB (pages shared with "
+             "this process included)" if workers and workers > 1 and not st.get("cached")
+             else ""))
     return 0
 
 

@@ -817,22 +817,25 @@ def test_folder_caches_of_text_only_corpora_keep_their_key(tmp_path):
     assert before == h.hexdigest()
 
 
-def test_prepare_command_builds_then_finds_the_cache(tmp_path, capsys):
+def test_prepare_command_builds_then_finds_the_cache(tmp_path, capsys, monkeypatch):
     from moe.cli import main
 
+    monkeypatch.setattr(prep_mod, "PARALLEL_MIN_CHARS", 0)
     root = make_folder(tmp_path / "c", n=12)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: p\n")
     args = ["prepare", str(cfg), f"data.corpus={root}", "data.tokenizer=bytes",
-            "model.vocab_size=300", "--no-progress"]
+            "model.vocab_size=300", "data.workers=2", "--no-progress"]
     assert main(args) == 0
     out = capsys.readouterr().out
     data = prepare_data(str(root), "bytes", 300, progress=False)
     assert f"{data.cache_path} (built)" in out
     assert f"train:  {data.stats['docs']['train']:,} documents, {len(data.train):,} tokens" in out
     assert "peak memory" in out and "took" in out
+    assert "tokenised by 2 worker processes, the largest peaking at" in out
     assert main(args) == 0
-    assert "(found in the cache)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(found in the cache)" in out and "worker" not in out
     assert main(["prepare", str(cfg), f"data.corpus={tmp_path / 'nope'}", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: data.corpus path does not exist")
