@@ -11,9 +11,9 @@ over the whole preparation, seconds per stage, and the child's peak RSS (getrusa
 ru_maxrss) -- before preparing (imports: torch via megatron-core) and at the end.
 
 ``--workers 1,2`` prepares the same corpus once per data.workers value (each in a fresh
-cache, so each trains its own BPE; compare the tokenise stage); ``auto`` is the default
-(the CPU count). The workers' peak RSS is the largest child's (forked: pages shared with
-the parent, e.g. the imports, count in both).
+cache, so each trains its own BPE; compare the tokenise stage); default 1, the pipeline's
+default; ``auto`` is the CPU count. The workers' peak RSS is the largest child's (forked:
+pages shared with the parent, e.g. the imports, count in both).
 
 One row per run is appended to benchmarks/results/prepare_data.jsonl; ``--out`` keeps the
 corpus.
@@ -121,7 +121,7 @@ def main() -> int:
     p.add_argument("--tokenizer", default="bpe", choices=["bpe", "bytes"])
     p.add_argument("--sample-mb", type=float, default=500,
                    help="data.tokenizer_sample_bytes in MB (default: the pipeline default)")
-    p.add_argument("--workers", default="auto",
+    p.add_argument("--workers", default="1",
                    help="comma-separated data.workers values, 'auto' = the CPU count")
     p.add_argument("--out", help="keep the generated corpus here (default: a temp dir)")
     p.add_argument("--note", default="")

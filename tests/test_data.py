@@ -589,6 +589,33 @@ def test_worker_failure_fails_the_build_and_publishes_nothing(tmp_path, monkeypa
     assert ok.stats["workers"] == 2 and sum(ok.stats["docs"].values()) == 12
 
 
+def test_a_killed_worker_fails_the_build_instead_of_hanging(tmp_path, monkeypatch):
+    """A worker killed mid-part (the OOM killer's SIGKILL) is reported with its signal and
+    the other worker is stopped; no cache is published, and a rerun builds it."""
+    import signal
+
+    root = make_folder(tmp_path / "c", n=12)
+    monkeypatch.setattr(prep_mod, "PARALLEL_MIN_CHARS", 0)
+    real = prep_mod.iter_file_documents
+
+    def killed(source, text_field, bad, start=0, stop=None, files=None):
+        if start > 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(source, text_field, bad, start, stop, files)
+
+    monkeypatch.setattr(prep_mod, "iter_file_documents", killed)
+    t = time.perf_counter()
+    with pytest.raises(DataError, match=r"tokenisation process was killed by signal SIGKILL "
+                                        r"\(out of memory\?\); \d+/\d+ parts done, nothing "
+                                        r"was published"):
+        prepare_data(str(root), "bytes", 257, progress=False, workers=2)
+    assert time.perf_counter() - t < 60
+    assert not list((tmp_path / "cache" / "data").iterdir())
+    monkeypatch.setattr(prep_mod, "iter_file_documents", real)
+    assert sum(prepare_data(str(root), "bytes", 257, progress=False,
+                            workers=2).stats["docs"].values()) == 12
+
+
 def test_file_ranges_cover_every_file_once_in_order():
     rng = random.Random(0)
     for _ in range(200):
@@ -780,12 +807,41 @@ def test_hugging_face_dataset_directories(tmp_path, monkeypatch):
         assert d.stats["docs"] == ref.stats["docs"], name
         for s in ("train", "val"):
             assert np.array_equal(d.split(s).tokens(), ref.split(s).tokens()), (name, s)
-    # a folder whose README has no dataset card stays a plain folder of documents
+    # folders whose README is not a dataset card stay plain folders of documents and
+    # shards: no card, a card with other front matter, data files without Hub shard names
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "README.md").write_text("# notes\n")
     (plain / "a.txt").write_text(texts[0])
     assert resolve_corpus(str(plain)).kind == "folder"
+    notes = tmp_path / "notes"
+    (notes / "eval").mkdir(parents=True)
+    (notes / "README.md").write_text("---\ntitle: my notes\n---\n# Notes\n")
+    (notes / "part-a.jsonl").write_text(json.dumps({"text": texts[1]}) + "\n")
+    (notes / "test.jsonl").write_text(json.dumps({"text": texts[2]}) + "\n")
+    (notes / "eval" / "b.jsonl").write_text(json.dumps({"text": texts[3]}) + "\n")
+    (notes / "package.json").write_text('{"name": "x", "version": "1"}')
+    assert resolve_corpus(str(notes)).kind == "folder"
+    carded = tmp_path / "carded"
+    (carded / "data").mkdir(parents=True)
+    (carded / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: "
+                                      "data/*.jsonl\n---\n")
+    (carded / "data" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                     for t in texts[:5]))
+    (carded / "data" / "b.jsonl").write_text(
+        json.dumps({"text": texts[5]}) + "\n{broken\n" + json.dumps({"text": texts[6]}) + "\n")
+    assert resolve_corpus(str(carded)).kind == "hf_dir"
+    # the library's reader stops for good at a bad file (here before yielding a.jsonl's
+    # rows: one batch spans both files), so skip would lose the rest: it is an error
+    for mode in ("error", "skip"):
+        with pytest.raises(DataError, match=r"carded is corrupt at row 1 \(ArrowInvalid: JSON "
+                                            r"parse.*cannot skip past it.*a glob"):
+            prepare_data(str(carded), "bytes", 257, progress=False, on_bad_record=mode)
+    # read as shards, skip drops the one bad line
+    skipped = prepare_data(str(carded / "data" / "*.jsonl"), "bytes", 257, progress=False,
+                           on_bad_record="skip")
+    assert skipped.stats["bad_records"]["skipped"] == 1
+    assert sum(skipped.stats["docs"].values()) == 7
 
     with pytest.raises(DataError, match=r"disk has no column 'body'.*columns: \['text', 'n'\]"):
         prepare_data(str(tmp_path / "disk"), "bytes", 257, progress=False, text_field="body")

@@ -47,11 +47,14 @@ a Hugging Face dataset directory (needs the optional ``datasets`` package)
     A folder written by ``Dataset.save_to_disk`` (``state.json`` + ``dataset_info.json``;
     a ``DatasetDict``'s folder with ``dataset_dict.json`` gives its ``train`` split),
     read with ``datasets.load_from_disk``; or a local copy of a Hub dataset repository (a
-    ``README.md`` dataset card opening with YAML front matter, beside data files), read
-    with ``datasets.load_dataset(DIR, split="train", streaming=True)``, which follows the
-    card's ``configs``/data-file layout (the card itself is not a document). One row is
-    one document, text in ``text_field``. Another split: point ``data.corpus`` at that
-    split's folder (save_to_disk) or at its data files (a glob).
+    ``README.md`` dataset card whose YAML front matter declares ``configs`` or
+    ``dataset_info``, or a card beside data files named like Hub shards,
+    ``train-00000-of-00002.parquet``), read with ``datasets.load_dataset(DIR,
+    split="train", streaming=True)``, which follows the card's data-file layout (the card
+    itself is not a document). One row is one document, text in ``text_field``; the
+    dataset is read by one process (``data.workers`` does not split it). Another split:
+    point ``data.corpus`` at that split's folder (save_to_disk) or at its data files (a
+    glob, which also reads any folder as plain files).
 
 a Megatron indexed-dataset prefix
     ``path/to/prefix`` such that ``prefix.idx`` and ``prefix.bin`` exist (``prefix.idx``
@@ -74,6 +77,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +95,7 @@ BAD_RECORD_MODES = ("error", "skip")
 _GLOB_CHARS = set("*?[")
 # Hugging Face dataset directories: save_to_disk output, a local Hub dataset repository
 HF_KINDS = ("hf_disk", "hf_dir")
-# Data files that make a folder with a dataset card a Hub dataset repository
+# Data files of a Hub dataset repository (with Hub shard names: see hf_dataset_kind)
 _HF_DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".jsonl.gz",
                      ".jsonl.zst", ".json.gz", ".csv.gz")
 
@@ -137,26 +141,56 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
+def _front_matter(readme: Path) -> Optional[dict]:
+    """The YAML front matter of a README.md (a dataset card's metadata), or None."""
+    try:
+        with open(readme, "r", encoding="utf-8", errors="replace") as f:
+            if f.readline().rstrip("\r\n") != "---":
+                return None
+            lines = []
+            for line in f:
+                if line.rstrip("\r\n") == "---":
+                    break
+                lines.append(line)
+            else:
+                return None
+    except OSError:
+        return None
+    import yaml
+
+    try:
+        meta = yaml.safe_load("".join(lines))
+    except yaml.YAMLError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+# Hub shard names (push_to_hub / the Hub's parquet conversion): train-00000-of-00002.parquet
+_HUB_SHARD = re.compile(r"-\d{5}-of-\d{5}\.")
+
+
 def hf_dataset_kind(path: Path) -> Optional[str]:
-    """``"hf_disk"`` for a ``save_to_disk`` folder (a Dataset's or a DatasetDict's),
-    ``"hf_dir"`` for a Hub dataset repository (a README.md opening with YAML front matter,
-    and data files under the folder), else None (a plain folder)."""
+    """``"hf_disk"`` for a ``save_to_disk`` folder (a Dataset's or a DatasetDict's);
+    ``"hf_dir"`` for a Hub dataset repository: a README.md dataset card whose front matter
+    declares ``configs`` or ``dataset_info``, or a card beside data files named like Hub
+    shards (``train-00000-of-00002.parquet``); else None (a plain folder -- a README with
+    other front matter, e.g. a title, does not make one). A glob (``DIR/**/*.jsonl``) reads
+    any folder as plain files."""
     if (path / "dataset_dict.json").is_file() or (
             (path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
         return "hf_disk"
     readme = path / "README.md"
     if not readme.is_file():
         return None
-    try:
-        with open(readme, "rb") as f:
-            if f.read(4).rstrip(b"\r\n") != b"---":
-                return None
-    except OSError:
+    meta = _front_matter(readme)
+    if meta is None:
         return None
+    if "configs" in meta or "dataset_info" in meta:
+        return "hf_dir"
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if any(n.lower().endswith(_HF_DATA_SUFFIXES) for n in filenames
-               if n != "README.md" and not n.startswith(".")):
+        if any(_HUB_SHARD.search(n) and n.lower().endswith(_HF_DATA_SUFFIXES)
+               for n in filenames):
             return "hf_dir"
     return None
 
@@ -474,11 +508,12 @@ def _iter_parquet(path: Path, field: str, bad: BadRecords,
 
 
 def _column_documents(batches: Iterator, texts_of, errors: tuple, path: Path, field: str,
-                      bad: BadRecords) -> Iterator[Document]:
+                      bad: BadRecords, read_errors_fatal: bool = False) -> Iterator[Document]:
     """The documents of a text column read in batches (parquet, Hugging Face datasets):
     ``texts_of(batch)`` lists a batch's cells. An error from ``errors`` while reading is a
-    corrupt file (the rest of it is lost), a null cell an empty document, a non-string cell
-    a bad record; rows are counted from 1 in messages."""
+    corrupt file (a bad record losing the rest of it; with ``read_errors_fatal`` a
+    DataError even under on_bad_record=skip), a null cell an empty document, a non-string
+    cell a bad record; rows are counted from 1 in messages."""
     row = 0
     while True:
         try:
@@ -486,7 +521,13 @@ def _column_documents(batches: Iterator, texts_of, errors: tuple, path: Path, fi
         except StopIteration:
             return
         except errors as e:
-            bad(f"data.corpus: {path} is corrupt at row {row + 1} ({type(e).__name__}: {e})", e)
+            message = f"data.corpus: {path} is corrupt at row {row + 1} ({type(e).__name__}: {e})"
+            if read_errors_fatal:
+                raise DataError(f"{message}; the datasets library cannot skip past it "
+                                "(data.on_bad_record=skip would drop the rest of the dataset): "
+                                "fix the file, or read the data files as shards (a glob), "
+                                "where skip drops single bad lines") from e
+            bad(message, e)
             return
         for text in texts_of(batch):
             row += 1
@@ -538,9 +579,15 @@ def _iter_hf(source: CorpusSource, field: str, bad: BadRecords,
         raise DataError(f"data.corpus: {source.path} has no column {field!r} (columns: "
                         f"{names}); set data.text_field to the text column")
     batches = iter(ds.select_columns([field]).iter(batch_size=batch_rows))
-    # the library's read errors have no common base class: any is a corrupt file
-    yield from _column_documents(batches, lambda b: b[field], (Exception,), source.path, field,
-                                 bad)
+    import pyarrow as pa
+    from datasets.exceptions import DatasetsError
+
+    # A data file the library cannot parse stops its reader for good (it reads whole files
+    # into batches, so even earlier rows of the batch are gone): that is always an error,
+    # never a skipped record -- skipping would silently drop the rest of the dataset.
+    yield from _column_documents(batches, lambda b: b[field],
+                                 (pa.ArrowException, OSError, ValueError, DatasetsError),
+                                 source.path, field, bad, read_errors_fatal=True)
 
 
 def split_hash(key: str) -> float:

@@ -497,7 +497,7 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
         total_chars = chars["train"] + chars["val"]
         parts = _file_ranges(docs_per_file, chars_per_file, workers * PARTS_PER_WORKER)
         used = min(workers, len(parts))
-        if used > 1 and total_chars < PARALLEL_MIN_CHARS:
+        if used > 1 and (total_chars < PARALLEL_MIN_CHARS or not _can_fork()):
             used = 1
         with tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenize",
                   disable=not progress) as bar:
@@ -535,6 +535,14 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _can_fork() -> bool:
+    """Workers are forked (they inherit the corpus list and split); without fork (Windows)
+    tokenisation stays in this process."""
+    import multiprocessing as mp
+
+    return "fork" in mp.get_all_start_methods()
 
 
 class _SplitWriter:
@@ -617,10 +625,9 @@ def _file_ranges(docs_per_file: list[int], chars_per_file: list[int],
 _WORKER_STATE: dict[str, Any] = {}
 
 
-def _tokenize_part(job: tuple[int, int, int, int]) -> tuple[int, dict, int]:
-    """Worker: tokenise files ``lo:hi`` (first document ``first_doc``) into ``parts/<j>-*``;
-    returns (j, counts, characters)."""
-    j, lo, hi, first_doc = job
+def _tokenize_part(j: int, lo: int, hi: int, first_doc: int) -> None:
+    """Tokenise files ``lo:hi`` (first document ``first_doc``) into ``parts/<j>-*``, then
+    write ``parts/<j>.json`` (counts, characters) -- last, so it marks a complete part."""
     st = _WORKER_STATE
     if st["tok_kind"] == "bytes":
         tok: Tokenizer = ByteTokenizer()
@@ -634,7 +641,31 @@ def _tokenize_part(job: tuple[int, int, int, int]) -> tuple[int, dict, int]:
         w.add(st["split"].is_val(i, d.key), d.text)
         n_chars += len(d.text)
         i += 1
-    return j, w.close(), n_chars
+    counts = w.close()
+    done = st["out_dir"] / f"{j:05d}.json"
+    tmp = done.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"counts": counts, "chars": n_chars}))
+    os.replace(tmp, done)  # the parent never reads a half-written file
+
+
+def _worker_main(parts: list, next_part, lock) -> None:
+    """A worker process: take the next untaken part until none is left. Ctrl-C goes to the
+    parent, which stops the workers; a DataError is written for the parent to raise."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        with lock:
+            j = next_part.value
+            next_part.value += 1
+        if j >= len(parts):
+            return
+        try:
+            _tokenize_part(j, *parts[j])
+        except DataError as e:
+            (_WORKER_STATE["out_dir"] / f"{j:05d}.error").write_text(str(e))
+            sys.exit(1)
 
 
 def _tokenize_parallel(source: CorpusSource, files: list, parts: list, split: StreamSplit,
@@ -645,28 +676,62 @@ def _tokenize_parallel(source: CorpusSource, files: list, parts: list, split: St
 
     Workers are forked (the corpus list, split and settings are inherited, not pickled)
     with the tokenizer library's own threads off (``TOKENIZERS_PARALLELISM=false``): the
-    processes are the parallelism. A worker's DataError (a file that changed since the
-    split pass) is re-raised here; the half-written shards go with ``tmp``.
+    processes are the parallelism. Each takes the next part from a shared counter. A
+    worker's DataError (a file that changed since the split pass) is re-raised here; a
+    worker that dies (killed, out of memory) or fails otherwise is a DataError naming its
+    exit; on any error or Ctrl-C the other workers are stopped. Half-written shards go
+    with ``tmp``.
     """
     import multiprocessing as mp
+    import signal
 
     out_dir = tmp / "parts"
     out_dir.mkdir()
+    ctx = mp.get_context("fork")
     _WORKER_STATE.update(source=source, files=files, split=split, tok_kind=tok_kind,
                          tok_path=tok_path, dtype=dtype, text_field=text_field, out_dir=out_dir)
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else methods[0])
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    next_part, lock = ctx.RawValue("i", 0), ctx.Lock()
+    procs = [ctx.Process(target=_worker_main, args=(parts, next_part, lock), daemon=True)
+             for _ in range(workers)]
     results: dict[int, dict] = {}
     gc.freeze()  # forked workers then share the parent's objects without copying their pages
     try:
-        with ctx.Pool(workers) as pool:
-            jobs = [(j, lo, hi, first) for j, (lo, hi, first) in enumerate(parts)]
-            for j, counts, n_chars in pool.imap_unordered(_tokenize_part, jobs):
-                results[j] = counts
-                bar.update(n_chars)
+        for proc in procs:
+            proc.start()
+        while True:
+            exits = [proc.exitcode for proc in procs]  # before the scan: no exit is missed
+            for j in range(len(parts)):
+                done = out_dir / f"{j:05d}.json"
+                if j not in results and done.is_file():
+                    results[j] = json.loads(done.read_text())
+                    bar.update(results[j]["chars"])
+            if len(results) == len(parts):
+                break
+            failed = [proc for proc, code in zip(procs, exits) if code not in (None, 0)]
+            if failed or all(code is not None for code in exits):
+                errors = sorted(out_dir.glob("*.error"))
+                if errors:
+                    raise DataError(errors[0].read_text())
+                code = failed[0].exitcode if failed else 0
+                if code < 0:
+                    why = (f"was killed by signal {signal.Signals(-code).name}"
+                           + (" (out of memory?)" if code == -signal.SIGKILL else ""))
+                elif code > 0:
+                    why = f"exited with code {code} (see its traceback above)"
+                else:  # every worker exited cleanly, yet a part has no result
+                    why = "exited without writing every part"
+                raise DataError(f"a data.workers tokenisation process {why}; "
+                                f"{len(results)}/{len(parts)} parts done, nothing was "
+                                "published; rerun (with fewer data.workers if memory ran out)")
+            procs[0].join(0.05)
     finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join()
         gc.unfreeze()
         _WORKER_STATE.clear()
         if before is None:
@@ -678,18 +743,19 @@ def _tokenize_parallel(source: CorpusSource, files: list, parts: list, split: St
     for s in SPLITS:
         builder = idx.IndexedDatasetBuilder(idx.get_bin_path(str(tmp / s)), dtype=dtype)
         for j in range(len(parts)):
-            if results[j]["docs"][s]:
+            if results[j]["counts"]["docs"][s]:
                 builder.add_index(str(out_dir / f"{j:05d}-{s}"))
         builder.finalize(idx.get_idx_path(str(tmp / s)))
         for key in total:
-            total[key][s] = sum(results[j][key][s] for j in range(len(parts)))
+            total[key][s] = sum(results[j]["counts"][key][s] for j in range(len(parts)))
     shutil.rmtree(out_dir)
     return total
 
 
 def _peak_rss_mb(children: bool = False) -> Optional[float]:
     """This process' peak resident set so far, in MB (None where getrusage is missing);
-    ``children``: the largest of its finished child processes'."""
+    ``children``: the largest of the child processes it has waited for so far (over the
+    process' life: an earlier, larger child would show here too)."""
     try:
         import resource
         import sys
