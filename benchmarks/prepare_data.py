@@ -124,16 +124,29 @@ def main() -> int:
     p.add_argument("--workers", default="1",
                    help="comma-separated data.workers values, 'auto' = the CPU count")
     p.add_argument("--out", help="keep the generated corpus here (default: a temp dir)")
+    p.add_argument("--corpus", help="prepare this existing corpus (e.g. 'stdlib', the embedded "
+                                    "one) instead of generating one")
     p.add_argument("--note", default="")
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="prepare-bench-"))
     corpus = Path(a.out) if a.out else tmp / "corpus"
     try:
-        t = time.perf_counter()
-        info = generate(corpus, a.mb, a.shard_mb, a.huge_doc_mb)
-        gen_s = time.perf_counter() - t
-        print(f"generated {info['chars'] / 1e6:,.0f} M chars in {info['files']} files "
-              f"({info['disk_mb']:,} MB on disk) in {gen_s:.0f} s", flush=True)
+        if a.corpus:
+            from moe.data.corpus import corpus_files, iter_documents, resolve_corpus
+
+            source = resolve_corpus(a.corpus)
+            files = corpus_files(source)
+            corpus = a.corpus
+            info = {"files": len(files), "formats": [a.corpus],
+                    "chars": sum(len(d.text) for d in iter_documents(source)),
+                    "disk_mb": round(sum(f.stat().st_size for _, f in files) / 1e6, 1)}
+            a.huge_doc_mb = 0.0
+        else:
+            t = time.perf_counter()
+            info = generate(corpus, a.mb, a.shard_mb, a.huge_doc_mb)
+            gen_s = time.perf_counter() - t
+            print(f"generated {info['chars'] / 1e6:,.0f} M chars in {info['files']} files "
+                  f"({info['disk_mb']:,} MB on disk) in {gen_s:.0f} s", flush=True)
         for workers in a.workers.split(","):
             cache = tmp / f"cache-{workers}"
             env = {**os.environ, "MOE_TESTBED_CACHE": str(cache),

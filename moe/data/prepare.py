@@ -190,8 +190,9 @@ def prepare_data(corpus: Union[str, list] = "stdlib", tokenizer: str = "bpe",
         workers: processes that tokenise contiguous ranges of the corpus' files into shards
             merged into one .bin/.idx (None: the CPU count). 1 (default): this process,
             where the tokenizer library's threads already encode on every core -- measured
-            faster on 2 cores (stdlib, BPE 8192: 5.5 s vs 8.9-10.1 s with 2 processes,
-            whose library threads must be off after a fork). Processes pay off where the
+            faster on 2 cores (stdlib, BPE 8192: tokenised in 4.5-4.8 s vs 10.1-10.4 s with
+            2 processes, whose library threads must be off after a fork;
+            benchmarks/results/prepare_data.md). Processes pay off where the
             Python side (reading, decompressing, parsing shards) bounds a many-core node.
             The result is the same token for token whatever the number; a corpus of one
             file, or under :data:`PARALLEL_MIN_CHARS` characters, stays in this process.
