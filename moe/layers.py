@@ -15,23 +15,26 @@ from .config import ModelConfig
 
 
 class Rotary(nn.Module):
-    """RoPE (rotate-half convention); cos/sin tables cached per (length, device)."""
+    """RoPE (rotate-half convention). The cos/sin tables of the longest length asked for so
+    far are cached per device, and a shorter length gets their first rows (bitwise the same
+    values): incremental decoding asks for a new length every token."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
-        self._cache: dict = {}
+        self._cache: dict = {}  # device -> (cos, sin) of the longest length so far
 
     def tables(self, S: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (S, str(device))
-        if key not in self._cache:
+        key = str(device)
+        have = self._cache.get(key)
+        if have is None or have[0].shape[0] < S:
             inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device,
                                                      dtype=torch.float32) / self.head_dim))
             ang_SHd2 = torch.outer(torch.arange(S, device=device, dtype=torch.float32), inv)
             ang_SHd = torch.cat([ang_SHd2, ang_SHd2], dim=-1)
-            self._cache = {key: (ang_SHd.cos(), ang_SHd.sin())}  # keep one entry: lengths repeat
-        return self._cache[key]
+            have = self._cache[key] = (ang_SHd.cos(), ang_SHd.sin())
+        return have[0][:S], have[1][:S]
 
     # Named ``rotate``, not ``apply``: a method called ``apply`` would shadow
     # nn.Module.apply(fn), which DeepSpeed (and model.apply(init_fn) users) call.
