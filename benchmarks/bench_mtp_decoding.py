@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,16 +22,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "moe"],
-                                        cwd=ROOT, text=True).strip()
-        return head + ("+uncommitted" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 @torch.no_grad()
@@ -75,6 +62,7 @@ def call_costs(model, prompt, n: int = 200) -> dict:
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
+    from benchmarks.common import environment
     from moe.generate import generate
     from moe.hf import load_model
 
@@ -93,9 +81,9 @@ def main(argv=None) -> int:
         print(f"error: --prompt-len + --new = {a.prompt_len + a.new} exceeds the model's "
               f"context {cfg.train.seq_len}", file=sys.stderr)
         return 2
-    from moe.hf import run_data
+    from moe.data import config_data
 
-    val = run_data(cfg).val
+    val = config_data(cfg).val
     n = val.num_tokens
     starts = [int(i * (n - a.prompt_len) / a.prompts) for i in range(a.prompts)]
     prompts = [[int(t) for t in val.read(s, a.prompt_len)] for s in starts]
@@ -126,11 +114,7 @@ def main(argv=None) -> int:
         "speedup": tot["plain_s"] / tot["spec_s"],
         "main_passes_per_token_spec": tot["passes"] / tot["tokens"],
         "identical_outputs": f"{tot['identical']}/{a.prompts}",
-        **per_call,
-        "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                  f"torch threads {torch.get_num_threads()}",
-        "python": platform.python_version(), "torch": torch.__version__, "commit": _commit(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **per_call, **environment(),
     }
     out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / "mtp_decoding" / f"{cfg.name}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)

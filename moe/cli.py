@@ -46,7 +46,7 @@ def _cmd_prepare(argv: list[str]) -> int:
     import time
 
     from .config import load_config
-    from .data import DataError, prepare_data
+    from .data import DataError, config_data
 
     p = argparse.ArgumentParser(prog="moe-testbed prepare",
                                 description="Tokenise a config's corpus into the cache; train nothing.")
@@ -55,12 +55,9 @@ def _cmd_prepare(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
-    d = cfg.data
     t0 = time.perf_counter()
     try:
-        data = prepare_data(d.corpus, d.tokenizer, cfg.model.vocab_size, cache_dir=d.cache_dir,
-                            val_fraction=d.val_fraction, progress=not a.no_progress,
-                            **d.options())
+        data = config_data(cfg, progress=not a.no_progress)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

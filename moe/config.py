@@ -370,8 +370,8 @@ FINGERPRINT_IGNORES = frozenset({
     "data.on_bad_record"})
 # Fields added after fingerprints were first recorded count only when set away from their
 # default, so the records of runs trained before they existed stay valid.
-FINGERPRINT_NEW_DEFAULTS = {"data.text_field": "text",
-                            "data.tokenizer_sample_bytes": 500_000_000}
+FINGERPRINT_NEW_DEFAULTS = {"data.text_field": DataConfig.text_field,
+                            "data.tokenizer_sample_bytes": DataConfig.tokenizer_sample_bytes}
 
 
 def fingerprint_fields(cfg: "Config | dict") -> dict:
@@ -380,22 +380,30 @@ def fingerprint_fields(cfg: "Config | dict") -> dict:
     import json
 
     d = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
-    out = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif f"{prefix}{k}" not in FINGERPRINT_IGNORES:
-                key = f"{prefix}{k}"
-                if key in FINGERPRINT_NEW_DEFAULTS and v == FINGERPRINT_NEW_DEFAULTS[key]:
-                    continue
-                out[key] = v
-
-    for sec in FINGERPRINT_SECTIONS:
-        if isinstance(d.get(sec), dict):
-            walk(d[sec], f"{sec}.")
+    flat = flatten({sec: d[sec] for sec in FINGERPRINT_SECTIONS if isinstance(d.get(sec), dict)})
+    out = {k: v for k, v in flat.items() if k not in FINGERPRINT_IGNORES
+           and not (k in FINGERPRINT_NEW_DEFAULTS and v == FINGERPRINT_NEW_DEFAULTS[k])}
     return json.loads(json.dumps(out))  # tuples -> lists: the same value as read back
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (nested mappings, in order)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_fields(old: dict, new: dict, limit: int,
+                   ignore: frozenset = frozenset()) -> tuple[list[str], str]:
+    """The flat keys whose values differ (sorted, ``ignore`` left out) and a message
+    naming the first ``limit`` of them: ``"k: old -> new, ... (+N more)"``."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ignore)
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:limit])
+    return keys, shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def fingerprint_of_fields(fields: dict) -> str:

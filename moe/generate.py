@@ -115,7 +115,8 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
         passes += 1
         lv = model.head(model.norm(hv))[0]  # (2, V): predictions for n+1 and n+2
         if temperature <= 0:
-            ok = int(torch.argmax(lv[0])) == draft
+            top = int(torch.argmax(lv[0]))
+            ok = top == draft
         else:
             p = torch.softmax(lv[0].float() / temperature, dim=-1)
             ok = bool(torch.rand(1, generator=gen) < torch.clamp(p[draft] / q[draft], max=1.0))
@@ -125,7 +126,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
             new, hidden = [draft, nxt], hv  # positions n, n+1 are now final
         else:
             if temperature <= 0:
-                nxt = int(torch.argmax(lv[0]))
+                nxt = top
             else:
                 resid = torch.clamp(p - q, min=0.0)
                 resid = resid / resid.sum() if resid.sum() > 0 else p
@@ -148,11 +149,11 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
 def run_tokenizer(cfg):
     """The run's tokenizer (bytes, or the cached BPE; prepared if missing)."""
     from .data import load_tokenizer
-    from .hf import run_data
+    from .data import config_data
 
     if cfg.data.tokenizer == "bytes":
         return load_tokenizer("bytes")
-    return run_data(cfg).tokenizer
+    return config_data(cfg).tokenizer
 
 
 def generate_main(argv=None) -> int:

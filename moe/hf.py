@@ -296,21 +296,13 @@ def load_model(path, device: str = "cpu"):
     return model.to(device).eval(), cfg
 
 
-def run_data(cfg: Config):
-    """The run's prepared data (cached; prepared when missing) with every ``data.*`` field,
-    so the cache fingerprint is the one training used (text_field, sample size, ...)."""
-    from .data import prepare_data
-
-    return prepare_data(cfg.data.corpus, tokenizer=cfg.data.tokenizer,
-                        vocab_size=cfg.model.vocab_size, val_fraction=cfg.data.val_fraction,
-                        cache_dir=cfg.data.cache_dir, progress=False, **cfg.data.options())
-
-
 def _tokenizer_file(cfg: Config) -> Optional[Path]:
     """The run's BPE tokenizer.json from the data cache (prepared when missing)."""
+    from .data import config_data
+
     if cfg.data.tokenizer != "bpe":
         return None
-    data = run_data(cfg)
+    data = config_data(cfg)
     f = data.cache_path / "tokenizer.json" if data.cache_path else None
     return f if f is not None and f.is_file() else None
 
@@ -374,8 +366,7 @@ def import_hf(hf_dir, out_dir) -> Path:
     cfg = config_from_hf(hf)
     sd = from_hf(_read_hf_weights(hf_dir), cfg)
     model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("head.weight") or not cfg.model.tie_embeddings]
+    missing = model.load_state_dict(sd, strict=False).missing_keys
     if missing:
         raise HFError(f"{hf_dir}: weights missing for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
     out.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,7 @@ class Block(nn.Module):
         self.ffn = MoEFeedForward(m.d_model, cfg.moe) if moe else SwiGLU(m.d_model, m.ffn_dim)
 
     def forward(self, x_BSD: torch.Tensor, cache=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        h = x_BSD + (self.attn(self.attn_norm(x_BSD)) if cache is None else
-                     self.attn(self.attn_norm(x_BSD), cache))
+        h = x_BSD + self.attn(self.attn_norm(x_BSD), cache)
         if self.is_moe:
             f, bal = self.ffn(self.ffn_norm(h))
             return h + f, bal

@@ -109,16 +109,29 @@ def lock_dir(path: Path, what: str = "run directory") -> DirLock:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         try:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            holder = lock_holder(fd)
         finally:
             os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise RunDirError(f"{what} {path} is in use by process {holder} (lock "
                               f"{lock_path}); wait for it to finish or stop it") from None
         raise RunDirError(f"{what} {path}: cannot lock {lock_path}: {e.strerror or e}") from None
+    stamp_holder(fd)
+    return DirLock(lock_path, fd)
+
+
+def lock_holder(fd: int, unknown: str = "unknown") -> str:
+    """The pid written in a lock file by :func:`stamp_holder` (``unknown`` if none)."""
+    try:
+        return os.pread(fd, 64, 0).decode("ascii", "replace").strip() or unknown
+    except OSError:
+        return unknown
+
+
+def stamp_holder(fd: int) -> None:
+    """Write this process's pid into the lock file it has just locked."""
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return DirLock(lock_path, fd)
 
 
 # --------------------------------------------------------------------------------------

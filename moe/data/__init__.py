@@ -16,8 +16,8 @@ from .corpus import CorpusSource, Document, iter_documents, resolve_corpus, spli
 from .errors import DataError
 from .indexed import TokenSplit, open_indexed, write_indexed
 from .loader import TokenBatches, eval_batches, num_samples
-from .prepare import (CorpusSize, PreparedData, data_fingerprint, prepare_data, resolve_cache_dir,
-                      train_token_count)
+from .prepare import (CorpusSize, PreparedData, config_data, data_fingerprint, prepare_data,
+                      resolve_cache_dir, train_token_count)
 from .tokenizer import EOS_TOKEN, BPETokenizer, ByteTokenizer, load_tokenizer
 
 __all__ = [
@@ -25,5 +25,5 @@ __all__ = [
     "TokenSplit", "open_indexed", "write_indexed", "BPETokenizer", "ByteTokenizer",
     "load_tokenizer", "EOS_TOKEN", "resolve_corpus", "iter_documents", "split_keys",
     "stdlib_root", "CorpusSource", "Document", "data_fingerprint", "resolve_cache_dir",
-    "CorpusSize", "train_token_count",
+    "CorpusSize", "train_token_count", "config_data",
 ]

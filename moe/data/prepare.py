@@ -230,6 +230,14 @@ def prepare_data(corpus: Union[str, list] = "stdlib", tokenizer: str = "bpe",
     return _load_cached(final, fp, t0, built, vocab_size)
 
 
+def config_data(cfg, progress: bool = False) -> PreparedData:
+    """:func:`prepare_data` for a run config (``moe.config.Config``): every ``data.*``
+    field and the model's vocabulary, so the cache found is the one training used."""
+    d = cfg.data
+    return prepare_data(d.corpus, d.tokenizer, cfg.model.vocab_size, cache_dir=d.cache_dir,
+                        val_fraction=d.val_fraction, progress=progress, **d.options())
+
+
 def _cache_path(source: CorpusSource, tokenizer: str, vocab_size: int, val_fraction: float,
                 root: Path, text_field: str = "text",
                 tokenizer_sample_bytes: int = DEFAULT_TOKENIZER_SAMPLE_BYTES) -> tuple[Path, str]:

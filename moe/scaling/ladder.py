@@ -42,7 +42,7 @@ from typing import Literal, Optional
 
 from ..accounting import count_params
 from ..config import (ConfigError, build_dataclass, config_fingerprint, fingerprint_fields,
-                      fingerprint_of_fields, load_config, read_yaml)
+                      changed_fields, fingerprint_of_fields, load_config, read_yaml)
 
 
 # --------------------------------------------------------------------------------------
@@ -340,8 +340,7 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
             dc = exact.data
             corpus = dc.corpus if isinstance(dc.corpus, str) else tuple(dc.corpus)
             dkey = (corpus, dc.tokenizer, exact.model.vocab_size, dc.cache_dir,
-                    dc.val_fraction, dc.text_field, dc.on_bad_record, dc.tokenizer_sample_bytes,
-                    dc.workers)
+                    dc.val_fraction, tuple(dc.options().items()))
             runs.append(Run(name=rname, size=size.name, sparsity=sp.name, overrides=rov,
                             group=group, counts=c.as_dict(), tokens=tokens,
                             flops=tokens * c.flops_per_token_train,
@@ -410,11 +409,10 @@ def attach_epochs(runs: list[Run], build: bool = False, progress: bool = False) 
     sizes: dict = {}
     for r in runs:
         if r.data_key not in sizes:
-            corpus, tok, vocab, cache, vf, field_, on_bad, sample, workers = r.data_key
+            corpus, tok, vocab, cache, vf, options = r.data_key
             sizes[r.data_key] = train_token_count(
                 list(corpus) if isinstance(corpus, tuple) else corpus, tok, vocab, cache, vf,
-                build=build, progress=progress, text_field=field_, on_bad_record=on_bad,
-                tokenizer_sample_bytes=sample, workers=workers)
+                build=build, progress=progress, **dict(options))
         cs = sizes[r.data_key]
         r.train_tokens = cs.train_tokens
         r.epochs = r.tokens / cs.train_tokens if cs.train_tokens else None
@@ -569,9 +567,7 @@ def recorded_fingerprint(run_dir: Path) -> tuple[Optional[str], Optional[dict]]:
 def _changed_fields(old: Optional[dict], new: dict) -> str:
     if old is None:
         return "no record of the config it was trained with"
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:6])
-    return (shown + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")) or "fingerprint"
+    return changed_fields(old, new, 6)[1] or "fingerprint"
 
 
 def _set_aside_if_stale(run_dir: Path, r: Run, base: Path) -> Optional[Path]:
@@ -796,11 +792,19 @@ def _train_subprocess(cmd: list[str], log, reaper: _ChildReaper) -> int:
         except subprocess.TimeoutExpired:
             return False
 
-    reaper.track(proc.pid, wait)
+    return _wait_tracked(reaper, proc.pid, wait, lambda: proc.returncode)
+
+
+def _wait_tracked(reaper: _ChildReaper, pid: int, wait, exit_code) -> int:
+    """Wait for child ``pid`` while ``reaper`` can stop it on a signal (``wait(timeout)``:
+    True once it ended); its exit code, 128 + the signal number for a signal, as a shell
+    reports it."""
+    reaper.track(pid, wait)
     try:
-        rc = proc.wait()
+        wait(None)
     finally:
         reaper.track(None)
+    rc = exit_code()
     return rc if rc >= 0 else 128 - rc
 
 
@@ -831,7 +835,7 @@ def _train_child(argv: list[str], log_path: str, parent_pid: Optional[int] = Non
     os._exit(int(rc or 0))
 
 
-def _train_forked(argv: list[str], log_path: Path, reaper: Optional[_ChildReaper] = None) -> int:
+def _train_forked(argv: list[str], log_path: Path, reaper: _ChildReaper) -> int:
     """`moe-testbed train ARGV` in a process forked from the warm server; its exit code.
     A run killed by a signal returns 128 + the signal number, as a shell reports it."""
     p = _forkserver().Process(target=_train_child,
@@ -842,14 +846,7 @@ def _train_forked(argv: list[str], log_path: Path, reaper: Optional[_ChildReaper
         p.join(timeout)
         return p.exitcode is not None
 
-    if reaper is not None:
-        reaper.track(p.pid, wait)
-    try:
-        p.join()
-    finally:
-        if reaper is not None:
-            reaper.track(None)
-    return p.exitcode if p.exitcode >= 0 else 128 - p.exitcode
+    return _wait_tracked(reaper, p.pid, wait, lambda: p.exitcode)
 
 
 RESULT_COLUMNS = ["name", "group", "size", "sparsity", "kind", "n_experts", "top_k",

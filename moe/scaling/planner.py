@@ -57,10 +57,9 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-import yaml
 
 from moe.accounting import count_params
 from moe.config import Config, ConfigError, apply_overrides, config_from_dict, read_yaml
@@ -347,11 +346,6 @@ def preset_families() -> list[Family]:
     return out
 
 
-def _active(cfg: Config, key: str) -> int:
-    c = count_params(cfg)
-    return c.active if key == "params_active" else c.active_nonembed
-
-
 def _heads(d_model: int, head_dim: int) -> int:
     """Head count for a width: the divisor of d_model with an even head size nearest
     d_model / head_dim (RoPE needs an even head dimension)."""
@@ -360,8 +354,8 @@ def _heads(d_model: int, head_dim: int) -> int:
     return min(opts, key=lambda h: (abs(math.log(h / want)), h)) if opts else 1
 
 
-def fit_geometry(fam: Family, target: float, experts: int, top_k: int,
-                 key: str = "params_active") -> tuple[Config, int, int, float]:
+def fit_geometry(fam: Family, target: float, experts: int,
+                 top_k: int) -> tuple[Config, int, int, float]:
     """(config, d_model, n_layers, relative error) of the family member whose active
     parameters are nearest `target`: widths in steps of 2, depths around the family's
     aspect ratio (d_model / n_layers); among members within 2% of the target the one
@@ -384,7 +378,7 @@ def fit_geometry(fam: Family, target: float, experts: int, top_k: int,
                 cfg = fam.config(d, L, experts, top_k)
             except ConfigError:
                 continue
-            a = _active(cfg, key)
+            a = count_params(cfg).active
             over = over and a > 1.5 * target
             shape = (abs(math.log(d / L / fam.aspect))
                      + abs(math.log(cfg.model.hdim / fam.head_dim)))
@@ -398,8 +392,8 @@ def fit_geometry(fam: Family, target: float, experts: int, top_k: int,
     return best[2], best[3], best[4], best[5]
 
 
-def nearest_family(families: list[Family], target: float, experts: int, top_k: int,
-                   key: str) -> Family:
+def nearest_family(families: list[Family], target: float, experts: int,
+                   top_k: int) -> Family:
     """The preset whose own active size (at this expert count) is nearest the target among
     those whose embeddings leave room for it (< half the target)."""
     best = None
@@ -410,10 +404,9 @@ def nearest_family(families: list[Family], target: float, experts: int, top_k: i
         except ConfigError:
             continue
         c = count_params(own)
-        if key == "params_active" and c.embedding > 0.5 * target:
+        if c.embedding > 0.5 * target:
             continue
-        a = c.active if key == "params_active" else c.active_nonembed
-        d = abs(math.log(a / target))
+        d = abs(math.log(c.active / target))
         if best is None or d < best[0]:
             best = (d, fam)
     if best is None:
@@ -554,9 +547,10 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
         m = [r["mfu"] for r in runs if isinstance(r.get("mfu"), (int, float)) and r["mfu"] > 0]
         mfu, mfu_src = ((float(np.median(m)), "median MFU of the fitted runs") if m else
                         (DEFAULT_MFU, "ASSUMED (no MFU in the fits' runs; pass --mfu)"))
-    key = "params_active"
     rows, missing = [], []
-    dense_choice, dense_why = choose_law(fits, 0, _level_of(fits, 0))
+    # the law of each expert count: the same for every budget
+    laws = {E: choose_law(fits, E, _level_of(fits, E)) for E in dict.fromkeys([0, *s.experts])}
+    dense_choice, dense_why = laws[0]
     top_ks = sorted({int(r["top_k"]) for r in runs if r.get("kind") == "moe"})
     if any(e for e in s.experts) and top_ks and s.top_k not in top_ks:
         notes.append(f"top-k {s.top_k} differs from the fitted MoE runs' {top_ks}: the joint "
@@ -566,14 +560,13 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
     if new_e:
         notes.append(f"expert counts {new_e} were not trained (fitted: {fitted_e or 'none'}): "
                      "their rows extrapolate the joint law in E"
-                     + (f"; with one trained expert count besides dense the law's E terms "
+                     + ("; with one trained expert count besides dense the law's E terms "
                         "are not identified beyond it, so read these rows as illustrations "
                         "(see their intervals)" if len(fitted_e) < 2 else ""))
     for C in s.flops:
         c_law = C / kappa
         for E in s.experts:
-            level = _level_of(fits, E)
-            choice, why = (dense_choice, dense_why) if E == 0 else choose_law(fits, E, level)
+            choice, why = laws[E]
             if choice is None:
                 missing.append(f"{'dense' if E == 0 else f'{E} experts'}: {why}")
                 continue
@@ -606,7 +599,7 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
             l_lo, l_hi = _interval([r[2] for r in good], level_ci)
             name = f"{'dense' if E == 0 else f'moe{E}'}_{_fmt_c(C)}".replace("+", "")
             fam = s.family
-            cfg, dm, nl, err = fit_geometry(fam, n, E, s.top_k if E else 0, key)
+            cfg, dm, nl, err = fit_geometry(fam, n, E, s.top_k if E else 0)
             cnt = count_params(cfg)
             ratio = cnt.total / cnt.active
             layout, least = (choose_layout(cfg, s.gpus, s.gpu_mem_gib, s.headroom)
@@ -875,7 +868,7 @@ def build_plan(fits_path, flops: Sequence[float], *, experts: Optional[Sequence[
     if s.family is None:
         # nearest preset, judged at the first dense-or-MoE optimum of the first budget
         probe = make_plan_probe(fits, s)
-        s.family = nearest_family(preset_families(), probe, s.experts[0], s.top_k, "params_active")
+        s.family = nearest_family(preset_families(), probe, s.experts[0], s.top_k)
         notes.append(f"configs scaled from the nearest preset, {s.family.name}; pass --ladder "
                      "or --base to use the fitted runs' own setup")
     plan = make_plan(fits, s)

@@ -48,7 +48,8 @@ import torch.distributed as dist
 import yaml
 
 from ..accounting import count_params
-from ..config import Config, config_fingerprint
+from ..config import (FINGERPRINT_IGNORES, Config, changed_fields, config_fingerprint,
+                      flatten)
 from ..cpu_malloc import keep_freed_memory, malloc_mode
 from ..model import build_model
 from ..router import max_violation
@@ -63,12 +64,11 @@ from .metrics import MetricsLog, measure_matmul_peak, read_rows
 EXIT_DIVERGED = 3
 
 # Fields that may differ between a run's saved config and the one it is resumed with:
-# they change what is logged/saved, never the trajectory.
-RESUME_MAY_CHANGE = {"train.log_every", "train.eval_every", "train.eval_batches",
-                     "train.eval_at_start",
-                     "train.ckpt_every", "train.tensorboard", "train.peak_flops",
-                     "train.cpu_keep_freed_memory",
-                     "data.cache_dir", "data.workers", "parallel.timeout_s"}
+# they change what is logged/saved, never the trajectory. Those the result fingerprint
+# ignores (but data.on_bad_record: a resumed run reads its data again under the saved
+# rule), plus the eval size (the reported loss, not the weights) and the collective timeout.
+RESUME_MAY_CHANGE = ((FINGERPRINT_IGNORES - {"data.on_bad_record"})
+                     | {"train.eval_batches", "parallel.timeout_s"})
 
 
 class TrainError(RuntimeError):
@@ -125,29 +125,16 @@ def find_resumable_run(cfg: Config, root: str | os.PathLike = "runs") -> Optiona
     return max(cands, key=lambda p: p.name) if cands else None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _check_resume_config(cfg: Config, run_dir: Path) -> None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise TrainError(f"cannot resume: {saved_path} is missing")
-    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
-    now = _flatten(yaml.safe_load(cfg.to_yaml()))
-    diff = sorted(k for k in set(saved) | set(now)
-                  if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    now = flatten(yaml.safe_load(cfg.to_yaml()))
+    diff, shown = changed_fields(saved, now, 4, RESUME_MAY_CHANGE)
     if diff:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
-        more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
         raise TrainError(f"cannot resume {run_dir}: the config differs from the saved one in "
-                         f"{shown}{more}; an exact resume needs the same config (only "
+                         f"{shown}; an exact resume needs the same config (only "
                          f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change)")
 
 
@@ -203,11 +190,6 @@ def plan_total_steps(cfg: Config, world_size: int) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------
 
 
-def data_options(cfg: Config) -> dict:
-    """prepare_data's keyword options from ``cfg.data`` (text field, bad records, sample)."""
-    return cfg.data.options()
-
-
 def prepare(cfg: Config, progress: bool = True):
     """Tokenised train/val splits for ``cfg`` (cached), checked against the run's shapes.
 
@@ -215,15 +197,13 @@ def prepare(cfg: Config, progress: bool = True):
     a DataError on rank 0 is re-raised on every rank so all exit 2 together, before any
     compute. Raises :class:`moe.data.DataError`.
     """
-    from ..data import DataError, num_samples, prepare_data
+    from ..data import DataError, config_data, num_samples
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     extra = cfg.mtp.depth
 
     def build():
-        data = prepare_data(cfg.data.corpus, cfg.data.tokenizer, cfg.model.vocab_size,
-                            cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
-                            progress=progress and rank == 0, **data_options(cfg))
+        data = config_data(cfg, progress=progress and rank == 0)
         need = cfg.train.seq_len + 1 + extra
         for split in (data.train, data.val):
             if num_samples(len(split), cfg.train.seq_len, extra) == 0:
@@ -408,6 +388,7 @@ class Trainer:
         self.config_path = config_path
         self.locks: list = []
         self.latest: Optional[Path] = None  # the checkpoint this run resumes from
+        self.latest_meta: dict = {}  # its meta.json
         self.counters = {"step": 0, "tokens": 0, "flops": 0.0, "train_seconds": 0.0}
         self.last_eval: Optional[dict] = None
         self.last_eval_step = -1
@@ -509,7 +490,7 @@ class Trainer:
             for problem in problems:
                 print(f"warning: {problem}; resuming from {latest}", file=sys.stderr)
         _check_resume_config(self.cfg, run_dir)
-        meta = ckpt.read_meta(latest)
+        meta = self.latest_meta = ckpt.read_meta(latest)
         if meta.get("world_size") != self.world:
             raise TrainError(f"cannot resume {latest}: it was written by "
                              f"{meta.get('world_size')} ranks, this run has {self.world} (the "
@@ -529,7 +510,7 @@ class Trainer:
         if data is None:
             data = prepare(cfg, progress=self.progress)
         if self.latest is not None:
-            saved_fp = ckpt.read_meta(self.latest).get("data_fingerprint")
+            saved_fp = self.latest_meta.get("data_fingerprint")
             if saved_fp is not None and saved_fp != data.fingerprint:
                 raise TrainError(f"cannot resume {self.latest}: the data changed since it was "
                                  f"written (fingerprint {saved_fp[:12]} -> "

@@ -50,11 +50,14 @@ def _clean(v):
     return v
 
 
-def read_rows(path: Path) -> list[dict]:
-    """All complete rows of a metrics file (a torn last line from a crash is skipped)."""
-    rows = []
+def read_rows(path: Path, skipped: Optional[list] = None,
+              missing_ok: bool = True) -> list[dict]:
+    """All complete rows of a metrics file (a torn last line from a crash is skipped;
+    ``skipped`` gets the number of non-empty lines that are not JSON appended). A missing
+    file has no rows, or raises FileNotFoundError without ``missing_ok``."""
+    rows, bad = [], 0
     try:
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             for line in f:
                 line = line.strip()
                 if not line:
@@ -62,9 +65,12 @@ def read_rows(path: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
-                    continue
+                    bad += 1
     except FileNotFoundError:
-        pass
+        if not missing_ok:
+            raise
+    if skipped is not None:
+        skipped.append(bad)
     return rows
 
 

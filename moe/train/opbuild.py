@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..rundir import lock_holder, stamp_holder
+
 #: the DeepSpeed op builders the trainer loads (the comm backend asks for this one)
 OPS = ("ShareMemCommBuilder",)
 OUR_LOCK = ".moe-build.lock"
@@ -104,29 +106,23 @@ def build_lock(root: Path, timeout_s: float):
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise OpBuildError(
-                        f"DeepSpeed op build in {root} is held by pid {_holder(fd)} for "
+                        f"DeepSpeed op build in {root} is held by pid "
+                        f"{lock_holder(fd, '?')} for "
                         f"more than {timeout_s:g} s ({root / OUR_LOCK}); wait for it or "
                         f"stop that process (${TIMEOUT_ENV} sets the wait)") from None
                 if not said:
-                    print(f"waiting for the DeepSpeed op build of pid {_holder(fd)} in "
+                    print(f"waiting for the DeepSpeed op build of pid "
+                          f"{lock_holder(fd, '?')} in "
                           f"{root}", file=sys.stderr, flush=True)
                     said = True
                 time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        stamp_holder(fd)
         try:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-
-
-def _holder(fd: int) -> str:
-    try:
-        return os.pread(fd, 32, 0).decode().strip() or "?"
-    except OSError:
-        return "?"
 
 
 def _wait_foreign_lock(lock: Path, timeout_s: float) -> None:

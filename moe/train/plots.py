@@ -8,13 +8,12 @@ eval set's MaxVio_global as markers).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Optional
 
-from .metrics import METRICS
+from .metrics import METRICS, read_rows
 
 PNG = "training.png"
 
@@ -61,22 +60,10 @@ def _plottable(row) -> bool:
 def read_plot_rows(path: Path) -> tuple[list[dict], int]:
     """(the plottable rows of a metrics file, how many other non-empty lines were skipped:
     not JSON, not a mapping, or missing/mistyped step, lm_loss, maxvio)."""
-    rows, skipped = [], 0
-    with open(path, errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                skipped += 1
-                continue
-            if _plottable(row):
-                rows.append(row)
-            else:
-                skipped += 1
-    return rows, skipped
+    not_json: list = []
+    rows = read_rows(path, skipped=not_json, missing_ok=False)
+    good = [r for r in rows if _plottable(r)]
+    return good, not_json[0] + len(rows) - len(good)
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None, *,
