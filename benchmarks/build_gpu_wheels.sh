@@ -12,11 +12,14 @@ ver() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
 # deepspeed as a pure-Python wheel: its C++/CUDA ops are built on first use (JIT), none here
 DS_BUILD_OPS=0 python -m pip wheel --quiet --no-deps --no-build-isolation \
     "deepspeed==$(ver deepspeed)" -w "$dir"
-# the rest as published cp312 manylinux wheels (pydantic-core is compiled)
+# the rest as published cp312 manylinux wheels (pydantic-core is compiled). The image has
+# typing-extensions, but no record says which version, and pydantic needs >= 4.14.1
+# (pydantic-core imports typing_extensions.Sentinel): carry ours, which shadows it.
 python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --abi cp312 --platform manylinux2014_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d "$dir" \
     "megatron-core==$(ver megatron-core)" "pydantic==$(ver pydantic)" \
     "pydantic-core==$(ver pydantic-core)" "annotated-types==$(ver annotated-types)" \
-    "typing-inspection==$(ver typing-inspection)" "hjson==$(ver hjson)"
+    "typing-inspection==$(ver typing-inspection)" "hjson==$(ver hjson)" \
+    "typing-extensions==$(ver typing-extensions)"
 ls -l "$dir"

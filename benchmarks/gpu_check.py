@@ -71,12 +71,20 @@ def stage_env(out: Path, smoke: bool) -> None:
         info["triton"] = triton.__version__
     except ImportError as e:
         info["triton"] = f"not importable: {e}"
-    for mod in ("deepspeed", "megatron.core", "pydantic", "hjson"):
+    from importlib import metadata
+
+    # the carried wheels (--wheels) and what they need from the image: importable, and which
+    # distribution version (typing_extensions has no __version__)
+    for mod, dist in (("deepspeed", "deepspeed"), ("megatron.core", "megatron-core"),
+                      ("pydantic", "pydantic"), ("hjson", "hjson"),
+                      ("typing_extensions", "typing-extensions")):
         try:
-            m = __import__(mod, fromlist=["_"])
-            info[mod] = getattr(m, "__version__", "importable")
+            __import__(mod, fromlist=["_"])
+            info[mod] = metadata.version(dist)
         except ImportError as e:
             info[mod] = f"not importable: {e}"
+        except metadata.PackageNotFoundError:
+            info[mod] = "importable (no distribution metadata)"
     sys.path.insert(0, str(ROOT))
     import kernels
 
