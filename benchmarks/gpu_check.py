@@ -71,6 +71,7 @@ def stage_env(out: Path, smoke: bool) -> None:
         info["triton"] = triton.__version__
     except ImportError as e:
         info["triton"] = f"not importable: {e}"
+    info["TRITON_CACHE_AUTOTUNING"] = os.environ.get("TRITON_CACHE_AUTOTUNING")
     from importlib import metadata
 
     # the carried wheels (--wheels) and what they need from the image: importable, and which
@@ -268,6 +269,11 @@ def main(argv=None) -> int:
         print("error: no CUDA device; run with --smoke to check the script on CPU",
               file=sys.stderr)
         return 2
+    # stages are separate processes: keep each autotuned kernel's chosen tile on disk so the
+    # benchmark and training reuse what the correctness stage tuned at the same key (M, N,
+    # K, epilogue, gather) instead of timing every candidate again (compiles are cached
+    # on disk anyway)
+    env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     if a.wheels:
         site = install_wheels(Path(a.wheels))
         env["PYTHONPATH"] = os.pathsep.join([site, env["PYTHONPATH"]])
