@@ -15,9 +15,11 @@ from .config import ModelConfig
 
 
 class Rotary(nn.Module):
-    """RoPE (rotate-half convention). The cos/sin tables of the longest length asked for so
-    far are cached per device, and a shorter length gets their first rows (bitwise the same
-    values): incremental decoding asks for a new length every token."""
+    """RoPE (rotate-half convention). The cos/sin tables are cached per device and grown to
+    at least twice their length when a longer one is asked for; a shorter length gets their
+    first rows (bitwise the same values: each row depends on its position alone).
+    Incremental decoding asks for one more position every token, so it rebuilds the tables
+    O(log length) times instead of every token."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
@@ -29,9 +31,10 @@ class Rotary(nn.Module):
         key = str(device)
         have = self._cache.get(key)
         if have is None or have[0].shape[0] < S:
+            n = S if have is None else max(S, 2 * have[0].shape[0])
             inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device,
                                                      dtype=torch.float32) / self.head_dim))
-            ang_SHd2 = torch.outer(torch.arange(S, device=device, dtype=torch.float32), inv)
+            ang_SHd2 = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv)
             ang_SHd = torch.cat([ang_SHd2, ang_SHd2], dim=-1)
             have = self._cache[key] = (ang_SHd.cos(), ang_SHd.sin())
         return have[0][:S], have[1][:S]

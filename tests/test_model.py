@@ -154,3 +154,20 @@ def test_update_expert_bias_all_reduces_once():
     assert len(calls) == 1  # one collective for all layers (including the MTP block)
     assert calls[0].numel() == len(model.moe_layers()) * 6
     assert calls[0].dtype == torch.int64
+
+
+def test_rotary_tables_grow_geometrically_and_slices_equal_fresh_tables():
+    from moe.layers import Rotary
+
+    rot, dev = Rotary(16, 10000.0), torch.device("cpu")
+    builds = 0
+    last = None
+    for S in range(1, 130):  # incremental decoding: one more position per token
+        cos, sin = rot.tables(S, dev)
+        full = rot._cache[str(dev)][0]
+        builds += full is not last
+        last = full
+        fresh = Rotary(16, 10000.0).tables(S, dev)
+        assert cos.shape == (S, 16)
+        assert torch.equal(cos, fresh[0]) and torch.equal(sin, fresh[1])  # bitwise
+    assert builds == 9  # lengths 1, 2, 4, ..., 256: not one build per token
