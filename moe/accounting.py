@@ -131,9 +131,19 @@ def count_params(cfg: Config, seq_len: int | None = None, include_mtp: bool = Tr
     )
 
 
-#: bytes per parameter that training holds at least once across all ranks: fp32 weights,
-#: gradients and AdamW's two moments (4 + 4 + 8); bf16 adds a copy, ZeRO only shards these
-TRAIN_BYTES_PER_PARAM = 16
+GIB = 2 ** 30
+
+
+def bytes_per_param(precision: str) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer states) bytes per parameter in training with AdamW."""
+    if precision == "fp32":
+        return 4, 4, 8
+    return 2, 2, 12  # bf16 mixed precision: bf16 weights/grads, fp32 master + Adam m, v
+
+
+#: bytes per parameter that training holds at least once across all ranks, whatever the
+#: precision (16 for both: fp32 4 + 4 + 8, bf16 2 + 2 + 12); ZeRO only shards them
+TRAIN_BYTES_PER_PARAM = min(sum(bytes_per_param(p)) for p in ("fp32", "bf16"))
 
 
 def train_memory_lower_bound(cfg: Config, world: int = 1, tp: int = 1) -> dict:

@@ -61,7 +61,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from moe.accounting import count_params
+from moe.accounting import GIB, bytes_per_param, count_params
 from moe.config import Config, ConfigError, apply_overrides, config_from_dict, read_yaml
 from moe.scaling.analysis import (_independent_spread, _params_of, _replicate_params,
                                   read_fits)
@@ -72,7 +72,6 @@ __all__ = ["PlanError", "LawForm", "frontier", "dense_compute_for_loss", "make_p
            "write_plan", "plan_main", "MAX_FLOPS"]
 
 MAX_FLOPS = 1e28  # a budget above this is a typo, not a plan
-GIB = 2 ** 30
 DEFAULT_MFU = 0.35
 DEFAULT_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16 tensor-core peak (NVIDIA datasheet)
 CONFIG_RTOL = 0.05
@@ -416,13 +415,6 @@ def nearest_family(families: list[Family], target: float, experts: int,
 
 
 # -------------------------------------------------------------------- memory, time
-
-
-def bytes_per_param(precision: str) -> tuple[int, int, int]:
-    """(weights, gradients, optimizer states) bytes per parameter."""
-    if precision == "fp32":
-        return 4, 4, 8
-    return 2, 2, 12  # bf16 mixed precision: bf16 weights/grads, fp32 master + Adam m, v
 
 
 def choose_layout(cfg: Config, gpus: int, mem_gib: float, headroom: float = 0.25,

@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-GIB = 1024 ** 3
-
 
 def available_bytes(device: str) -> Optional[tuple[float, str]]:
     """(bytes one rank may use, what was measured), or None when unknown."""
@@ -49,7 +47,7 @@ def available_bytes(device: str) -> Optional[tuple[float, str]]:
 
 def check_fits(cfg, device: str, world: int, tp: int = 1) -> Optional[str]:
     """None if ``cfg`` may fit, else one line saying why it cannot."""
-    from ..accounting import TRAIN_BYTES_PER_PARAM, train_memory_lower_bound
+    from ..accounting import GIB, TRAIN_BYTES_PER_PARAM, train_memory_lower_bound
 
     have = available_bytes(device)
     if have is None:
