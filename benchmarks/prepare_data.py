@@ -133,13 +133,13 @@ def main() -> int:
     try:
         if a.corpus:
             from moe.data.corpus import corpus_files, iter_documents, resolve_corpus
+            from moe.data.prepare import corpus_bytes
 
             source = resolve_corpus(a.corpus)
-            files = corpus_files(source)
             corpus = a.corpus
-            info = {"files": len(files), "formats": [a.corpus],
+            info = {"files": len(corpus_files(source)), "formats": [a.corpus],
                     "chars": sum(len(d.text) for d in iter_documents(source)),
-                    "disk_mb": round(sum(f.stat().st_size for _, f in files) / 1e6, 1)}
+                    "disk_mb": round(corpus_bytes(source) / 1e6, 1)}
             a.huge_doc_mb = 0.0
         else:
             t = time.perf_counter()
