@@ -559,6 +559,10 @@ def test_workers_write_the_same_bytes_as_one_process(tmp_path, monkeypatch, capf
     assert one.stats["workers"] == 1 and many.stats["workers"] == 3
     assert many.stats["parts"] > 3  # several ranges per worker
     assert _cache_bytes(one) == _cache_bytes(many)
+    for d in (one, many):  # the build's max-id memo is what a scan of its .bin files gives
+        scan = max(int(np.fromfile(d.cache_path / f"{s}.bin", dtype=d.train.dtype).max())
+                   for s in ("train", "val"))
+        assert json.loads((d.cache_path / "max_id.json").read_text())["max_id"] == scan
     for key in ("docs", "tokens", "bytes", "bad_records"):
         assert one.stats[key] == many.stats[key], key
     assert many.stats["bad_records"]["skipped"] == 1
@@ -897,14 +901,19 @@ def test_prepare_command_builds_then_finds_the_cache(tmp_path, capsys, monkeypat
     assert len(err) == 1 and err[0].startswith("error: data.corpus path does not exist")
 
 
-def test_cached_ids_outside_vocab_are_refused_when_opened(tmp_path):
+def test_cached_ids_outside_vocab_are_refused_when_opened(tmp_path, monkeypatch):
     """A cache whose .bin holds an id >= vocab_size (corrupt, or written for another
     vocabulary) is a DataError naming the cache when it is opened, not an index error in
-    the embedding mid-training; a rewritten .bin is rescanned (max_id.json is a memo)."""
+    the embedding mid-training; a rewritten .bin is rescanned (max_id.json is a memo, which
+    the build writes from what it tokenised: no scan of the fresh files)."""
     root = make_folder(tmp_path / "c", n=6)
-    d = prepare_data(str(root), "bytes", 257, val_fraction=0.2, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(prep_mod, "_file_max", lambda *a, **k: pytest.fail("fresh build rescanned"))
+        d = prepare_data(str(root), "bytes", 257, val_fraction=0.2, progress=False)
     (final,) = (tmp_path / "cache" / "data").iterdir()
-    assert json.loads((final / "max_id.json").read_text())["max_id"] <= 256
+    memo = json.loads((final / "max_id.json").read_text())["max_id"]
+    assert memo == max(int(np.fromfile(final / f"{s}.bin", dtype=d.train.dtype).max())
+                       for s in ("train", "val")) <= 256  # written by the build, no rescan
     raw = np.memmap(final / "train.bin", dtype=d.train.dtype, mode="r+")
     raw[3] = 4000  # an id no byte tokenizer writes
     raw.flush()

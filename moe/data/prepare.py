@@ -350,28 +350,48 @@ def _file_max(path: Path, dtype, chunk: int = 1 << 18) -> int:
             best = max(best, int(a.max()))
 
 
-def _max_id(final: Path, splits: dict) -> int:
-    """The largest token id of the cached splits, remembered in ``final/max_id.json``
-    against each .bin's size and mtime (a rewritten .bin is scanned again)."""
+def _bins_stamp(folder: Path) -> dict:
+    """Size and mtime of each split's .bin in ``folder``: what a max-id memo is valid for
+    (renaming the folder keeps them; a rewritten .bin changes them)."""
     stamp = {}
     for s in SPLITS:
         with contextlib.suppress(OSError):
-            st = (final / f"{s}.bin").stat()
+            st = (folder / f"{s}.bin").stat()
             stamp[s] = [st.st_size, st.st_mtime_ns]
-    memo = final / "max_id.json"
+    return stamp
+
+
+def _write_max_id(memo: Path, max_id: int, **key) -> None:
+    """Remember ``max_id`` in ``memo`` (JSON) with ``key``; only a speed-up, so a read-only
+    cache is fine."""
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".tmp-{memo.name}-{os.getpid()}")
+        tmp.write_text(json.dumps({"max_id": max_id, **key}))
+        os.replace(tmp, memo)
+
+
+def _memo_max_id(memo: Path, scan, **key) -> int:
+    """The max id remembered in ``memo`` when it was written with the same ``key``, else
+    ``scan()``, remembered."""
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         saved = json.loads(memo.read_text())
-        if saved["bins"] == stamp:
+        if all(saved[k] == v for k, v in key.items()):
             return int(saved["max_id"])
-    max_id = 0
-    for name, split in splits.items():
-        if split.num_tokens:
-            max_id = max(max_id, _file_max(final / f"{name}.bin", split.dtype))
-    with contextlib.suppress(OSError):  # only a speed-up: a read-only cache is fine
-        tmp = memo.with_name(f".tmp-{memo.name}-{os.getpid()}")
-        tmp.write_text(json.dumps({"max_id": max_id, "bins": stamp}))
-        os.replace(tmp, memo)
+    max_id = int(scan())
+    _write_max_id(memo, max_id, **key)
     return max_id
+
+
+def _max_id(final: Path, splits: dict) -> int:
+    """The largest token id of the cached splits, remembered in ``final/max_id.json``
+    against each .bin's size and mtime (a rewritten .bin is scanned again; a fresh build
+    writes the memo with the max its writers saw)."""
+    return _memo_max_id(
+        final / "max_id.json",
+        lambda: max([_file_max(final / f"{name}.bin", split.dtype)
+                     for name, split in splits.items() if split.num_tokens], default=0),
+        bins=_bins_stamp(final))
 
 
 def _load_cached(final: Path, fp: str, t0: float, built: bool,
@@ -469,7 +489,6 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
     t = time.perf_counter()
     trained = False
     sample_chars = 0
-    tok_path = None
     if kind == "bytes":
         tok: Tokenizer = ByteTokenizer()
     else:
@@ -514,16 +533,18 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
                 w = _SplitWriter(tok, tmp, "", dtype, on_flush=bar.update)
                 for i, (_, d) in enumerate(docs()):
                     w.add(split.is_val(i, d.key), d.text)
-                counts = w.close()
+                counts, max_id = w.close(), w.max_id
             else:
-                counts = _tokenize_parallel(source, files, parts, split, kind, tok_path,
-                                            dtype, text_field, tmp, used, bar)
+                counts, max_id = _tokenize_parallel(source, files, parts, split, tok, dtype,
+                                                    text_field, tmp, used, bar)
         seconds["tokenize"] = time.perf_counter() - t
         seconds["total"] = sum(seconds.values())
         rss["tokenize"] = _peak_rss_mb()
         if used > 1:
             rss["tokenize_worker_max"] = _peak_rss_mb(children=True)
         tok.save(tmp / "tokenizer.json")
+        # what the first load would scan the .bin files for (renaming tmp keeps the stamp)
+        _write_max_id(tmp / "max_id.json", max_id, bins=_bins_stamp(tmp))
         stats = {"corpus": source.describe(), "tokenizer": kind, "vocab_size": tok.vocab_size,
                  "requested_vocab_size": vocab_size, "val_fraction": val_fraction,
                  **counts, "seconds": seconds, "tokenizer_trained": trained,
@@ -567,6 +588,7 @@ class _SplitWriter:
         self.pending: dict[str, list] = {s: [] for s in SPLITS}  # per split: pieces of each doc
         self.size = {s: 0 for s in SPLITS}
         self.on_flush = on_flush
+        self.max_id = 0  # the largest id written (EOS included), 0 before any document
 
     def add(self, is_val: bool, text: str) -> None:
         s = "val" if is_val else "train"
@@ -584,6 +606,7 @@ class _SplitWriter:
         ids = []
         for a, b in batched_by_bytes(flat, BATCH_CHARS, BATCH_DOCS):
             ids += self.tok.encode_batch(flat[a:b])
+        self.max_id = max(self.max_id, self.tok.eos_id, *(int(a.max()) for a in ids if len(a)))
         k = 0
         for pieces in docs_pieces:
             parts = [a.astype(self.dtype, copy=False) for a in ids[k:k + len(pieces)]]
@@ -638,11 +661,7 @@ def _tokenize_part(j: int, lo: int, hi: int, first_doc: int) -> None:
     """Tokenise files ``lo:hi`` (first document ``first_doc``) into ``parts/<j>-*``, then
     write ``parts/<j>.json`` (counts, characters) -- last, so it marks a complete part."""
     st = _WORKER_STATE
-    if st["tok_kind"] == "bytes":
-        tok: Tokenizer = ByteTokenizer()
-    else:
-        tok = BPETokenizer.load(st["tok_path"])
-    w = _SplitWriter(tok, st["out_dir"], f"{j:05d}-", st["dtype"])
+    w = _SplitWriter(st["tok"], st["out_dir"], f"{j:05d}-", st["dtype"])
     n_chars = 0
     i = first_doc
     for _, d in iter_file_documents(st["source"], st["text_field"], BadRecords("skip"), lo, hi,
@@ -653,7 +672,7 @@ def _tokenize_part(j: int, lo: int, hi: int, first_doc: int) -> None:
     counts = w.close()
     done = st["out_dir"] / f"{j:05d}.json"
     tmp = done.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"counts": counts, "chars": n_chars}))
+    tmp.write_text(json.dumps({"counts": counts, "chars": n_chars, "max_id": w.max_id}))
     os.replace(tmp, done)  # the parent never reads a half-written file
 
 
@@ -678,12 +697,14 @@ def _worker_main(parts: list, next_part, lock) -> None:
 
 
 def _tokenize_parallel(source: CorpusSource, files: list, parts: list, split: StreamSplit,
-                       tok_kind: str, tok_path: Optional[Path], dtype, text_field: str,
-                       tmp: Path, workers: int, bar) -> dict:
+                       tok: Tokenizer, dtype, text_field: str, tmp: Path, workers: int,
+                       bar) -> tuple[dict, int]:
     """Tokenise ``parts`` (file ranges) in ``workers`` processes, then merge their shards
-    in file order into ``tmp/train`` and ``tmp/val`` (megatron's ``add_index``).
+    in file order into ``tmp/train`` and ``tmp/val`` (megatron's ``add_index``); returns
+    the splits' counts and the largest id written.
 
-    Workers are forked (the corpus list, split and settings are inherited, not pickled)
+    Workers are forked (the corpus list, split, tokenizer and settings are inherited, not
+    pickled)
     with the tokenizer library's own threads off (``TOKENIZERS_PARALLELISM=false``): the
     processes are the parallelism. Each takes the next part from a shared counter. A
     worker's DataError (a file that changed since the split pass) is re-raised here; a
@@ -697,8 +718,8 @@ def _tokenize_parallel(source: CorpusSource, files: list, parts: list, split: St
     out_dir = tmp / "parts"
     out_dir.mkdir()
     ctx = mp.get_context("fork")
-    _WORKER_STATE.update(source=source, files=files, split=split, tok_kind=tok_kind,
-                         tok_path=tok_path, dtype=dtype, text_field=text_field, out_dir=out_dir)
+    _WORKER_STATE.update(source=source, files=files, split=split, tok=tok, dtype=dtype,
+                         text_field=text_field, out_dir=out_dir)
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     next_part, lock = ctx.RawValue("i", 0), ctx.Lock()
@@ -758,7 +779,7 @@ def _tokenize_parallel(source: CorpusSource, files: list, parts: list, split: St
         for key in total:
             total[key][s] = sum(results[j]["counts"][key][s] for j in range(len(parts)))
     shutil.rmtree(out_dir)
-    return total
+    return total, max(results[j]["max_id"] for j in range(len(parts)))
 
 
 def _peak_rss_mb(children: bool = False) -> Optional[float]:
@@ -810,19 +831,12 @@ def _prepare_indexed(source: CorpusSource, vocab_size: int, val_fraction: float,
     h.update(source_fingerprint(source).encode())
     fp = h.hexdigest()
 
-    info_path = root / "indexed" / f"{fp[:16]}.json"
-    max_id = None
-    if info_path.is_file():
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            max_id = int(json.loads(info_path.read_text())["max_id"])
-    if max_id is None:
+    def scan() -> int:
         all_tokens = TokenSplit(ds, "all").tokens() if len(lengths) else np.zeros(0)
-        max_id = int(all_tokens.max()) if len(all_tokens) else 0
-        with contextlib.suppress(OSError):  # only a speed-up: a read-only cache is fine
-            info_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = info_path.with_name(f".tmp-{info_path.name}-{os.getpid()}")
-            tmp.write_text(json.dumps({"max_id": max_id, "prefix": str(source.path)}))
-            os.replace(tmp, info_path)
+        return int(all_tokens.max()) if len(all_tokens) else 0
+
+    max_id = _memo_max_id(root / "indexed" / f"{fp[:16]}.json", scan,
+                          prefix=str(source.path))
     if max_id >= vocab_size:
         raise DataError(f"vocab_size={vocab_size} is too small for indexed dataset {source.path}: "
                         f"it contains token id {max_id} (needs vocab_size >= {max_id + 1})")
