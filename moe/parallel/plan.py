@@ -242,10 +242,11 @@ def consolidate_main(argv: list[str]) -> int:
         print(f"error: {d} is neither a checkpoint directory nor a run directory with "
               "checkpoints", file=sys.stderr)
         return 2
-    problem = check_checkpoint(d)
-    if problem is not None:  # meta.json unreadable / a listed file missing or truncated
-        print(f"error: cannot consolidate {d}: {problem}", file=sys.stderr)
-        return 2
+    else:  # (usable_checkpoint checked the run directory's choice already)
+        problem = check_checkpoint(d)
+        if problem is not None:  # meta.json unreadable / a listed file missing or truncated
+            print(f"error: cannot consolidate {d}: {problem}", file=sys.stderr)
+            return 2
     try:
         state = load_consolidated(d)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
