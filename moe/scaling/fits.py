@@ -148,15 +148,22 @@ def grid_chunk(n_rows: int, n_terms: int, cap: int = 2048) -> int:
     return max(1, min(cap, GRID_BLOCK_ELEMENTS // max(1, n_rows * n_terms)))
 
 
-def _lse_grid_objective(grid, logX, logL, delta, chunk=None):
-    """Summed Huber objective at every grid row, vectorised in chunks (bounded memory)."""
+def grid_huber_scores(grid, terms, n_terms: int, logL, delta, chunk=None) -> np.ndarray:
+    """Summed Huber loss of (LSE of ``terms(grid rows)`` - log L) at every grid row, in
+    blocks of ``chunk`` rows (default :func:`grid_chunk`: bounded memory). ``terms`` maps
+    (rows, params) to the (n_terms, rows, data) stack of log-terms."""
     out = np.empty(len(grid))
-    chunk = chunk or grid_chunk(len(logL), len(logX) + 1)
+    chunk = chunk or grid_chunk(len(logL), n_terms)
     for s in range(0, len(grid), chunk):
-        T = _lse_terms(grid[s:s + chunk], logX)
-        r = _lse0(T) - logL[None, :]
+        r = _lse0(terms(grid[s:s + chunk])) - logL[None, :]
         out[s:s + chunk] = huber(r, delta).sum(axis=1)
     return out
+
+
+def _lse_grid_objective(grid, logX, logL, delta, chunk=None):
+    """Summed Huber objective of the LSE law at every grid row."""
+    return grid_huber_scores(grid, lambda g: _lse_terms(g, logX), len(logX) + 1, logL, delta,
+                             chunk)
 
 
 def _fit_lse_law(logX, logL, grid, *, delta, reduction, n_starts, bounds=None):

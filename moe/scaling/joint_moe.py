@@ -68,8 +68,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 from moe.scaling._blas import single_threaded_blas
-from moe.scaling.fits import (HUBER_DELTA, _as_pos_array, clark_expert_transform, grid_chunk,
-                              huber)
+from moe.scaling.fits import (HUBER_DELTA, _as_pos_array, _lse0, clark_expert_transform,
+                              grid_huber_scores, huber)
 
 __all__ = ["fit_joint_moe", "joint_moe_predict", "joint_moe_grid", "JOINT_PARAMS"]
 
@@ -107,11 +107,6 @@ def _feature_terms(theta, feats):
     return np.stack(out)
 
 
-def _lse0(T):
-    m = T.max(axis=0)
-    return m + np.log(np.exp(T - m).sum(axis=0))
-
-
 def _feature_lse_objective(theta, feats, logL, huber_delta=HUBER_DELTA):
     """Summed Huber loss of (LSE of the log-terms - log L) and its analytic gradient.
 
@@ -135,11 +130,8 @@ def _feature_lse_objective(theta, feats, logL, huber_delta=HUBER_DELTA):
 
 
 def _grid_scores(grid, feats, logL, huber_delta, chunk=None):
-    out = np.empty(len(grid))
-    chunk = chunk or grid_chunk(len(logL), len(feats) + 1)  # bounded memory (fits.py)
-    for s in range(0, len(grid), chunk):
-        r = _lse0(_feature_terms(grid[s:s + chunk], feats)) - logL[None, :]
-        out[s:s + chunk] = huber(r, huber_delta).sum(axis=1)
+    out = grid_huber_scores(grid, lambda g: _feature_terms(g, feats), len(feats) + 1, logL,
+                            huber_delta, chunk)
     return np.where(np.isfinite(out), out, np.inf)
 
 

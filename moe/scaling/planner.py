@@ -770,8 +770,10 @@ def render_plan(plan: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan_curves(plan: dict, families_rows: list) -> dict:
-    """Data for plan.png: loss vs N_active at each row's budget (with bands) and N* vs C."""
+def plan_curves(plan: dict) -> dict:
+    """Data for plan.png: loss vs N_active at each row's budget (with bands) and N* vs C,
+    from each row's law (``_choice``)."""
+    families_rows = [(r, r["_choice"]) for r in plan["rows"]]
     level = plan["level"]
     kappa = plan["settings"]["kappa"]
     cmin = plan["settings"]["fitted_flops"][0]
@@ -864,7 +866,7 @@ def build_plan(fits_path, flops: Sequence[float], *, experts: Optional[Sequence[
         notes.append(f"configs scaled from the nearest preset, {s.family.name}; pass --ladder "
                      "or --base to use the fitted runs' own setup")
     plan = make_plan(fits, s)
-    plan["_curves"] = plan_curves(plan, [(r, r["_choice"]) for r in plan["rows"]])
+    plan["_curves"] = plan_curves(plan)
     plan["_family"] = s.family
     return plan
 

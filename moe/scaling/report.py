@@ -431,14 +431,10 @@ def fit_main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else path.parent / "scaling_report"
     try:
         check_dir(out, "output directory")
-    except RunDirError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
         notes = [f"not fitted: {n} ({why})" for n, why in skipped]
         report = write_report(rows, out, n_boot=args.n_boot, holdout=args.holdout,
                               seed=args.seed, source=path.name, notes=notes, side=side)
-    except ResultsError as exc:
+    except (RunDirError, ResultsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # writing the report (disk full, a file in the way, ...)
