@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import yaml
+from tqdm import tqdm
 
 from ..accounting import count_params
 from ..config import (FINGERPRINT_IGNORES, Config, changed_fields, config_fingerprint,
@@ -394,7 +395,7 @@ class Trainer:
         self.last_eval_step = -1
         self.last_ckpt_step = -1
         self.status, self.message, self.exit_code = "done", "", 0
-        self.bar = None
+        self.bar = tqdm(disable=True)  # train_loop's bar; steps driven by hand show none
         self._interval_tokens, self._interval_time = 0, 0.0
 
     # ---------------- the whole run
@@ -614,8 +615,6 @@ class Trainer:
     def train_loop(self) -> None:
         """Steps until ``total_steps`` or a non-finite loss; a finished run ends with an
         evaluation and a checkpoint at its last step (unless already written)."""
-        from tqdm import tqdm
-
         cfg, t = self.cfg, self.cfg.train
         self.bar = tqdm(total=self.total_steps, initial=self.counters["step"],
                         disable=not (self.progress and self.is0), dynamic_ncols=True,
@@ -653,8 +652,10 @@ class Trainer:
         step = self.counters["step"]
         depth = cfg.mtp.depth
         lam = cfg.mtp.weight_at(step / self.total_steps)
-        # local sums over micro-batches: loss, lm, mtp_1..D, balance, per-kind balance
-        acc = torch.zeros(3 + depth + len(_BALANCE_KINDS), dtype=torch.float64)
+        # local sums over micro-batches: loss, lm, mtp_1..D, balance (self.loss_names),
+        # then the per-kind balance losses
+        nl = len(self.loss_names)
+        acc = torch.zeros(nl + len(_BALANCE_KINDS), dtype=torch.float64)
         for micro in range(cfg.train.grad_accum):
             xb = next(self.batches).to(self.dev)
             out = engine(xb, mtp_weight=lam)
@@ -667,7 +668,7 @@ class Trainer:
             acc[2 + depth] += float(out["balance_loss"].detach())
             for l in module.moe_layers():
                 for j, key in enumerate(_BALANCE_KINDS):
-                    acc[3 + depth + j] += l.last_losses.get(key, 0.0)
+                    acc[nl + j] += l.last_losses.get(key, 0.0)
             if micro < cfg.train.grad_accum - 1:
                 engine.step()  # off-boundary: DeepSpeed only advances its micro-step count
         assert engine.is_gradient_accumulation_boundary()
@@ -715,15 +716,14 @@ class Trainer:
         c["train_seconds"] += dt
         self._interval_tokens += self.tokens_per_step
         self._interval_time += dt
-        if self.bar is not None:  # None: steps driven by hand, outside train_loop
-            self.bar.update(1)
+        self.bar.update(1)
         return StepStats(acc=acc, lr=lr, mtp_weight=lam, grad_norm=grad_norm,
                          counts=step_counts[0] if step_counts else None)
 
     def log_step(self, stats: StepStats) -> None:
         """The step's metrics row: losses, LR, grad norm, throughput and MFU over the steps
         since the last row, MaxVio of this step's counts per MoE layer."""
-        depth = self.cfg.mtp.depth
+        nl = len(self.loss_names)
         maxvio = []
         if stats.counts is not None:
             sizes = [l.n_experts for l in self.module.moe_layers()]
@@ -735,14 +735,13 @@ class Trainer:
         for i, n in enumerate(self.loss_names):
             row[n] = stats.acc[i].item()
         for j, key in enumerate(_BALANCE_KINDS):
-            if stats.acc[3 + depth + j].item() != 0.0:
-                row[key] = stats.acc[3 + depth + j].item()
+            if stats.acc[nl + j].item() != 0.0:
+                row[key] = stats.acc[nl + j].item()
         row.update({"grad_norm": stats.grad_norm, "tokens_per_s": tps,
                     "flops_per_s": tps * self.fpt, "mfu": tps * self.fpt / self.peak,
                     "maxvio": maxvio})
         self.metrics.write(row)
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{row['lm_loss']:.3f}", tok_s=f"{tps:,.0f}")
+        self.bar.set_postfix(loss=f"{row['lm_loss']:.3f}", tok_s=f"{tps:,.0f}")
         self._interval_tokens, self._interval_time = 0, 0.0
 
     def evaluate(self) -> dict:
@@ -755,7 +754,7 @@ class Trainer:
         row = {"kind": "eval", "step": c["step"], "tokens": c["tokens"], **row}
         self.metrics.write(row)
         self.last_eval, self.last_eval_step = row, c["step"]
-        if self.is0 and self.progress and self.bar is not None:
+        if self.is0 and self.progress:  # (a closed bar is disabled: the final eval's line)
             self.bar.write(f"step {c['step']}: eval lm_loss {row['lm_loss']:.4f}")
         return row
 
