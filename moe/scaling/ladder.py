@@ -398,11 +398,12 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
 def attach_epochs(runs: list[Run], build: bool = False, progress: bool = False) -> list:
     """Set every run's ``train_tokens``/``epochs`` from its corpus' training split.
 
-    Each distinct (corpus, tokenizer, vocab, cache, val_fraction) is counted once
-    (:func:`moe.data.train_token_count`): ``build=True`` prepares what is not cached yet
-    (so the runs then find it) and raises DataError for an unusable corpus; ``build=False``
-    (``--dry-run``) reads a prepared cache or estimates, and leaves ``epochs`` None with
-    the reason when the corpus cannot be found. Returns the CorpusSize of each corpus.
+    Each distinct data key (corpus, tokenizer, vocab, cache, val_fraction, data options)
+    is counted once (:func:`moe.data.train_token_count`): ``build=True`` prepares what is
+    not cached yet (so the runs then find it) and raises DataError for an unusable corpus;
+    ``build=False`` (``--dry-run``) reads a prepared cache or estimates, and leaves
+    ``epochs`` None with the reason when the corpus cannot be found. Returns the CorpusSize
+    of each corpus.
     """
     from ..data import train_token_count
 
@@ -617,8 +618,9 @@ def default_train_cmd(cfg: LadderConfig) -> list[str]:
 
 def check_runnable(cfg: LadderConfig, base: Path, runs: list[Run]) -> Optional[str]:
     """Before training anything (not for --dry-run, which may plan for another machine):
-    the launcher's executable exists here, and each run not yet done fits this machine
-    when it runs as one local process. One line naming the problem, or None."""
+    the launcher's executable exists here, and each run of the plan (done ones too: the
+    check is from the configs alone, not the run directories) fits this machine when it
+    runs as one local process. One line naming the problem, or None."""
     if cfg.launcher:
         exe = default_train_cmd(cfg)[0]
         if shutil.which(exe) is None:
