@@ -55,11 +55,15 @@ class GenerationResult:
         return len(self.tokens) / self.seconds if self.seconds > 0 else float("nan")
 
 
+def _probs(logits_V: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits_V.float() / temperature, dim=-1)
+
+
 def _pick(logits_V: torch.Tensor, temperature: float, gen: Optional[torch.Generator]):
     """(token, probabilities or None) from one position's logits."""
     if temperature <= 0:
         return int(torch.argmax(logits_V)), None
-    p = torch.softmax(logits_V.float() / temperature, dim=-1)
+    p = _probs(logits_V, temperature)
     return int(torch.multinomial(p, 1, generator=gen)), p
 
 
@@ -118,7 +122,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
             top = int(torch.argmax(lv[0]))
             ok = top == draft
         else:
-            p = torch.softmax(lv[0].float() / temperature, dim=-1)
+            p = _probs(lv[0], temperature)
             ok = bool(torch.rand(1, generator=gen) < torch.clamp(p[draft] / q[draft], max=1.0))
         if ok:
             accepted += 1
@@ -148,8 +152,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
 
 def run_tokenizer(cfg):
     """The run's tokenizer (bytes, or the cached BPE; prepared if missing)."""
-    from .data import load_tokenizer
-    from .data import config_data
+    from .data import config_data, load_tokenizer
 
     if cfg.data.tokenizer == "bytes":
         return load_tokenizer("bytes")

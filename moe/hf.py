@@ -298,10 +298,10 @@ def load_model(path, device: str = "cpu"):
 
 def _tokenizer_file(cfg: Config) -> Optional[Path]:
     """The run's BPE tokenizer.json from the data cache (prepared when missing)."""
-    from .data import config_data
-
     if cfg.data.tokenizer != "bpe":
         return None
+    from .data import config_data
+
     data = config_data(cfg)
     f = data.cache_path / "tokenizer.json" if data.cache_path else None
     return f if f is not None and f.is_file() else None
