@@ -87,7 +87,8 @@ def test_result_is_plain_json(clean_fit):
             "budgets", "dropped", "unassigned_runs", "n_boot", "failed_replicates", "seed",
             "level", "rtol", "exponent_replicates", "intercept_replicates", "d_exponent",
             "d_intercept", "d_exponent_interval", "d_r2", "d_resid_std",
-            "d_exponent_replicates", "d_intercept_replicates", "interval_note"}
+            "d_exponent_replicates", "d_intercept_replicates", "interval_note",
+            "exponent_profile_interval", "d_exponent_profile_interval"}
     assert set(clean_fit) == keys
     no_tokens = fit_isoflop(*isoflop_runs(BUDGETS)[:3], n_boot=10)
     assert set(no_tokens) == {k for k in keys if not k.startswith("d_")}

@@ -205,7 +205,7 @@ def test_fits_json_schema(ladder_report):
     from moe.scaling import SCHEMA_VERSION
 
     _, _, fits = ladder_report
-    assert fits["schema_version"] == SCHEMA_VERSION == 1
+    assert fits["schema_version"] == SCHEMA_VERSION == 2
     for key in ("source", "settings", "counting", "runs", "power_laws", "compute_laws",
                 "chinchilla", "isoflop", "overtraining", "downstream", "joint_laws",
                 "efficiency_leverage", "holdout", "seed_noise", "compare"):

@@ -83,14 +83,16 @@ import numpy as np
 from moe.scaling.fits import (HUBER_DELTA, chinchilla_frontier, chinchilla_predict,
                               clark_predict, compare_joint_laws, fit_additive_moe,
                               fit_chinchilla, fit_clark, fit_compute_law, fit_power_law,
-                              power_law_inverse)
+                              law_profiles, power_law_inverse)
 from moe.scaling.resample import bootstrap
 from moe.scaling.results import ResultsError, run_group, validate_rows
 
 __all__ = ["SCHEMA_VERSION", "analyse", "read_fits", "split_holdout", "write_fits",
            "law_predict"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: fits.json versions read_fits accepts: 1 lacks the keys version 2 added (module docstring)
+READABLE_VERSIONS = (1, 2)
 _FIT_ERRORS = (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError)
 # fit_power_law's box: exponent in [0, max_alpha], log-amplitude in [-50, 50] (x_ref units).
 _MAX_ALPHA = 5.0
@@ -119,15 +121,35 @@ def _cl_predict(p, c):
     return p["c"] + np.exp(math.log(p["a"]) + p["b"] * np.log(np.asarray(c, float)))
 
 
-def _pl_at_bound(p):
-    return (p["alpha"] <= 1e-6 or p["alpha"] >= _MAX_ALPHA * (1 - 1e-6)
-            or abs(p.get("a_log", 0.0)) >= _AMP_BOUND * (1 - 1e-6))
+def _exponents_in_box(p, names, sign=1.0, cap=_MAX_ALPHA) -> str:
+    """'' when every exponent sign * p[k] lies strictly inside (0, cap), else a reason
+    naming the first one that does not (at 0 the law stops falling; at the cap it is a step
+    the data cannot support)."""
+    for k in names:
+        v = sign * float(p[k])
+        if not v > 1e-6:
+            return f"{k} = {p[k]:.3g} is at its bound 0 (the law does not fall)"
+        if not v < cap * (1 - 1e-6):
+            return f"{k} = {p[k]:.3g} is at its cap {sign * cap:g}"
+    return ""
+
+
+def _pl_at_bound(p, exponent="alpha", sign=1.0):
+    """Why a 1-D power-law fit sits on fit_power_law's box ('' when it does not)."""
+    why = _exponents_in_box({exponent: sign * p["alpha"]}, (exponent,), sign)
+    if not why and abs(p.get("a_log", 0.0)) >= _AMP_BOUND * (1 - 1e-6):
+        why = f"the amplitude's log is at its box edge +-{_AMP_BOUND:g}"
+    return why
+
+
+def _cl_at_bound(p):
+    return _pl_at_bound(p, "b", -1.0)
 
 
 def _chin_at_bound(p):
     # approach 3 is unbounded in the optimiser; a non-positive exponent is a degenerate
     # (non-decreasing) law, and an exponent above 5 a step the data cannot support.
-    return not (1e-6 < p["alpha"] < _MAX_ALPHA and 1e-6 < p["beta"] < _MAX_ALPHA)
+    return _exponents_in_box(p, ("alpha", "beta"))
 
 
 def law_predict(kind: str, params: dict, run: dict) -> float:
@@ -300,10 +322,69 @@ def _estimates(point: dict, samples: dict, names: Sequence[str], level: float) -
     return out
 
 
+#: An irreducible term (E, E0, c) below this fraction of the smallest fitted loss has
+#: collapsed: the law is then a pure power law and the data did not determine E.
+COLLAPSE_FRAC = 1e-3
+
+#: Bootstrap replicates "split into modes" (status unidentified) when a kernel density of
+#: one parameter's replicates (Silverman's bandwidth, which over-smooths multimodal data)
+#: has a valley below MODE_VALLEY of the lower of the peaks either side, with at least
+#: MODE_MIN_MASS of the replicates on each side. Checked with >= MODE_MIN_REPLICATES.
+MODE_VALLEY = 0.5
+MODE_MIN_MASS = 0.1
+MODE_MIN_REPLICATES = 20
+
+
+def replicate_modes(values, *, log: bool = False) -> dict | None:
+    """Two separated modes in one parameter's bootstrap replicates, or None.
+
+    A Gaussian kernel density (scipy.stats.gaussian_kde, Silverman's rule) of the finite
+    replicates (their logs with `log`, for amplitudes spanning decades) is evaluated on 512
+    points; every interior local minimum is a candidate valley, and the deepest one with
+    >= MODE_MIN_MASS of the replicates on each side and density < MODE_VALLEY x the lower
+    of the highest peaks on its two sides is returned as {valley, masses [left, right],
+    medians [left, right], depth (valley / lower peak)} in the parameter's own units.
+    Checked on unimodal draws (normal, log-normal, Student t3, uniform; n 50-400):
+    no split found in 200 draws of each (tests/test_scaling_identify.py).
+    """
+    from scipy.stats import gaussian_kde
+
+    x = np.asarray(values, float)
+    x = x[np.isfinite(x)]
+    if log:
+        x = np.log(x[x > 0])
+    if x.size < MODE_MIN_REPLICATES or np.ptp(x) <= 1e-9 * max(1.0, float(np.abs(x).max())):
+        return None
+    try:
+        kde = gaussian_kde(x, bw_method="silverman")
+    except (np.linalg.LinAlgError, ValueError):
+        return None  # (nearly) all replicates equal
+    grid = np.linspace(x.min(), x.max(), 512)
+    d = kde(grid)
+    best = None
+    for i in range(1, len(grid) - 1):
+        if not (d[i] <= d[i - 1] and d[i] < d[i + 1]):
+            continue
+        depth = d[i] / min(d[:i].max(), d[i + 1:].max())
+        left = float(np.mean(x < grid[i]))
+        if depth < MODE_VALLEY and min(left, 1.0 - left) >= MODE_MIN_MASS:
+            if best is None or depth < best[0]:
+                best = (depth, i, left)
+    if best is None:
+        return None
+    depth, i, left = best
+    back = np.exp if log else (lambda v: v)
+    return {"valley": float(back(grid[i])), "masses": [left, 1.0 - left],
+            "medians": [float(back(np.median(x[x < grid[i]]))),
+                        float(back(np.median(x[x >= grid[i]])))],
+            "depth": float(depth)}
+
+
 def _boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
               key: Callable, at_bound: Callable, n_boot: int, seed: int, level: float,
               law: str, progress, replicate_fit: Callable | None = None,
-              objective_name: str = "") -> dict:
+              objective_name: str = "", irreducible: str | None = None,
+              log_scale: Sequence[str] = (), profile: Callable | None = None) -> dict:
     """Point fit + whole-run bootstrap of one law -> a LAW entry (see module docstring), or
     a not-fitted entry with the reason when the point fit raises.
 
@@ -313,6 +394,13 @@ def _boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
     happened to stop on (with 4 sizes of a 3-parameter law, 85% of whole-run resamples
     hold only 3 distinct sizes, and those replicates were what spread the CPU ladder's
     dense A over 24 decades).
+
+    at_bound(params) -> '' or the reason the fit sits on a box bound / degenerate exponent.
+    irreducible: the parameter that is the law's irreducible loss (checked for collapse,
+    COLLAPSE_FRAC); log_scale: parameters whose replicates are checked for modes in log
+    units (amplitudes); profile(point, rows) -> the entry's `profile` (profile-likelihood
+    intervals), run on the point fit only. Status, first that applies: not_converged,
+    degenerate, unidentified, unbounded, ok (module docstring).
     """
     n_distinct = len({key(r) for r in rows})
 
@@ -342,9 +430,32 @@ def _boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
              "objective": _num(point.get("objective_sum", point.get("objective",
                                                                      point.get("rmse_log")))),
              "converged": bool(point.get("converged", True))}
+    if "refit_gain" in point:
+        entry["optimum"] = {k: point[k] for k in ("refit_gain", "refit_ok", "starts_agree",
+                                                  "starts_finished", "starts_spread")}
     if objective_name:
         entry["objective_name"] = objective_name
     entry.update(_estimates(point, bs["samples"], names, level))
+    # degenerate: the point fit itself has a collapsed term or sits on a bound
+    degenerate = []
+    if irreducible is not None:
+        floor = COLLAPSE_FRAC * min(float(r["final_eval_loss"]) for r in rows)
+        if float(point[irreducible]) < floor:
+            degenerate.append(
+                f"{irreducible} = {float(point[irreducible]):.2g} has collapsed to 0 (below "
+                f"{COLLAPSE_FRAC:g} of the smallest fitted loss): the irreducible loss is not "
+                "determined by these runs")
+    why_bound = at_bound(point)
+    if why_bound:
+        degenerate.append(why_bound)
+    # unidentified: replicates in separate modes (the irreducible term, then the rest)
+    modes = {}
+    for k in ([irreducible] if irreducible else []) + [k for k in names if k != irreducible]:
+        m = replicate_modes(reps[k], log=k in log_scale) if n_ok else None
+        if m is not None:
+            modes[k] = m
+    if modes:
+        entry["modes"] = modes
     reasons = []
     if n_distinct <= n_params:
         reasons.append(f"{n_distinct} distinct runs for {n_params} parameters: the curve "
@@ -355,13 +466,29 @@ def _boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
     if frac_bound > (1.0 - level) / 2:
         reasons.append(f"{100 * frac_bound:.0f}% of replicates end on a bound or a degenerate "
                        "exponent (the interval edge is the optimiser's box, not the data)")
-    entry["bounded"] = not reasons
+    entry["bounded"] = not reasons and not modes
+    split = [f"{k}'s bootstrap replicates split into two modes ({100 * m['masses'][0]:.0f}% "
+             f"near {m['medians'][0]:.3g}, {100 * m['masses'][1]:.0f}% near "
+             f"{m['medians'][1]:.3g})" for k, m in modes.items()]
     if not entry["converged"]:
         entry["status"] = "not_converged"
         reasons.insert(0, "the point fit's optimiser did not report convergence")
+    elif "refit_ok" in point and not point["refit_ok"]:
+        entry["status"] = "not_converged"
+        reasons.insert(0, f"a refit from the reported point lowered the objective by "
+                          f"{point['refit_gain']:.2g}: it is not the optimum")
+    elif degenerate:
+        entry["status"] = "degenerate"
+    elif modes:
+        entry["status"] = "unidentified"
     else:
         entry["status"] = "ok" if not reasons else "unbounded"
-    entry["reason"] = "; ".join(reasons)
+    entry["reason"] = "; ".join(degenerate + split[:1] + reasons)
+    if profile is not None:
+        try:
+            entry["profile"] = profile(point, rows)
+        except _FIT_ERRORS as exc:
+            entry["profile"] = {"error": str(exc)}
     entry["replicates"] = reps
     return entry
 
@@ -410,11 +537,12 @@ def _one_d_laws(groups, held_groups, n_boot, seed, level, progress):
         sub, selection, recipe = one_recipe_subset(gr, held_groups.get(g, []))
         distinct = len({r["params_active"] for r in sub})
         xs_all = gr + held_groups.get(g, [])
-        for key, out, law, names, fit, predict, xkey, seed_off in (
+        for key, out, law, names, fit, predict, xkey, seed_off, at_bound, prof in (
                 ("power", power, "L = E + A / N_active^alpha", POWER, fit_power_law,
-                 _pl_predict, "params_active", 0),
+                 _pl_predict, "params_active", 0, _pl_at_bound,
+                 _profiler({"alpha": (2, 1.0)}, "E", level)),
                 ("compute", compute, "L = a C^b + c", COMPUTE, fit_compute_law, _cl_predict,
-                 "flops", 100)):
+                 "flops", 100, _cl_at_bound, _profiler({"b": (2, -1.0)}, "c", level))):
             if distinct < 3:
                 out[g] = _not_fitted(law, len(gr), f"{distinct} distinct size(s) along one "
                                      "recipe; a 3-parameter law needs >= 3 (" + selection + ")")
@@ -422,9 +550,10 @@ def _one_d_laws(groups, held_groups, n_boot, seed, level, progress):
                 continue
             entry = _boot_law(
                 lambda rs, f=fit, k=xkey: f(_col(rs, k), _col(rs, "final_eval_loss")),
-                sub, names, n_params=3, key=lambda r, k=xkey: r[k], at_bound=_pl_at_bound,
+                sub, names, n_params=3, key=lambda r, k=xkey: r[k], at_bound=at_bound,
                 n_boot=n_boot, seed=seed + seed_off + gi, level=level, law=law,
-                progress=progress)
+                progress=progress, irreducible=names[0] if key == "power" else "c",
+                log_scale=(names[1],) if key == "power" else ("a",), profile=prof)
             out[g] = entry
             entry["selection"] = selection
             if entry["status"] == "not_fitted":
@@ -454,6 +583,12 @@ def _conventions(rows):
         out[key] = {"status": "ok", "E": _num(f["E"]), "alpha": _num(f["alpha"]),
                     "objective": _num(f["objective_sum"]), "converged": bool(f["converged"])}
     return out
+
+
+def _profiler(exponents: dict, irreducible: str, level: float) -> Callable:
+    """profile(point, rows) for _boot_law: fits.law_profiles on the point fit."""
+    return lambda point, rows: law_profiles(point, exponents=exponents,
+                                            irreducible=irreducible, level=level)
 
 
 def _independent_spread(n: np.ndarray, d: np.ndarray) -> float:
@@ -490,7 +625,8 @@ def _chinchilla(train, rows, n_boot, seed, level, min_runs, progress, group=None
         at_bound=_chin_at_bound, n_boot=n_boot,
         seed=seed + 200 + (0 if group is None else 50 + sum(map(ord, group)) % 50),
         level=level, law=law,
-        progress=progress)
+        progress=progress, irreducible="E", log_scale=("A", "B"),
+        profile=_profiler({"alpha": (3, 1.0), "beta": (4, 1.0)}, "E", level))
     if entry["status"] == "not_fitted":
         return entry
     # Derived quantities, from the point fit and each replicate (no refit).
@@ -561,12 +697,13 @@ def _overtraining(train, n_boot, seed, level, progress):
         return fit_overtraining(n, _col(rs, "tokens") / n, _col(rs, "final_eval_loss"))
 
     def degenerate(p):
-        return not (-_MAX_ALPHA < p["b"] < -1e-6)
+        return _exponents_in_box(p, ("b",), -1.0)
 
     return _boot_law(fit, dense, OVERTRAIN, n_params=4,
                      key=lambda r: (r["params_total"], r["tokens"]), at_bound=degenerate,
                      n_boot=n_boot, seed=seed + 400, level=level, law=law, progress=progress,
-                     objective_name=_CURVE_FIT_OBJECTIVE)
+                     objective_name=_CURVE_FIT_OBJECTIVE, irreducible="E",
+                     log_scale=("a", "beta"))
 
 
 def _downstream(train, n_boot, seed, level, progress):
@@ -578,7 +715,9 @@ def _downstream(train, n_boot, seed, level, progress):
     from moe.scaling.overtraining import fit_downstream
 
     def degenerate(p):
-        return not (p["gamma"] > 1e-6 and p["k"] > 0)
+        if not p["gamma"] > 1e-6:
+            return f"gamma = {p['gamma']:.3g} is at its bound 0 (error does not depend on loss)"
+        return "" if p["k"] > 0 else f"k = {p['k']:.3g} is not positive"
 
     return _boot_law(lambda rr: fit_downstream(_col(rr, "final_eval_loss"), _col(rr, "error")),
                      rs, DOWNSTREAM, n_params=3, key=lambda r: r["final_eval_loss"],
@@ -604,6 +743,10 @@ JOINT_LAWS = {"clark": "log L = a log N + b log E' + c log N log E' + d",
 JOINT_REPLICATE_STARTS = 8
 
 
+JOINT_IRREDUCIBLE = {"additive": "E0", "joint": "c"}
+JOINT_LOG_SCALE = {"additive": ("A", "B"), "joint": ("a", "b")}
+
+
 def _joint_fit(name: str, rows, e_start: float, e_max: float, n_starts: int = 32) -> dict:
     experts = np.array([1.0 if r["kind"] == "dense" else float(r["n_experts"]) for r in rows])
     loss = _col(rows, "final_eval_loss")
@@ -620,10 +763,10 @@ def _joint_fit(name: str, rows, e_start: float, e_max: float, n_starts: int = 32
 
 def _joint_at_bound(name):
     if name == "additive":  # fit_additive_moe's box: exponents in [0, 5]
-        return lambda p: not (1e-6 < p["alpha"] < _MAX_ALPHA and 1e-6 < p["beta"] < _MAX_ALPHA)
+        return lambda p: _exponents_in_box(p, ("alpha", "beta"))
     if name == "joint":  # unbounded optimiser: a law that stops decreasing is degenerate
-        return lambda p: not (p["alpha"] < 0 and p["beta"] < 0)
-    return lambda p: False  # Clark: ordinary least squares, no box
+        return lambda p: _exponents_in_box(p, ("alpha", "beta"), -1.0, math.inf)
+    return lambda p: ""  # Clark: ordinary least squares, no box
 
 
 def _joint_laws(train, held, n_boot, seed, level, progress, e_start=2.0, e_max=256.0):
@@ -645,6 +788,10 @@ def _joint_laws(train, held, n_boot, seed, level, progress, e_start=2.0, e_max=2
                           key=lambda r: (r["params_active"], r["params_total"], r["tokens"],
                                          r["n_experts"]),
                           at_bound=_joint_at_bound(name), n_boot=n_boot,
+                          irreducible=JOINT_IRREDUCIBLE.get(name),
+                          log_scale=JOINT_LOG_SCALE.get(name, ()),
+                          profile=(_profiler({"alpha": (3, 1.0), "beta": (4, 1.0)}, "E0", level)
+                                   if name == "additive" else None),
                           seed=seed + 600 + i, level=level, law=JOINT_LAWS[name],
                           progress=progress,
                           replicate_fit=lambda rs, n=name: _joint_fit(
@@ -988,8 +1135,8 @@ def read_fits(path) -> dict:
         a = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ResultsError(f"{path}: not JSON ({exc.msg})") from None
-    if not isinstance(a, dict) or a.get("schema_version") != SCHEMA_VERSION:
+    if not isinstance(a, dict) or a.get("schema_version") not in READABLE_VERSIONS:
         got = a.get("schema_version") if isinstance(a, dict) else None
         raise ResultsError(f"{path}: schema_version {got!r}; this version reads "
-                           f"{SCHEMA_VERSION}")
+                           f"{', '.join(map(str, READABLE_VERSIONS))}")
     return a

@@ -177,6 +177,20 @@ def _fit_lse_law(logX, logL, grid, *, delta, reduction, n_starts, bounds=None):
                                   n_starts=n_starts, bounds=bounds)
 
 
+#: L-BFGS-B options for the summed objective: tight enough that the reported point is the
+#: optimum. scipy's defaults (ftol 2.2e-9 relative to max(|f|, 1), gtol 1e-5) are
+#: effectively absolute for objectives << 1 and stopped the CPU ladder's dense L(N) at
+#: E = 0.046 (objective 8.2602e-5) on a valley whose floor is E = 1.2e-11 (8.2495e-5).
+TIGHT_LBFGS = {"ftol": 1e-15, "gtol": 1e-11, "maxiter": 15000, "maxfun": 30000}
+
+#: A refit from the reported point (tight options again) may lower the summed objective by
+#: at most this, relative to max(objective, 1e-12): `refit_gain` records what it did.
+REFIT_RTOL = 1e-7
+
+#: Starts "agree" when their final objectives are within this relative distance of the best.
+AGREE_RTOL = 1e-6
+
+
 def _fit_lse_law_inner(logX, logL, grid, *, delta, reduction, n_starts, bounds):
     grid = np.asarray(grid, float)
     logL = np.asarray(logL, float)
@@ -186,23 +200,240 @@ def _fit_lse_law_inner(logX, logL, grid, *, delta, reduction, n_starts, bounds):
         score = _lse_grid_objective(grid, logX, logL, delta)
         score = np.where(np.isfinite(score), score, np.inf)
         starts = grid[np.argsort(score, kind="stable")[: max(1, int(n_starts))]]
-    best = None
+    # reduction "mean" keeps scipy's default tolerances: it exists to reproduce the
+    # documented early stop of the original Chinchilla fit (module docstring).
+    options = TIGHT_LBFGS if reduction == "sum" else None
+    best, finals = None, []
     for x0 in starts:
         res = minimize(_lse_objective, x0, args=(logX, logL, delta, reduction), jac=True,
-                       method="L-BFGS-B", bounds=bounds)
-        if not np.all(np.isfinite(res.x)):
+                       method="L-BFGS-B", bounds=bounds, options=options)
+        if not np.all(np.isfinite(res.x)) or not np.isfinite(res.fun):
             continue
-        f_sum = _lse_objective(res.x, logX, logL, delta, "sum")[0]
+        finals.append((float(res.fun), res.x.copy()))
         # Pick the best start by the objective that was minimised (sum or mean), as the
         # original procedure did; for "mean" that is just the sum scaled by 1/m.
-        if best is None or res.fun < best[1].fun:
-            best = (res.x.copy(), res, f_sum)
+        if best is None or res.fun < best.fun:
+            best = res
     if best is None:
         raise RuntimeError("every L-BFGS start diverged")
-    theta, res, f_sum = best
-    return theta, res, {"objective": float(res.fun), "objective_sum": float(f_sum),
-                        "converged": bool(res.success), "nit": int(res.nit),
-                        "n_starts": int(len(starts)), "n_grid": int(len(grid))}
+    theta = best.x.copy()
+    f_sum = _lse_objective(theta, logX, logL, delta, "sum")[0]
+    diag = {"objective": float(best.fun), "objective_sum": float(f_sum),
+            "converged": bool(best.success), "nit": int(best.nit),
+            "n_starts": int(len(starts)), "n_grid": int(len(grid)),
+            "stop": str(best.message)}
+    if reduction == "sum":
+        diag.update(_optimum_checks(theta, float(best.fun), finals, logX, logL, delta, bounds))
+        # At ftol 1e-15 L-BFGS-B often ends with "ABNORMAL_TERMINATION_IN_LNSRCH": the line
+        # search found no lower point in float64. That is convergence when a refit from the
+        # point confirms it (refit_ok), not a failure.
+        diag["converged"] = bool(best.success or ("ABNORMAL" in diag["stop"]
+                                                  and diag["refit_ok"]))
+    return theta, best, diag
+
+
+def _optimum_checks(theta, f, finals, logX, logL, delta, bounds) -> dict:
+    """Evidence that the reported point is the optimum: a refit started from it
+    (`refit_gain`, how much it lowered the objective; `refit_ok`: at most REFIT_RTOL
+    relative), and multi-start agreement (`starts_agree`: how many starts ended within
+    AGREE_RTOL of the best objective, of `starts_finished`; `starts_spread`: the largest
+    range of any parameter over those agreeing starts, in the fit's internal units; a flat
+    valley shows as agreeing objectives with spread parameters)."""
+    res = minimize(_lse_objective, theta, args=(logX, logL, delta, "sum"), jac=True,
+                   method="L-BFGS-B", bounds=bounds, options=TIGHT_LBFGS)
+    gain = max(0.0, f - float(res.fun)) if np.isfinite(res.fun) else 0.0
+    tol = AGREE_RTOL * max(abs(f), 1e-12)
+    agree = np.array([x for v, x in finals if v - f <= tol])
+    spread = float(np.max(np.ptp(agree, axis=0))) if len(agree) > 1 else 0.0
+    return {"refit_gain": gain, "refit_ok": bool(gain <= REFIT_RTOL * max(abs(f), 1e-12)),
+            "starts_agree": int(len(agree)), "starts_finished": int(len(finals)),
+            "starts_spread": spread}
+
+
+# ------------------------------------------------------------ profile likelihood
+
+#: Huber delta that makes `_lse_objective` plain least squares (sum of r^2 / 2): residuals
+#: are << 1e30, so the quadratic branch always applies.
+_LS_DELTA = 1e30
+
+
+def _fixed_fit(logX, logL, theta, index, value, bounds, starts):
+    """Least squares of the LSE law with parameter `index` held at `value` (internal
+    units): the best of L-BFGS-B runs from each start; returns (rss, theta)."""
+    free = [j for j in range(len(theta)) if j != index]
+    fb = None if bounds is None else [bounds[j] for j in free]
+
+    def obj(z):
+        t = np.empty(len(theta))
+        t[free], t[index] = z, value
+        f, g = _lse_objective(t, logX, logL, _LS_DELTA, "sum")
+        return f, g[free]
+
+    best = None
+    for x0 in starts:
+        z0 = np.asarray(x0, float)[free]
+        if fb is not None:
+            z0 = np.clip(z0, [b[0] for b in fb], [b[1] for b in fb])
+        res = minimize(obj, z0, jac=True, method="L-BFGS-B", bounds=fb, options=TIGHT_LBFGS)
+        if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
+            best = res
+    t = np.empty(len(theta))
+    t[free], t[index] = best.x, value
+    return 2.0 * float(best.fun), t
+
+
+def lse_profile(logX, logL, theta, *, index: int, limits: tuple[float, float],
+                log_param: bool = False, bounds=None, level: float = 0.95,
+                stated: Sequence[float] = (), intervals: bool = True) -> dict | None:
+    """Profile-likelihood interval of one parameter of an LSE law (`_lse_terms` layout).
+
+    Errors in log loss are taken as Gaussian with unknown variance, so the profile is a
+    least-squares one: RSS(v) = min over the other parameters with parameter `index` held
+    at v, and the interval is {v : F(v) <= F_(1, m-p)(level)} with F(v) = (RSS(v) -
+    RSS_min) / (RSS_min / (m - p)), the small-sample profile-t form of Bates & Watts
+    (1988, "Nonlinear regression analysis", ch. 6) for m runs and p parameters. (The point
+    fits minimise Huber; its least-squares optimum is returned as `value` beside the
+    interval, and the two agree closely when no run is an outlier.)
+
+    v is in reported units: with `log_param` the internal parameter is log v (an
+    irreducible loss E = exp(e)), so v = 0 can be profiled (internal -700). The walk steps
+    outward from the least-squares optimum on each side (doubling steps, each fit started
+    from its neighbour's solution: continuation) until F exceeds the threshold, then
+    bisects to 1e-4 of the bracket; an end that reaches `limits` with F still below the
+    threshold is reported `lo_open`/`hi_open` (the data do not bound it there).
+
+    `stated`: values of the parameter at which to also return the conditional fit (the
+    other parameters' values and F), e.g. exponents at a stated irreducible loss;
+    `intervals=False` computes only those (lo/hi are then None).
+    Returns {value, lo, hi, lo_open, hi_open, rss_min, dof, f_crit, level, conditional:
+    [{value, F, theta}]}, or None when m <= p (no residual degree of freedom).
+    """
+    from scipy.stats import f as f_dist
+
+    logL = np.asarray(logL, float)
+    m, p = logL.size, len(theta)
+    dof = m - p
+    if dof < 1:
+        return None
+    res = minimize(_lse_objective, np.asarray(theta, float),
+                   args=(logX, logL, _LS_DELTA, "sum"), jac=True, method="L-BFGS-B",
+                   bounds=bounds, options=TIGHT_LBFGS)
+    theta_ls, rss_min = res.x.copy(), 2.0 * float(res.fun)
+    s2 = max(rss_min, 1e-300) / dof
+    crit = float(f_dist.ppf(level, 1, dof))
+    to_int = (lambda v: math.log(v) if v > 0 else -700.0) if log_param else (lambda v: v)
+    v_hat = math.exp(theta_ls[index]) if log_param else float(theta_ls[index])
+    lo_lim, hi_lim = limits
+    v_hat = min(max(v_hat, lo_lim), hi_lim)
+
+    # The irreducible term's gradient vanishes once it has collapsed (e = -25: exp(e) ~
+    # 1e-11), so a fit started there never leaves E = 0: every fixed fit is also started
+    # with E at several fractions of the smallest loss.
+    K = len(logX)
+    e_starts = []
+    if index != K:
+        for frac in (0.3, 0.6, 0.9):
+            t = theta_ls.copy()
+            t[K] = math.log(frac * math.exp(float(logL.min())))
+            e_starts.append(t)
+
+    def stat(v, start):
+        rss, t = _fixed_fit(logX, logL, theta_ls, index, to_int(v), bounds,
+                            [start, theta_ls, *e_starts])
+        return (rss - rss_min) / s2, t
+
+    def walk(sign):
+        width = hi_lim - lo_lim
+        step = max(0.02 * abs(v_hat), 1e-3 * width, 1e-12)
+        inside, t_in = v_hat, theta_ls
+        while True:
+            v = min(max(inside + sign * step, lo_lim), hi_lim)
+            F, t = stat(v, t_in)
+            if F > crit:
+                break
+            inside, t_in = v, t
+            if v in (lo_lim, hi_lim):
+                return v, True
+            step *= 2.0
+        outside = v
+        for _ in range(40):
+            if abs(outside - inside) <= 1e-4 * max(abs(outside), abs(inside), 1e-12):
+                break
+            mid = 0.5 * (inside + outside)
+            F, t = stat(mid, t_in)
+            if F > crit:
+                outside = mid
+            else:
+                inside, t_in = mid, t
+        return inside, False
+
+    lo = hi = lo_open = hi_open = None
+    if intervals:
+        lo, lo_open = walk(-1.0) if v_hat > lo_lim else (lo_lim, True)
+        hi, hi_open = walk(+1.0) if v_hat < hi_lim else (hi_lim, True)
+    cond = []
+    for v in stated:
+        F, t = stat(float(v), theta_ls)
+        cond.append({"value": float(v), "F": float(F), "theta": t})
+    return {"value": v_hat, "lo": lo, "hi": hi, "lo_open": lo_open,
+            "hi_open": hi_open, "rss_min": rss_min, "dof": int(dof), "f_crit": crit,
+            "level": float(level), "theta_ls": theta_ls, "conditional": cond}
+
+
+PROFILE_METHOD = ("profile likelihood, Gaussian errors in log loss (least squares), "
+                  "F(1, m - p) threshold (Bates & Watts 1988)")
+
+
+def law_profiles(p: dict, *, exponents: dict, irreducible: str, level: float = 0.95,
+                 max_exponent: float = 5.0, stated_fracs=(0.25, 0.5, 0.75)) -> dict | None:
+    """Profile-likelihood intervals (`lse_profile`) of an LSE law's exponents and its
+    irreducible loss, from a fit dict that carries `_problem` (fit_power_law,
+    fit_chinchilla, fit_additive_moe), plus the exponents conditional on stated values of
+    the irreducible loss: 0, each end of its interval and `stated_fracs` of the smallest
+    loss that lie inside the interval (what a reader needs when E is not identified).
+
+    exponents: {name: (theta index, sign)}: reported value = sign x internal (a compute
+    law's b is -alpha). Exponents are profiled over [0, max_exponent] (internal units),
+    the irreducible loss over [0, smallest loss). Returns {method, level, dof, rss_min,
+    <name>: {value, lo, hi, lo_open, hi_open} for each exponent and the irreducible loss,
+    conditional: {on, rows: [{<irreducible>, F, <exponent>...}]}}, or None when the law has
+    no residual degree of freedom.
+    """
+    prob = p["_problem"]
+    logX, logL, theta, bounds = prob["logX"], prob["logL"], prob["theta"], prob["bounds"]
+    K = len(logX)
+    lmin = float(np.exp(np.min(logL)))
+    out = {"method": PROFILE_METHOD, "level": float(level)}
+
+    def interval(pr, sign=1.0):
+        lo, hi = sorted((sign * pr["lo"], sign * pr["hi"]))
+        lo_open, hi_open = ((pr["lo_open"], pr["hi_open"]) if sign > 0 else
+                            (pr["hi_open"], pr["lo_open"]))
+        return {"value": sign * pr["value"], "lo": lo, "hi": hi, "lo_open": lo_open,
+                "hi_open": hi_open}
+
+    pe = lse_profile(logX, logL, theta, index=K, limits=(0.0, lmin * (1 - 1e-9)),
+                     log_param=True, bounds=bounds, level=level)
+    if pe is None:
+        return None
+    out.update({"dof": pe["dof"], "rss_min": pe["rss_min"], irreducible: interval(pe)})
+    for name, (idx, sign) in exponents.items():
+        pr = lse_profile(logX, logL, theta, index=idx, limits=(0.0, max_exponent),
+                         bounds=bounds, level=level)
+        out[name] = interval(pr, sign)
+    stated = {0.0, pe["lo"], pe["hi"], pe["value"]}
+    stated |= {f * lmin for f in stated_fracs if pe["lo"] <= f * lmin <= pe["hi"]}
+    stated = sorted(v for v in stated if pe["lo"] <= v <= pe["hi"] or v == 0.0)
+    # one row per distinct value: a collapsed E (1e-10) is the row at 0
+    stated = [v for i, v in enumerate(stated) if i == 0 or v - stated[i - 1] > 1e-6 * lmin]
+    cond = lse_profile(logX, logL, theta, index=K, limits=(0.0, lmin * (1 - 1e-9)),
+                       log_param=True, bounds=bounds, level=level, stated=stated,
+                       intervals=False)
+    out["conditional"] = {"on": irreducible, "rows": [
+        {irreducible: c["value"], "F": c["F"],
+         **{name: sign * float(c["theta"][idx]) for name, (idx, sign) in exponents.items()}}
+        for c in cond["conditional"]]}
+    return out
 
 
 def _as_pos_array(name, x):
@@ -262,7 +493,9 @@ def fit_chinchilla(N, D, loss, *, delta: float = HUBER_DELTA, reduction: str = "
                                   reduction=reduction, n_starts=n_starts)
     a_log, b_log, e_log, alpha, beta = (float(v) for v in theta)
     out = {"E": math.exp(e_log), "A": math.exp(a_log), "B": math.exp(b_log),
-           "alpha": alpha, "beta": beta}
+           "alpha": alpha, "beta": beta,
+           "_problem": {"logX": [np.log(N), np.log(D)], "logL": np.log(loss), "theta": theta,
+                        "bounds": None}}
     s = alpha + beta
     out["a"] = beta / s if s != 0 else float("nan")
     out["b"] = alpha / s if s != 0 else float("nan")
@@ -388,7 +621,8 @@ def fit_power_law(x, loss, *, delta: float = HUBER_DELTA, n_starts: int | None =
                                   n_starts=n_starts, bounds=bounds)
     a_log, e_log, alpha = (float(v) for v in theta)
     out = {"E": math.exp(e_log), "A": math.exp(a_log) * x_ref ** alpha, "alpha": alpha,
-           "x_ref": x_ref, "a_log": a_log, "e_log": e_log, "n": int(x.size)}
+           "x_ref": x_ref, "a_log": a_log, "e_log": e_log, "n": int(x.size),
+           "_problem": {"logX": [lx], "logL": lL, "theta": theta, "bounds": bounds}}
     out.update(diag)
     return out
 
@@ -554,7 +788,8 @@ def fit_additive_moe(N_active, N_total, loss, *, delta: float = HUBER_DELTA,
     a_log, b_log, e_log, alpha, beta = (float(v) for v in theta)
     out = {"E0": math.exp(e_log), "A": math.exp(a_log) * ra ** alpha, "alpha": alpha,
            "B": math.exp(b_log) * rt ** beta, "beta": beta, "n": int(Na.size),
-           "_scaled": (a_log, b_log, ra, rt)}
+           "_scaled": (a_log, b_log, ra, rt),
+           "_problem": {"logX": [la, lt], "logL": lL, "theta": theta, "bounds": bounds}}
     out.update(diag)
     return out
 

@@ -177,7 +177,22 @@ def _ols(logc: np.ndarray, logy: np.ndarray) -> dict:
     r2 = 1.0 - float(resid @ resid) / ss_tot if ss_tot > 0 else None
     dof = logc.size - 2
     return {"exponent": float(b1), "intercept": float(b0), "r2": r2,
-            "resid_std": float(math.sqrt(resid @ resid / dof)) if dof > 0 else None}
+            "resid_std": float(math.sqrt(resid @ resid / dof)) if dof > 0 else None,
+            "exponent_se": (float(math.sqrt(resid @ resid / dof / np.sum((logc - logc.mean())
+                                                                        ** 2)))
+                            if dof > 0 else None), "dof": dof}
+
+
+def _profile_interval(fit: dict, level: float) -> dict | None:
+    """Profile-likelihood interval of the OLS slope under Gaussian errors in ln N*: for a
+    linear model it is exactly the t interval, exponent +- t_(dof, (1+level)/2) x se.
+    None with 2 budgets (no residual degree of freedom)."""
+    from scipy.stats import t as t_dist
+
+    if fit["exponent_se"] is None:
+        return None
+    half = float(t_dist.ppf(0.5 + level / 2.0, fit["dof"])) * fit["exponent_se"]
+    return {"lo": fit["exponent"] - half, "hi": fit["exponent"] + half, "dof": fit["dof"]}
 
 
 #: kept budgets below which fit_isoflop gives no exponent interval (see step 4 above)
@@ -227,8 +242,9 @@ def fit_isoflop(flops, n, loss, tokens=None, *, nominal: Sequence[float] | None 
       exponent, intercept: ln N* = intercept + exponent ln C (natural log), C in FLOPs;
       exponent_interval: {lo, hi} percentile interval at `level` (None if every replicate
         failed, n_boot = 0 or fewer than MIN_BUDGETS_FOR_INTERVAL budgets were kept;
-        interval_note then says which); r2, resid_std (ddof 2; None with 2 budgets) of
-        that OLS;
+        interval_note then says which); exponent_profile_interval: {lo, hi, dof}, the
+        profile-likelihood (= t) interval of the slope at `level`, given from 3 budgets
+        (None with 2); r2, resid_std (ddof 2; None with 2 budgets) of that OLS;
       n_budgets; budgets: one dict per KEPT budget, ascending C, {flops, flops_range
         ([min, max] of its runs' FLOPs), n_opt, loss_opt (at N*), n_runs, n_sizes (distinct
         N)} (+ d_opt, d_edge with tokens);
@@ -238,8 +254,9 @@ def fit_isoflop(flops, n, loss, tokens=None, *, nominal: Sequence[float] | None 
       n_boot, failed_replicates, seed, level, rtol;
       exponent_replicates, intercept_replicates: the successful replicates, paired by index
         (so a caller can propagate the joint uncertainty of N*(C));
-      with tokens: d_exponent, d_intercept, d_exponent_interval, d_r2, d_resid_std,
-        d_exponent_replicates, d_intercept_replicates, for ln D* = d_intercept + d_exponent ln C.
+      with tokens: d_exponent, d_intercept, d_exponent_interval,
+        d_exponent_profile_interval, d_r2, d_resid_std, d_exponent_replicates,
+        d_intercept_replicates, for ln D* = d_intercept + d_exponent ln C.
     Raises ValueError (one line) on bad input or when fewer than 2 budgets are kept.
     """
     flops = _as_pos("flops", flops)
@@ -286,7 +303,9 @@ def fit_isoflop(flops, n, loss, tokens=None, *, nominal: Sequence[float] | None 
 
     out = {"interval_note": note,
            "exponent": fits[0]["exponent"], "intercept": fits[0]["intercept"],
-           "exponent_interval": boots[0]["interval"], "r2": fits[0]["r2"],
+           "exponent_interval": boots[0]["interval"],
+           "exponent_profile_interval": _profile_interval(fits[0], level),
+           "r2": fits[0]["r2"],
            "resid_std": fits[0]["resid_std"], "n_budgets": len(kept), "budgets": kept,
            "dropped": dropped, "unassigned_runs": int(np.sum(label < 0)),
            "n_boot": int(n_boot), "failed_replicates": int(failed),
@@ -296,7 +315,9 @@ def fit_isoflop(flops, n, loss, tokens=None, *, nominal: Sequence[float] | None 
            "intercept_replicates": boots[0]["intercepts"]}
     if tokens is not None:
         out.update({"d_exponent": fits[1]["exponent"], "d_intercept": fits[1]["intercept"],
-                    "d_exponent_interval": boots[1]["interval"], "d_r2": fits[1]["r2"],
+                    "d_exponent_interval": boots[1]["interval"],
+                    "d_exponent_profile_interval": _profile_interval(fits[1], level),
+                    "d_r2": fits[1]["r2"],
                     "d_resid_std": fits[1]["resid_std"],
                     "d_exponent_replicates": boots[1]["exponents"],
                     "d_intercept_replicates": boots[1]["intercepts"]})

@@ -30,7 +30,9 @@ __all__ = ["write_report", "render_report", "fit_main", "split_holdout"]
 JOINT_SHOWN = {"clark": ("a", "b", "c", "d"),
                "additive": ("E0", "A", "alpha", "B", "beta"),
                "joint": ("a", "alpha", "gamma", "delta", "b", "beta", "zeta", "omega", "c")}
-STATUS_WORDS = {"unbounded": "interval unbounded", "not_converged": "NOT CONVERGED"}
+#: What a non-ok law's cells say instead of a number (its reason follows the table).
+STATUS_WORDS = {"unbounded": "interval unbounded", "not_converged": "NOT CONVERGED",
+                "degenerate": "degenerate fit", "unidentified": "replicates in two modes"}
 
 
 # ----------------------------------------------------------------------- the steps
@@ -87,17 +89,54 @@ def _fmt(v, digits=4) -> str:
 
 
 def _cell(entry: dict, k: str) -> str:
-    """value [lo, hi] for a bounded law; the value and its status otherwise."""
+    """value [lo, hi] for an ok law; "not determined (why)" otherwise: a number whose law
+    is degenerate, unidentified, unbounded or not converged is never printed bare (the
+    values stay in fits.json, and the profile intervals below the table still apply)."""
     p = entry[k]
     if entry["status"] == "ok":
         return f"{_fmt(p['value'])} [{_fmt(p['lo'])}, {_fmt(p['hi'])}]"
-    return f"{_fmt(p['value'])} ({STATUS_WORDS[entry['status']]})"
+    return f"not determined ({STATUS_WORDS.get(entry['status'], entry['status'])})"
 
 
 def _status_notes(entries: dict) -> list[str]:
     lines = [f"- {name}: {STATUS_WORDS.get(e['status'], e['status'])}: {e['reason']}."
              for name, e in entries.items() if e["status"] in STATUS_WORDS]
     return (["", *lines] if lines else []) + [""]
+
+
+def _bound(v, is_open) -> str:
+    return _fmt(v) + (" (not bounded by the data)" if is_open else "")
+
+
+def _profile_lines(name: str, e: dict) -> list[str]:
+    """One line of profile-likelihood intervals, and where the irreducible loss is not
+    identified (law not ok, or its interval reaches 0) the exponents at stated values of it."""
+    pr = e.get("profile")
+    if not pr:
+        return []
+    if "error" in pr:
+        return [f"- {name}: profile likelihood failed: {pr['error']}"]
+    cond = pr["conditional"]
+    irr = cond["on"]
+    exps = [k for k in pr if isinstance(pr[k], dict) and "lo_open" in pr[k] and k != irr]
+    pct = f"{100 * pr['level']:.0f}%"
+    ivs = "; ".join(f"{k} {_fmt(pr[k]['value'])} [{_bound(pr[k]['lo'], pr[k]['lo_open'])}, "
+                    f"{_bound(pr[k]['hi'], pr[k]['hi_open'])}]" for k in exps + [irr])
+    md = [f"- {name + ': ' if name else ''}{pct} profile-likelihood intervals "
+          f"({pr['dof']} residual dof): {ivs}."]
+    if e["status"] != "ok" or pr[irr]["lo"] <= 0.0:
+        rows = "; ".join(f"{irr} = {_fmt(r[irr], 3)}: "
+                         + ", ".join(f"{k} = {_fmt(r[k])}" for k in exps)
+                         for r in cond["rows"])
+        md.append(f"  {irr} is not identified: every value in its interval fits as well "
+                  f"(F below the {pct} threshold), and the exponents depend on it: {rows}.")
+    return md
+
+
+def _profile_notes(entries: dict) -> list[str]:
+    lines = [ln for g, e in entries.items() if e["status"] != "not_fitted"
+             for ln in _profile_lines(g, e)]
+    return lines + ([""] if lines else [])
 
 
 def _law_table(entries: dict, names, head: str, extra=lambda g, e: []) -> list[str]:
@@ -112,6 +151,7 @@ def _law_table(entries: dict, names, head: str, extra=lambda g, e: []) -> list[s
                  f"{e['failed_replicates']}/{e['n_boot']}", *extra(g, e)]
         md.append("| " + " | ".join(cells) + " |")
     md += _status_notes(entries)
+    md += _profile_notes(entries)
     sel = {e.get("selection") for e in entries.values() if e.get("selection")}
     if any(not s.startswith("all ") for s in sel):
         md += [f"- runs used, {g}: {e['selection']}" for g, e in entries.items()
@@ -177,8 +217,9 @@ def _one_law(title: str, e: dict, names, derived=()) -> list[str]:
         md.append(f"**{STATUS_WORDS[e['status']]}**: {e['reason']}.")
     md += ["", "| quantity | estimate [interval] | bootstrap median |", "| --- | --- | --- |"]
     for k, label in [(k, k) for k in names] + list(derived):
-        md.append(f"| {label} | {_cell(e, k)} | {_fmt(e[k]['median'])} |")
-    return md + [""]
+        med = _fmt(e[k]['median']) if e["status"] == "ok" else "-"
+        md.append(f"| {label} | {_cell(e, k)} | {med} |")
+    return md + [""] + _profile_notes({"": e})
 
 
 def _chinchilla(f) -> list[str]:
@@ -212,8 +253,11 @@ def _isoflop(f) -> list[str]:
             md.append(f"- {g}: not fitted: {e['reason']}.")
             continue
         def iv(key):
-            i = e.get(key)
-            return f" [{_fmt(i['lo'])}, {_fmt(i['hi'])}]" if i else " (no interval)"
+            i, pr = e.get(key), e.get(key.replace("_interval", "_profile_interval"))
+            out = f" [{_fmt(i['lo'])}, {_fmt(i['hi'])}] (bootstrap)" if i else " (no bootstrap interval)"
+            if pr:
+                out += f", [{_fmt(pr['lo'])}, {_fmt(pr['hi'])}] (profile likelihood, {pr['dof']} dof)"
+            return out
 
         md.append(f"- {g}: a = {_fmt(e['exponent'])}{iv('exponent_interval')} from "
                   f"{len(e['budgets'])} budgets"
@@ -260,6 +304,7 @@ def _joint_laws(f) -> list[str]:
                   f"{_fmt(e['train_rmse_log'])} | {_fmt(e['heldout_rmse_log'])} | "
                   f"{e['failed_replicates']}/{e['n_boot']} |")
     md += _status_notes({k: j[k] for k in JOINT_SHOWN})
+    md += _profile_notes({k: j[k] for k in JOINT_SHOWN})
     md.append(f"Better on held-out runs: **{j['better'] or 'undecided'}** ({j['reason']}).\n")
     return md
 
