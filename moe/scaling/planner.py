@@ -8,7 +8,26 @@ parameters of a model of that size, the predicted loss, and the efficiency lever
 against the dense optimum at the same C, each with an interval propagated from the
 bootstrap replicates stored in fits.json (never refitted).
 
-Laws, in order of preference (every row names the one it used):
+Limits, checked in this order:
+  - extrapolation: a budget more than MAX_EXTRAPOLATION (100) x the compute of the largest
+    fitted (not held-out) run (--max-extrapolation) is refused with one line naming the
+    factor, before any law is chosen (check_extrapolation); --extrapolate plans it anyway
+    and flags each such row (`extrapolated`, `extrapolated_reason`; plan.md: a warning line,
+    "BEYOND FITTED RANGE xF" and 2 significant figures). Every row also records
+    `extrapolation` (C / the largest fitted run's FLOPs) and `extrapolation_n` (N_opt / the
+    largest fitted run's params_active, over the runs of the row's level when it has
+    fitted runs, else over all fitted runs: `extrapolation_n_basis` says which).
+  - passes: tokens / the training tokens of the corpus the row's config trains on (the
+    ladder's, when configs follow the ladder), from moe.data.train_token_count without
+    building: exact from a prepared cache; when the corpus is not prepared, `passes` is
+    None with the reason and the on-disk estimate (`passes_estimate`), not checked. A row
+    whose passes exceed max_epochs (--max-epochs, else the ladder's max_epochs, default 1)
+    is refused: it keeps its numbers, gets `refused` (why) and no config; every row refused
+    is an error.
+
+Laws, in order of preference (every row names the one it used), only those whose status
+is in USABLE_STATUSES ("ok", "unbounded"); "degenerate", "unidentified", "not_converged",
+"not_fitted" are passed over with their status and reason quoted (`laws_not_used`):
   1. Ludziejewski et al. 2025's joint law L(N_active, D, E) (`joint_laws.joint`): at a
      fixed expert count E it is a Chinchilla law in (N_active, D) with
      A_E = a E'^delta, alpha_E = -(alpha + gamma ln E'), B_E = b E'^omega,
@@ -16,6 +35,13 @@ Laws, in order of preference (every row names the one it used):
   2. per-level approach 3: `chinchilla` for dense (and `chinchilla_levels.<level>` for a
      MoE level when a fits.json carries it);
   otherwise the row is refused with what is missing (e.g. no token variation).
+Where the row's level has approach-2 optima (`isoflop.<level>` with status "ok"), the
+preference yields to agreement (choose_law): the first law whose N*(C) lies inside approach
+2's interval at every measured budget is used, else the closest in RMS log N, and the
+disagreement is recorded (`isoflop_check`, a note, a line in plan.md). The interval of a
+budget's N* is the pair of trained sizes bracketing it (widened to the approach-2 line's
+bootstrap interval when fit_isoflop gave one): isoflop_optima. EL always compares a MoE
+row with the dense form of its own law (`el_basis`).
 
 Compute-optimal point of L = E0 + A/N^alpha + B/D^beta under C = 6 N D (Hoffmann et al.
 2022, eq. 4): N* = G (C/6)^(beta/(alpha+beta)), D* = (C/6)^(alpha/(alpha+beta)) / G,
