@@ -24,7 +24,10 @@ LADDER_CPU = ROOT / "benchmarks" / "results" / "ladder_cpu"
 HOFFMANN = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 ROW_KEYS = {"name", "experts", "top_k", "law", "law_status", "n_active", "n_total", "tokens",
             "flops", "loss", "el", "intervals", "el_reason", "replicates", "extrapolation",
-            "layout", "layout_reason", "gpu_hours", "wall_hours", "config", "geometry"}
+            "layout", "layout_reason", "gpu_hours", "wall_hours", "config", "geometry",
+            "el_basis", "extrapolation_n", "extrapolation_n_basis", "extrapolated",
+            "extrapolated_reason", "isoflop_check", "laws_not_used", "corpus", "train_tokens",
+            "passes", "passes_estimate", "passes_note", "max_epochs", "refused"}
 
 
 def _law_entry(point: dict, reps: list[dict] | None = None, status: str = "ok") -> dict:
@@ -150,15 +153,20 @@ def test_layout_counts_weights_grads_and_adam_states_under_zero_and_ep():
 
 def test_plan_from_the_committed_isoflop_ladder(tmp_path, capsys):
     out = tmp_path / "plan"
+    # --max-epochs: this test checks the plan, not the corpus (a prepared stdlib cache makes
+    # the 1e14 rows several passes, refused at the ladder's max_epochs 1)
     rc = cli_main(["plan", str(ISOFLOP), "--flops", "1e13,1e14", "--gpus", "8",
-                   "--gpu-mem-gib", "80", "--out", str(out)])
+                   "--gpu-mem-gib", "80", "--max-epochs", "1000", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     plan = json.loads((out / "plan.json").read_text())
     assert [r["name"] for r in plan["rows"]] == ["dense_1e13", "moe8_1e13", "dense_1e14",
                                                  "moe8_1e14"]
     for r in plan["rows"]:
         assert set(r) == ROW_KEYS
-        assert r["law"].startswith("Ludziejewski")  # the joint law is preferred
+        # the law the approach-2 check chose (these fits have IsoFLOP optima per level);
+        # the joint law is the only candidate for the MoE level (no chinchilla_levels)
+        assert r["isoflop_check"]["law"] == r["law"]
+        assert not r["experts"] or r["law"].startswith("Ludziejewski")
         lo, hi = r["loss"]["lo"], r["loss"]["hi"]
         assert lo < r["loss"]["value"] < hi
         assert r["intervals"]["n_active"]["lo"] < r["n_active"] < r["intervals"]["n_active"]["hi"]
@@ -180,7 +188,9 @@ def test_plan_from_the_committed_isoflop_ladder(tmp_path, capsys):
 def test_a_planned_config_trains(tmp_path):
     from moe.train import train
 
-    plan = build_plan(ISOFLOP, [1e13], experts=[8])
+    # max_epochs: the row is 1.38 passes over the prepared stdlib corpus (refused at the
+    # ladder's 1); this test trains 8192 tokens of its config, not the planned budget
+    plan = build_plan(ISOFLOP, [1e13], experts=[8], max_epochs=10.0)
     write_plan(plan, tmp_path / "plan")
     cfg = load_config(tmp_path / "plan" / "moe8_1e13.yaml",
                       ["train.token_budget=8192", "train.warmup_steps=1", "train.precision=fp32"])
@@ -270,3 +280,207 @@ def test_analysis_fits_approach_3_per_moe_level():
     assert e["status"] in ("ok", "unbounded") and len(e["replicates"]["E"]) >= 1
     # and it differs from the dense law (fitted on the dense runs)
     assert a["chinchilla"]["E"]["value"] != pytest.approx(e["E"]["value"], rel=1e-3)
+
+
+# ------------------------------------------- limits: extrapolation, passes, approach 2
+
+
+def _copy_isoflop_fits(tmp_path) -> Path:
+    d = tmp_path / "ladder_cpu_isoflop"
+    d.mkdir()
+    (d / "fits.json").write_text((ISOFLOP / "fits.json").read_text())
+    return d
+
+
+def _corpus(monkeypatch, train_tokens, exact=True):
+    """Make the planner's corpus count a given one (the stdlib cache may or may not be
+    prepared on the machine running the tests)."""
+    from moe.data.prepare import CorpusSize
+    import moe.scaling.planner as planner
+
+    monkeypatch.setattr(planner, "corpus_size", lambda cfg: CorpusSize(
+        "stdlib", train_tokens, exact, "prepared cache (test)" if exact else "not prepared (test)"))
+
+
+def test_a_budget_beyond_the_limit_exits_2_naming_the_factor(tmp_path, capsys):
+    fits_dir = _copy_isoflop_fits(tmp_path)
+    fits = json.loads((fits_dir / "fits.json").read_text())
+    cmax = max(r["flops"] for r in fits["runs"] if not r["held_out"])
+    rc = cli_main(["plan", str(fits_dir), "--flops", "1e13,1e20", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: --flops 1e+20 ") and "\n" not in err, err
+    assert f"{1e20 / cmax:.3g}x the compute of the largest fitted run ({cmax:.3g}" in err
+    assert "limit is 100x" in err and "--extrapolate" in err
+    assert not (tmp_path / "p").exists() and not (fits_dir / "plan").exists()
+    # a raised limit lets 1e14 (99.8x) fail at 50x and 1e13 through
+    rc = cli_main(["plan", str(fits_dir), "--flops", "1e14", "--max-extrapolation", "50",
+                   "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"{1e14 / cmax:.3g}x" in err and "--max-extrapolation is 50x" in err
+    # checked before any law: fits with no usable law still get this error
+    nolaw = _chinchilla_fits()
+    nolaw["chinchilla"] = {"status": "degenerate", "reason": "E collapsed to 0"}
+    big = max(r["flops"] for r in nolaw["runs"])
+    rc = cli_main(["plan", str(_write(tmp_path, nolaw)), "--flops", f"{big * 1000:g}",
+                   "--out", str(tmp_path / "q")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "1e+03x the compute of the largest fitted run" in err, err
+    assert "no law" not in err and not (tmp_path / "q").exists()
+
+
+def test_extrapolate_plans_and_flags_every_row_beyond_the_limit(tmp_path, capsys, monkeypatch):
+    _corpus(monkeypatch, None, exact=False)  # passes unknown: this test is about the limit
+    fits_dir = _copy_isoflop_fits(tmp_path)
+    out = tmp_path / "p"
+    rc = cli_main(["plan", str(fits_dir), "--flops", "1e13,1e20", "--extrapolate",
+                   "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    plan = json.loads((out / "plan.json").read_text())
+    md = (out / "plan.md").read_text()
+    beyond = [r for r in plan["rows"] if r["flops"] == 1e20]
+    within = [r for r in plan["rows"] if r["flops"] == 1e13]
+    assert len(beyond) == len(within) == 2
+    assert all(r["extrapolated"] and "beyond the 100x limit" in r["extrapolated_reason"]
+               for r in beyond)
+    assert not any(r["extrapolated"] or r["extrapolated_reason"] for r in within)
+    assert md.splitlines()[2].startswith("**WARNING: 2 of 4 rows are BEYOND THE FITTED RANGE")
+    runs = [r for r in json.loads((fits_dir / "fits.json").read_text())["runs"]
+            if not r["held_out"]]
+    for r in plan["rows"]:
+        line = next(l for l in md.splitlines() if l.startswith(f"| {r['name']} "))
+        lvl = [x["params_active"] for x in runs if x["level"] == ("dense" if r["experts"] == 0
+                                                                   else f"moe{r['experts']}")]
+        assert r["extrapolation_n"] == pytest.approx(r["n_active"] / max(lvl), rel=1e-12)
+        if r["extrapolated"]:
+            assert f"BEYOND FITTED RANGE x{r['extrapolation']:.2g}" in line
+            assert f" {r['n_active']:.2g} [" in line and f"{r['n_active']:.4g}" not in line
+            assert f"{r['tokens']:.2g} [" in line
+        else:
+            assert "BEYOND" not in line and f" {r['n_active']:.4g} [" in line
+
+
+def test_rows_beyond_max_epochs_are_refused(tmp_path, capsys, monkeypatch):
+    fits_dir = _copy_isoflop_fits(tmp_path)
+    _corpus(monkeypatch, None, exact=False)
+    probe = build_plan(fits_dir, [1e13])
+    tokens = {r["name"]: r["tokens"] for r in probe["rows"]}
+    assert all(r["passes"] is None and not r["refused"] for r in probe["rows"])
+    small, large = sorted(tokens, key=tokens.get)
+    corpus = int(math.sqrt(tokens[small] * tokens[large]))  # between the two rows' tokens
+    _corpus(monkeypatch, corpus)
+    out = tmp_path / "p"
+    rc = cli_main(["plan", str(fits_dir), "--flops", "1e13", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    plan = json.loads((out / "plan.json").read_text())
+    rows = {r["name"]: r for r in plan["rows"]}
+    for name, r in rows.items():
+        assert r["passes"] == pytest.approx(r["tokens"] / corpus, rel=1e-12)
+        assert r["train_tokens"] == corpus and r["max_epochs"] == 1.0
+    assert rows[small]["refused"] is None and (out / f"{small}.yaml").is_file()
+    assert rows[large]["passes"] > 1 and "max_epochs 1" in rows[large]["refused"]
+    assert rows[large]["config"] is None and not (out / f"{large}.yaml").exists()
+    md = (out / "plan.md").read_text()
+    assert f"| {large} **REFUSED** |" in md and f"- {large}: REFUSED, no config written" in md
+    # --max-epochs above the larger row's passes plans both
+    rc = cli_main(["plan", str(fits_dir), "--flops", "1e13", "--out", str(tmp_path / "q"),
+                   "--max-epochs", f"{rows[large]['passes'] * 1.01:.6g}"])
+    assert rc == 0 and (tmp_path / "q" / f"{large}.yaml").is_file()
+    # every row refused: exit 2 in one line
+    _corpus(monkeypatch, int(tokens[small] / 2))
+    rc = cli_main(["plan", str(fits_dir), "--flops", "1e13", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: every row is refused: ") and "\n" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def _isoflop_fits(joint_b_factor: float, chin_b_factor: float = 1.0) -> dict:
+    """Dense runs on IsoFLOP profiles of the Hoffmann law (7 sizes around the optimum at
+    three budgets) with approach 2 fitted on them by fit_isoflop, a dense approach-3 law
+    (Hoffmann with B x chin_b_factor) and a joint law whose dense form is Hoffmann with
+    B x joint_b_factor (each factor moves that law's N*(C))."""
+    from moe.scaling.isoflop import fit_isoflop
+
+    fits = _chinchilla_fits(dict(HOFFMANN, B=HOFFMANN["B"] * chin_b_factor))
+    iso_runs = []
+    for c in (1e19, 1e20, 1e21):
+        n0 = frontier(chinchilla_form(HOFFMANN), c)[0]
+        for k in (-3, -2, -1, 0, 1, 2, 3):
+            n = n0 * 1.6 ** k
+            d = c / (6 * n)
+            iso_runs.append({"name": f"iso-{c:g}-{k}", "level": "dense", "kind": "dense",
+                             "n_experts": 0, "top_k": 0, "params_active": n,
+                             "params_total": n, "tokens": d, "flops": c, "held_out": False,
+                             "loss": float(chinchilla_predict(HOFFMANN, n, d))})
+    fits["runs"] += iso_runs
+    res = fit_isoflop([r["flops"] for r in iso_runs], [r["params_active"] for r in iso_runs],
+                      [r["loss"] for r in iso_runs], [r["tokens"] for r in iso_runs],
+                      nominal=[1e19, 1e20, 1e21], n_boot=0)
+    fits["isoflop"] = {"dense": {"status": "ok", "reason": "", **res}}
+    h = HOFFMANN
+    joint = {"a": h["A"], "alpha": -h["alpha"], "gamma": 0.0, "delta": 0.0,
+             "b": h["B"] * joint_b_factor, "beta": -h["beta"], "zeta": 0.0, "omega": 0.0,
+             "c": h["E"]}
+    fits["joint_laws"] = {"joint": dict(_law_entry(joint), fixed={"e_start": 2.0,
+                                                                   "e_max": 256.0})}
+    return fits
+
+
+def test_the_planning_law_must_agree_with_approach_2(tmp_path):
+    from moe.scaling.planner import choose_law, isoflop_optima
+
+    base = ROOT / "configs" / "tiny-dense.yaml"
+    fits = _isoflop_fits(joint_b_factor=30.0)
+    optima, _ = isoflop_optima(fits, "dense")
+    joint_n = [frontier(joint_form({k: v["value"] for k, v in fits["joint_laws"]["joint"].items()
+                                    if isinstance(v, dict) and "value" in v}, 1), o["flops"])[0]
+               for o in optima]
+    chin_n = [frontier(chinchilla_form(HOFFMANN), o["flops"])[0] for o in optima]
+    # the premise: the joint law's N* falls outside approach 2's intervals, approach 3's inside
+    assert not all(o["lo"] <= n <= o["hi"] for o, n in zip(optima, joint_n))
+    assert all(o["lo"] <= n <= o["hi"] for o, n in zip(optima, chin_n))
+    plan = build_plan(_write(tmp_path, fits), [1e22], experts=[0], base=base)
+    (row,) = plan["rows"]
+    assert row["law"].startswith("Chinchilla approach 3")  # not the preferred joint law
+    chk = row["isoflop_check"]
+    assert chk["agrees"] and chk["law"] == row["law"] and chk["disagreement"] == ""
+    assert [b["law_n_opt"] for b in chk["budgets"]] == pytest.approx(chin_n, rel=1e-9)
+    assert [c["agrees"] for c in chk["candidates"]] == [False, True]
+    assert any("Ludziejewski" in w and "disagrees with approach 2" in w
+               for w in row["laws_not_used"])
+    # when no law agrees: the closer one (in log N) is used and the disagreement printed
+    fits = _isoflop_fits(joint_b_factor=30.0, chin_b_factor=5.0)
+    ch, _ = choose_law(fits, 0, "dense", 1.0)
+    devs = {c["law"]: c["rms_log_dev"] for c in ch.isoflop["candidates"]}
+    assert not any(c["agrees"] for c in ch.isoflop["candidates"])
+    assert ch.label == min(devs, key=devs.get)
+    out = tmp_path / "p2"
+    plan = build_plan(_write(tmp_path / "b", fits), [1e22], experts=[0], base=base)
+    write_plan(plan, out)
+    md = (out / "plan.md").read_text()
+    worst = max(ch.isoflop["budgets"], key=lambda b: abs(b["log_dev"]))
+    assert (f"DISAGREES: planning law {ch.label} puts N*({worst['flops']:.3g}) at "
+            f"{worst['law_n_opt']:.2g}; approach 2 measured {worst['n_opt']:.2g}") in md
+
+
+@pytest.mark.parametrize("status", ["degenerate", "unidentified", "not_converged"])
+def test_a_law_with_an_unusable_status_is_not_used(tmp_path, capsys, status):
+    from moe.scaling.planner import _usable
+
+    fits = _isoflop_fits(joint_b_factor=1.0)  # the joint law would agree with approach 2
+    fits["joint_laws"]["joint"].update(status=status, reason=f"why {status}")
+    assert not _usable(fits["joint_laws"]["joint"])
+    assert _usable(dict(fits["joint_laws"]["joint"], status="unbounded"))
+    plan = build_plan(_write(tmp_path, fits), [1e22], experts=[0],
+                      base=ROOT / "configs" / "tiny-dense.yaml")
+    (row,) = plan["rows"]
+    assert row["law"].startswith("Chinchilla approach 3")
+    assert any(f"joint law status {status!r} is not usable" in w and f"why {status}" in w
+               for w in row["laws_not_used"]), row["laws_not_used"]
+    # with every law unusable the plan is refused, quoting each status and reason
+    fits["chinchilla"].update(status=status, reason=f"approach 3 {status}")
+    rc = cli_main(["plan", str(_write(tmp_path / "b", fits)), "--flops", "1e22",
+                   "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "no law that can plan" in err
+    assert f"joint law status {status!r}" in err and f"approach 3 {status}" in err
+    assert f"chinchilla (dense approach 3) status {status!r}" in err

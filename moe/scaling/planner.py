@@ -8,7 +8,26 @@ parameters of a model of that size, the predicted loss, and the efficiency lever
 against the dense optimum at the same C, each with an interval propagated from the
 bootstrap replicates stored in fits.json (never refitted).
 
-Laws, in order of preference (every row names the one it used):
+Limits, checked in this order:
+  - extrapolation: a budget more than MAX_EXTRAPOLATION (100) x the compute of the largest
+    fitted (not held-out) run (--max-extrapolation) is refused with one line naming the
+    factor, before any law is chosen (check_extrapolation); --extrapolate plans it anyway
+    and flags each such row (`extrapolated`, `extrapolated_reason`; plan.md: a warning line,
+    "BEYOND FITTED RANGE xF" and 2 significant figures). Every row also records
+    `extrapolation` (C / the largest fitted run's FLOPs) and `extrapolation_n` (N_opt / the
+    largest fitted run's params_active, over the runs of the row's level when it has
+    fitted runs, else over all fitted runs: `extrapolation_n_basis` says which).
+  - passes: tokens / the training tokens of the corpus the row's config trains on (the
+    ladder's, when configs follow the ladder), from moe.data.train_token_count without
+    building: exact from a prepared cache; when the corpus is not prepared, `passes` is
+    None with the reason and the on-disk estimate (`passes_estimate`), not checked. A row
+    whose passes exceed max_epochs (--max-epochs, else the ladder's max_epochs, default 1)
+    is refused: it keeps its numbers, gets `refused` (why) and no config; every row refused
+    is an error.
+
+Laws, in order of preference (every row names the one it used), only those whose status
+is in USABLE_STATUSES ("ok", "unbounded"); "degenerate", "unidentified", "not_converged",
+"not_fitted" are passed over with their status and reason quoted (`laws_not_used`):
   1. Ludziejewski et al. 2025's joint law L(N_active, D, E) (`joint_laws.joint`): at a
      fixed expert count E it is a Chinchilla law in (N_active, D) with
      A_E = a E'^delta, alpha_E = -(alpha + gamma ln E'), B_E = b E'^omega,
@@ -16,6 +35,13 @@ Laws, in order of preference (every row names the one it used):
   2. per-level approach 3: `chinchilla` for dense (and `chinchilla_levels.<level>` for a
      MoE level when a fits.json carries it);
   otherwise the row is refused with what is missing (e.g. no token variation).
+Where the row's level has approach-2 optima (`isoflop.<level>` with status "ok"), the
+preference yields to agreement (choose_law): the first law whose N*(C) lies inside approach
+2's interval at every measured budget is used, else the closest in RMS log N, and the
+disagreement is recorded (`isoflop_check`, a note, a line in plan.md). The interval of a
+budget's N* is the pair of trained sizes bracketing it (widened to the approach-2 line's
+bootstrap interval when fit_isoflop gave one): isoflop_optima. EL always compares a MoE
+row with the dense form of its own law (`el_basis`).
 
 Compute-optimal point of L = E0 + A/N^alpha + B/D^beta under C = 6 N D (Hoffmann et al.
 2022, eq. 4): N* = G (C/6)^(beta/(alpha+beta)), D* = (C/6)^(alpha/(alpha+beta)) / G,
@@ -69,9 +95,14 @@ from moe.scaling.fits import clark_expert_transform
 from moe.scaling.results import ResultsError
 
 __all__ = ["PlanError", "LawForm", "frontier", "dense_compute_for_loss", "make_plan",
-           "write_plan", "plan_main", "MAX_FLOPS"]
+           "write_plan", "plan_main", "MAX_FLOPS", "MAX_EXTRAPOLATION", "USABLE_STATUSES",
+           "choose_law", "check_extrapolation", "corpus_size"]
 
 MAX_FLOPS = 1e28  # a budget above this is a typo, not a plan
+#: Default limit on a budget's compute over the largest fitted run's: `plan` refuses a
+#: budget beyond it unless --extrapolate is passed (then those rows are flagged).
+#: --max-extrapolation changes it.
+MAX_EXTRAPOLATION = 100.0
 DEFAULT_MFU = 0.35
 DEFAULT_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16 tensor-core peak (NVIDIA datasheet)
 CONFIG_RTOL = 0.05
@@ -160,22 +191,50 @@ class LawChoice:
     replicates: list  # [LawForm]
     bounded: bool
     status: str
+    # approach-2 agreement of this law (isoflop_check), or None when the level has no
+    # approach-2 optima; set by choose_law
+    isoflop: Optional[dict] = None
+    # the laws passed over before this one, each with why (status, no optimum, or
+    # disagreement with approach 2)
+    not_used: list = field(default_factory=list)
 
 
 _JOINT = ("a", "alpha", "gamma", "delta", "b", "beta", "zeta", "omega", "c")
 _CHIN = ("E", "A", "B", "alpha", "beta")
 
+#: The law statuses the planner plans with. Every other status is refused with the law's
+#: status and reason quoted: "not_converged", "not_fitted", and (moe/scaling/analysis.py)
+#: "degenerate" (a parameter on a box bound, or the irreducible term collapsed to ~0) and
+#: "unidentified" (bootstrap replicates split into separate modes).
+USABLE_STATUSES = ("ok", "unbounded")
+
 
 def _usable(entry) -> bool:
-    return isinstance(entry, dict) and entry.get("status") in ("ok", "unbounded") and all(
+    """A law entry with a status in USABLE_STATUSES and a fitted `alpha` value."""
+    return isinstance(entry, dict) and entry.get("status") in USABLE_STATUSES and all(
         isinstance(entry.get(k), dict) and entry[k].get("value") is not None
         for k in ("alpha",))
 
 
-def choose_law(fits: dict, experts: int, level: Optional[str]) -> tuple[Optional[LawChoice], str]:
-    """The law a row is planned with (preference order in the module doc), or (None, why)."""
+def _unusable_why(name: str, entry) -> str:
+    """Why a law entry is not planned with: its status and reason quoted."""
+    if entry is None:
+        return f"no {name} in fits.json"
+    if not isinstance(entry, dict):
+        return f"{name} is not a law entry ({type(entry).__name__})"
+    st = entry.get("status", "missing")
+    reason = str(entry.get("reason") or "").strip()
+    if st in USABLE_STATUSES:
+        return f"{name} (status {st!r}) has no fitted parameter values"
+    return (f"{name} status {st!r} is not usable (the planner uses only "
+            f"{' and '.join(repr(u) for u in USABLE_STATUSES)})" + (f": {reason}" if reason else ""))
+
+
+def law_candidates(fits: dict, experts: int, level: Optional[str]) -> tuple[list, list]:
+    """The usable laws for a row, in preference order (module doc), and why each other one
+    is not usable: ([LawChoice], [str])."""
     joint = (fits.get("joint_laws") or {}).get("joint")
-    why = []
+    cands, why = [], []
     if _usable(joint):
         fx = joint.get("fixed") or {}
         es, em = float(fx.get("e_start", 2.0)), float(fx.get("e_max", 256.0))
@@ -183,14 +242,13 @@ def choose_law(fits: dict, experts: int, level: Optional[str]) -> tuple[Optional
         point = joint_form(_params_of(joint, _JOINT), E, es, em)
         reps = [joint_form(p, E, es, em) for p in _replicate_params(joint, _JOINT)]
         if point.ok:
-            return LawChoice("joint", "Ludziejewski et al. joint L(N_active, D, E)", point,
-                             reps, bool(joint.get("bounded")), joint["status"]), ""
-        why.append(f"the joint law has no optimum at {experts or 'dense'} experts "
-                   f"(alpha_E {point.alpha:.3g}, beta_E {point.beta:.3g})")
-    elif joint is not None:
-        why.append(f"joint law {joint.get('status', 'missing')}: {joint.get('reason', '')}".strip())
+            cands.append(LawChoice("joint", "Ludziejewski et al. joint L(N_active, D, E)", point,
+                                   reps, bool(joint.get("bounded")), joint["status"]))
+        else:
+            why.append(f"the joint law has no optimum at {experts or 'dense'} experts "
+                       f"(alpha_E {point.alpha:.3g}, beta_E {point.beta:.3g})")
     else:
-        why.append("no joint law in fits.json")
+        why.append(_unusable_why("joint law", joint))
     if experts == 0:
         entry, name = fits.get("chinchilla"), "chinchilla (dense approach 3)"
     else:
@@ -200,14 +258,122 @@ def choose_law(fits: dict, experts: int, level: Optional[str]) -> tuple[Optional
         point = chinchilla_form(_params_of(entry, _CHIN))
         reps = [chinchilla_form(p) for p in _replicate_params(entry, _CHIN)]
         if point.ok:
-            return LawChoice("chinchilla", f"Chinchilla approach 3 L(N, D), {level or 'dense'}",
-                             point, reps, bool(entry.get("bounded")), entry["status"]), ""
-        why.append(f"{name} has a non-positive exponent")
-    elif entry is not None:
-        why.append(f"{name} {entry.get('status')}: {entry.get('reason', '')}".strip())
+            cands.append(LawChoice("chinchilla",
+                                   f"Chinchilla approach 3 L(N, D), {level or 'dense'}",
+                                   point, reps, bool(entry.get("bounded")), entry["status"]))
+        else:
+            why.append(f"{name} has a non-positive exponent")
     else:
-        why.append(f"no {name} in fits.json")
-    return None, "; ".join(why)
+        why.append(_unusable_why(name, entry))
+    return cands, why
+
+
+def isoflop_optima(fits: dict, level: Optional[str]) -> tuple[Optional[list], str]:
+    """Approach 2's measured optima for a level: ([{flops, n_opt, lo, hi}], "") or
+    (None, why there are none).
+
+    The interval of each budget's N*: the two trained sizes of that budget's profile that
+    bracket N* (the profile's resolution: fit_isoflop drops a budget whose argmin is at an
+    edge, so a kept N* always has a trained size on each side; the runs are fits.json's
+    runs of the level within the budget's flops_range), widened to the percentile interval
+    of the approach-2 line's bootstrap replicates at that budget when fit_isoflop gave an
+    exponent interval (>= 4 kept budgets; moe/scaling/isoflop.py, step 4). fits.json holds
+    no other per-budget interval.
+    """
+    if not level:
+        return None, "no fitted runs at this expert count"
+    iso = (fits.get("isoflop") or {}).get(level)
+    if not isinstance(iso, dict):
+        return None, f"no isoflop.{level} in fits.json"
+    if iso.get("status") != "ok" or not iso.get("budgets"):
+        return None, (f"isoflop.{level} status {iso.get('status')!r}: "
+                      f"{iso.get('reason', '')}").rstrip(": ")
+    runs = [r for r in fits.get("runs", []) if r.get("level") == level]
+    q = 100.0 * (1.0 - float(iso.get("level", 0.95))) / 2.0
+    reps = list(zip(iso.get("intercept_replicates") or [], iso.get("exponent_replicates") or []))
+    out = []
+    for b in iso["budgets"]:
+        c, n = float(b["flops"]), float(b["n_opt"])
+        f0, f1 = b.get("flops_range") or (c, c)
+        sizes = sorted({float(r["params_active"]) for r in runs
+                        if f0 * (1 - 1e-9) <= r["flops"] <= f1 * (1 + 1e-9)})
+        below = [x for x in sizes if x <= n]
+        above = [x for x in sizes if x >= n]
+        lo = below[-1] if below else n
+        hi = above[0] if above else n
+        basis = "bracketing trained sizes"
+        if iso.get("exponent_interval") and len(reps) >= 2:
+            line = np.exp([i + e * math.log(c) for i, e in reps])
+            rl, rh = np.percentile(line, [q, 100.0 - q])
+            lo, hi = min(lo, float(rl)), max(hi, float(rh))
+            basis += " and the approach-2 line's bootstrap interval"
+        out.append({"flops": c, "n_opt": n, "lo": lo, "hi": hi, "basis": basis})
+    return out, ""
+
+
+def isoflop_check(choice: LawChoice, optima: list, kappa: float) -> dict:
+    """Compare a law's N*(C) with approach 2's optima at the measured budgets (the law at
+    6 N D = C / kappa, the budgets being the table's FLOPs): per budget the law's N*, whether
+    it lies in [lo, hi], and the law's log-distance; `agrees` when inside at every budget,
+    `rms_log_dev` the root mean square of ln(N*_law / N*_approach2) over the budgets."""
+    rows, devs = [], []
+    for o in optima:
+        fr = frontier(choice.point, o["flops"] / kappa)
+        n_law = fr[0] if fr else float("nan")
+        inside = bool(fr) and o["lo"] * (1 - 1e-9) <= n_law <= o["hi"] * (1 + 1e-9)
+        dev = math.log(n_law / o["n_opt"]) if fr else float("inf")
+        devs.append(dev)
+        rows.append(dict(o, law_n_opt=n_law, inside=inside, log_dev=dev))
+    worst = max(rows, key=lambda r: abs(r["log_dev"]))
+    return {"law": choice.label, "budgets": rows, "agrees": all(r["inside"] for r in rows),
+            "rms_log_dev": float(math.sqrt(np.mean(np.square(devs)))),
+            "worst": (f"planning law {choice.label} puts N*({worst['flops']:.3g}) at "
+                      f"{worst['law_n_opt']:.2g}; approach 2 measured {worst['n_opt']:.2g} "
+                      f"[{worst['lo']:.2g}, {worst['hi']:.2g}]")}
+
+
+def choose_law(fits: dict, experts: int, level: Optional[str],
+               kappa: Optional[float] = None) -> tuple[Optional[LawChoice], str]:
+    """The law a row is planned with, or (None, why no law is usable).
+
+    Candidates: law_candidates (joint, then per-level approach 3). Where the level has
+    approach-2 optima (fits["isoflop"][level] with status "ok"), each candidate's N*(C) is
+    compared with them (isoflop_check): the first candidate inside approach 2's intervals
+    at every measured budget is chosen; if none agrees, the one with the smallest RMS log
+    deviation, its `isoflop["disagreement"]` saying where it misses. Without approach-2
+    optima the first candidate is chosen and `isoflop` is None. kappa: flops_ratio(fits)
+    by default.
+    """
+    cands, why = law_candidates(fits, experts, level)
+    if not cands:
+        return None, "; ".join(why)
+    optima, iso_why = isoflop_optima(fits, level)
+    not_used = list(why)
+    if optima is None:
+        ch = cands[0]
+        ch.not_used = not_used + [f"{c.label}: a later preference" for c in cands[1:]]
+        return ch, ""
+    k = flops_ratio(fits) if kappa is None else kappa
+    checks = [isoflop_check(c, optima, k) for c in cands]
+    agree = [i for i, chk in enumerate(checks) if chk["agrees"]]
+    pick = agree[0] if agree else min(range(len(cands)),
+                                      key=lambda i: checks[i]["rms_log_dev"])
+    ch = cands[pick]
+    ch.isoflop = dict(checks[pick], level=level, candidates=[
+        {"law": c.label, "agrees": chk["agrees"], "rms_log_dev": chk["rms_log_dev"],
+         "worst": chk["worst"]} for c, chk in zip(cands, checks)])
+    ch.isoflop["disagreement"] = "" if agree else checks[pick]["worst"] + (
+        " (no candidate law agrees with approach 2; this one is the closest in log N)"
+        if len(cands) > 1 else " (the only usable law; it disagrees with approach 2)")
+    for i, (c, chk) in enumerate(zip(cands, checks)):
+        if i == pick:
+            continue
+        not_used.append(f"{c.label}: " + (
+            "agrees with approach 2 but is a later preference" if chk["agrees"] else
+            f"disagrees with approach 2 ({chk['worst']})"
+            + ("" if agree else "; farther from it in log N than the law used")))
+    ch.not_used = not_used
+    return ch, ""
 
 
 def token_variation(fits: dict) -> float:
@@ -487,6 +653,9 @@ class PlanSettings:
     headroom: float = 0.25
     family: Optional[Family] = None
     notes: list = field(default_factory=list)
+    max_extrapolation: float = MAX_EXTRAPOLATION  # x the largest fitted run's compute
+    extrapolate: bool = False  # plan (flagged) beyond max_extrapolation
+    max_epochs: Optional[float] = None  # None: the ladder's max_epochs (its default 1)
 
 
 def check_inputs(fits: dict, s: PlanSettings) -> None:
@@ -516,6 +685,97 @@ def check_inputs(fits: dict, s: PlanSettings) -> None:
         raise PlanError(f"--mfu {s.mfu} is invalid: allowed a fraction in (0, 1]")
     if not 0 <= s.headroom < 1:
         raise PlanError(f"--headroom {s.headroom} is invalid: allowed a fraction in [0, 1)")
+    if s.max_epochs is not None and not (math.isfinite(s.max_epochs) and s.max_epochs > 0):
+        raise PlanError(f"--max-epochs {s.max_epochs} is invalid: allowed a number > 0")
+    check_extrapolation(fits, s.flops, s.max_extrapolation, s.extrapolate)
+
+
+def largest_fitted_flops(fits: dict) -> float:
+    """The compute of the largest fitted (not held-out) run."""
+    return max(r["flops"] for r in fits.get("runs", []) if not r.get("held_out"))
+
+
+def check_extrapolation(fits: dict, flops: Sequence[float], limit: float = MAX_EXTRAPOLATION,
+                        extrapolate: bool = False) -> None:
+    """PlanError (one line, naming the largest budget and its factor) when a budget is more
+    than `limit` x the compute of the largest fitted run and `extrapolate` is False. Reads
+    only the runs: it runs before any law is chosen, so it holds when no law is usable."""
+    if not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit >= 1):
+        raise PlanError(f"--max-extrapolation {limit!r} is invalid: allowed a number >= 1")
+    cmax = largest_fitted_flops(fits)
+    worst = max(flops)
+    if worst / cmax > limit and not extrapolate:
+        default = "the default limit" if limit == MAX_EXTRAPOLATION else "--max-extrapolation"
+        raise PlanError(f"--flops {worst:.3g} is {worst / cmax:.3g}x the compute of the largest "
+                        f"fitted run ({cmax:.3g} FLOPs); {default} is {limit:g}x: pass "
+                        "--extrapolate to plan anyway (every row beyond it is then flagged)")
+
+
+def _max_epochs(s: PlanSettings) -> tuple[float, str]:
+    """The passes over the corpus a row may take, and where that limit comes from."""
+    if s.max_epochs is not None:
+        return float(s.max_epochs), "--max-epochs"
+    lad = s.family.ladder if s.family is not None else None
+    if lad is not None:
+        return float(lad.max_epochs), f"max_epochs of {s.family.name}"
+    from moe.scaling.ladder import LadderConfig
+
+    default = float(LadderConfig.__dataclass_fields__["max_epochs"].default)
+    return default, "the ladder default max_epochs (moe/scaling/ladder.py)"
+
+
+def corpus_size(cfg: Config):
+    """The training split of `cfg`'s corpus in tokens, without building anything:
+    moe.data.train_token_count(build=False) reads a prepared cache's meta.json (or a
+    Megatron index), else estimates from the bytes on disk (`exact` False), else gives
+    train_tokens None with the reason."""
+    from moe.data import train_token_count
+
+    dc = cfg.data
+    return train_token_count(dc.corpus, dc.tokenizer, cfg.model.vocab_size, dc.cache_dir,
+                             dc.val_fraction, build=False, **dc.options())
+
+
+def _passes(cfg: Config, tokens: float, max_epochs: float, src: str, cache: dict) -> dict:
+    """A row's passes over its config's corpus: tokens / the corpus' training tokens when
+    the count is exact (a prepared cache); otherwise passes None with the reason and the
+    on-disk estimate, and the row is not checked. Refused when exact passes > max_epochs."""
+    dc = cfg.data
+    key = (str(dc.corpus), dc.tokenizer, cfg.model.vocab_size, str(dc.cache_dir),
+           dc.val_fraction, tuple(dc.options().items()))
+    if key not in cache:
+        cache[key] = corpus_size(cfg)
+    cs = cache[key]
+    out = {"corpus": cs.corpus, "train_tokens": cs.train_tokens if cs.exact else None,
+           "passes": None, "passes_estimate": None, "passes_note": cs.note,
+           "max_epochs": max_epochs, "refused": None}
+    if not cs.train_tokens:
+        out["passes_note"] = f"passes unknown: {cs.note}"
+        return out
+    p = tokens / cs.train_tokens
+    if not cs.exact:
+        out["passes_estimate"] = p
+        out["passes_note"] = (f"passes unknown, ~{p:.3g} estimated ({cs.note}); not checked "
+                              f"against max_epochs {max_epochs:g}")
+        return out
+    out["passes"] = p
+    if p > max_epochs:
+        out["refused"] = (f"would train {p:.3g} passes over data.corpus {cs.corpus!r} "
+                          f"({tokens:.3g} tokens over {cs.train_tokens:,} training tokens) > "
+                          f"max_epochs {max_epochs:g} ({src}); use a larger corpus or pass "
+                          "--max-epochs")
+    return out
+
+
+def _n_extrapolation(fits: dict, experts: int, n: float) -> tuple[float, str]:
+    """N_opt / the largest fitted (not held-out) run's params_active: over the runs of this
+    expert count's level when it has fitted runs, else over all fitted runs; and which."""
+    runs = [r for r in fits.get("runs", []) if not r.get("held_out")]
+    level = _level_of(fits, experts)
+    own = [r for r in runs if level is not None and r.get("level") == level]
+    if own:
+        return n / max(r["params_active"] for r in own), f"largest fitted {level} run"
+    return n / max(r["params_active"] for r in runs), "largest fitted run (any level)"
 
 
 def make_plan(fits: dict, s: PlanSettings) -> dict:
@@ -541,8 +801,24 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
                         (DEFAULT_MFU, "ASSUMED (no MFU in the fits' runs; pass --mfu)"))
     rows, missing = [], []
     # the law of each expert count: the same for every budget
-    laws = {E: choose_law(fits, E, _level_of(fits, E)) for E in dict.fromkeys([0, *s.experts])}
-    dense_choice, dense_why = laws[0]
+    laws = {E: choose_law(fits, E, _level_of(fits, E), kappa)
+            for E in dict.fromkeys([0, *s.experts])}
+    for E in s.experts:
+        ch = laws[E][0]
+        if ch is not None and ch.isoflop and ch.isoflop["disagreement"]:
+            notes.append(f"{'dense' if E == 0 else f'{E} experts'}: "
+                         f"{ch.isoflop['disagreement']}")
+    # EL is measured within one law: a MoE row's loss against the dense form of the same
+    # law (the joint law at E = 1, or dense approach 3 for a per-level approach 3), whichever
+    # law the dense rows were planned with (the approach-2 check may pick another)
+    dense_cands, dense_cwhy = law_candidates(fits, 0, _level_of(fits, 0))
+    dense_by_kind = {c.kind: c for c in dense_cands}
+    if any(s.experts):
+        notes.append("EL: each MoE row's optimum loss against the dense form of the same law "
+                     "(the joint law at E = 1; dense approach 3 for a per-level approach 3), "
+                     "row field el_basis")
+    max_epochs, epochs_src = _max_epochs(s)
+    corpora: dict = {}
     top_ks = sorted({int(r["top_k"]) for r in runs if r.get("kind") == "moe"})
     if any(e for e in s.experts) and top_ks and s.top_k not in top_ks:
         notes.append(f"top-k {s.top_k} differs from the fitted MoE runs' {top_ks}: the joint "
@@ -563,6 +839,8 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
                 missing.append(f"{'dense' if E == 0 else f'{E} experts'}: {why}")
                 continue
             opt = frontier(choice.point, c_law)
+            ext_n, ext_n_basis = _n_extrapolation(fits, E, opt[0])
+            extrapolated = C / cmax > s.max_extrapolation
             n, d, L = opt
             reps = [frontier(f, c_law) for f in choice.replicates]
             good = [r for r in reps if r is not None]
@@ -570,7 +848,8 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
             el_reason = ""
             if E == 0:
                 el = 1.0
-            elif dense_choice is not None:
+            elif choice.kind in dense_by_kind:
+                dense_choice = dense_by_kind[choice.kind]
                 cd = dense_compute_for_loss(dense_choice.point, L)
                 el = cd / c_law if math.isfinite(cd) else None
                 if el is None:
@@ -585,7 +864,8 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
                         els.append(cdr / c_law if math.isfinite(cdr) else float("nan"))
                     el_lo, el_hi = _interval(els, level_ci)
             else:
-                el_reason = f"no dense law: {dense_why}"
+                el_reason = (f"no dense form of the {choice.kind} law to compare with: "
+                             + "; ".join(dense_cwhy))
             n_lo, n_hi = _interval([r[0] for r in good], level_ci)
             d_lo, d_hi = _interval([r[1] for r in good], level_ci)
             l_lo, l_hi = _interval([r[2] for r in good], level_ci)
@@ -603,6 +883,8 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
                 "n_active": n, "n_total": n * ratio, "tokens": d, "flops": C,
                 "loss": {"value": L, "lo": l_lo, "hi": l_hi},
                 "el": el,
+                "el_basis": (None if E == 0 else f"dense {dense_by_kind[choice.kind].label}"
+                             if choice.kind in dense_by_kind else None),
                 "intervals": {
                     "n_active": {"lo": n_lo, "hi": n_hi},
                     "n_total": {"lo": None if n_lo is None else n_lo * ratio,
@@ -613,6 +895,15 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
                 "replicates": {"used": len(good), "total": len(reps),
                                "no_optimum": len(reps) - len(good)},
                 "extrapolation": C / cmax,
+                "extrapolation_n": ext_n,
+                "extrapolation_n_basis": ext_n_basis,
+                "extrapolated": extrapolated,
+                "extrapolated_reason": (
+                    f"{C / cmax:.3g}x the compute of the largest fitted run ({cmax:.3g} "
+                    f"FLOPs), beyond the {s.max_extrapolation:g}x limit; planned because "
+                    "--extrapolate was passed" if extrapolated else ""),
+                "isoflop_check": choice.isoflop,
+                "laws_not_used": list(choice.not_used),
                 "layout": layout,
                 "layout_reason": ("" if layout or not s.gpus else
                                   f"no (ep, zero) layout with tp = 1 fits: needs at least "
@@ -630,9 +921,16 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
                 "_cfg": cfg,
                 "_choice": choice,
             }
+            row.update(_passes(cfg, d, max_epochs, epochs_src, corpora))
+            if row["refused"]:
+                row["config"] = None
             rows.append(row)
     if not rows:
         raise PlanError("fits.json has no law that can plan these rows: " + "; ".join(missing))
+    if all(r["refused"] for r in rows):
+        worst = max(rows, key=lambda r: r["passes"])
+        raise PlanError(f"every row is refused: {worst['name']} {worst['refused']}"
+                        + (f" ({len(rows) - 1} more)" if len(rows) > 1 else ""))
     if s.gpus and not any(r["layout"] for r in rows):
         raise PlanError(f"memory: no planned model fits {s.gpus} x {s.gpu_mem_gib:g} GiB "
                         f"({rows[0]['layout_reason']} for the smallest row); add GPUs or memory")
@@ -646,7 +944,9 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
                      "headroom": s.headroom, "kappa": kappa,
                      "template": f"{s.family.name} ({s.family.source})",
                      "fitted_flops": [min(r["flops"] for r in runs), cmax],
-                     "fitted_experts": fitted_e, "fitted_top_k": top_ks},
+                     "fitted_experts": fitted_e, "fitted_top_k": top_ks,
+                     "max_extrapolation": s.max_extrapolation, "extrapolate": s.extrapolate,
+                     "max_epochs": max_epochs, "max_epochs_source": epochs_src},
         "notes": notes,
         "missing": missing,
         "rows": rows,
@@ -680,14 +980,17 @@ def write_plan(plan: dict, out_dir, *, figure: bool = True) -> Path:
     for r in plan["rows"]:
         r.pop("_choice", None)
         cfg = r.pop("_cfg", None)
-        if cfg is None:
+        if cfg is None or r.get("refused"):
             continue
         if fam is not None:
             ov = _train_overrides(fam, cfg, r["tokens"], r["experts"], r["name"])
             cfg = config_from_dict(apply_overrides(cfg.to_dict() | {}, ov))
         (out / r["config"]).write_text(
             f"# moe-testbed plan row {r['name']}: {r['law']}, C = {r['flops']:.3g} FLOPs\n"
-            f"# planned N_active {r['n_active']:.4g}, tokens {r['tokens']:.4g}; this config: "
+            + (f"# BEYOND FITTED RANGE x{r['extrapolation']:.2g}: {r['extrapolated_reason']}\n"
+               if r.get("extrapolated") else "")
+            + f"# planned N_active {_g(r['n_active'], _sig(r))}, tokens "
+            f"{_g(r['tokens'], _sig(r))}; this config: "
             f"active {r['geometry']['config_active']:,}, total {r['geometry']['config_total']:,}\n"
             + cfg.to_yaml())
     from moe.scaling.analysis import _jsonable
@@ -704,6 +1007,12 @@ def write_plan(plan: dict, out_dir, *, figure: bool = True) -> Path:
     return md
 
 
+def _sig(r: dict, digits: int = 4) -> str:
+    """The number format of a row: `digits` significant figures, 2 for a row beyond the
+    extrapolation limit (its numbers are illustrations, not predictions)."""
+    return "{:.2g}" if r.get("extrapolated") else "{:.%dg}" % digits
+
+
 def _g(v, fmt="{:.4g}") -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -714,45 +1023,93 @@ def _iv(lo, hi, fmt="{:.4g}") -> str:
     return f"[{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
+def _passes_s(r: dict) -> str:
+    if r.get("passes") is not None:
+        return f"{r['passes']:.3g}"
+    if r.get("passes_estimate") is not None:
+        return f"? (~{r['passes_estimate']:.2g} estimated)"
+    return "?"
+
+
 def render_plan(plan: dict) -> str:
     s = plan["settings"]
-    lines = [f"# Plan from {plan['fits_source']}", "",
-             f"Budgets {', '.join(f'{c:.3g}' for c in s['flops'])} FLOPs; fitted runs span "
-             f"{s['fitted_flops'][0]:.3g}-{s['fitted_flops'][1]:.3g} FLOPs, experts "
-             f"{s['fitted_experts'] or 'none'} (top-k {s['fitted_top_k'] or '-'}). "
-             f"Intervals: {int(plan['level'] * 100)}% percentile over the fits' bootstrap "
-             "replicates (propagated, not refitted). Configs from "
-             f"{s['template']}.", ""]
-    lines += ["| row | law | C | extrapolation | N_active [interval] | tokens [interval] | "
-              "N_total | loss [interval] | EL [interval] | layout | GPU-hours |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"# Plan from {plan['fits_source']}", ""]
+    ext_rows = [r for r in plan["rows"] if r.get("extrapolated")]
+    if ext_rows:
+        worst = max(r["extrapolation"] for r in ext_rows)
+        lines += [f"**WARNING: {len(ext_rows)} of {len(plan['rows'])} rows are BEYOND THE "
+                  f"FITTED RANGE (up to {worst:.2g}x the compute of the largest fitted run; "
+                  f"limit {s['max_extrapolation']:g}x), planned only because --extrapolate was "
+                  "passed: their numbers are extrapolations shown to 2 significant figures, "
+                  "not predictions.**", ""]
+    refused = [r for r in plan["rows"] if r.get("refused")]
+    if refused:
+        lines += [f"**{len(refused)} of {len(plan['rows'])} rows REFUSED** (no config "
+                  "written): " + "; ".join(f"{r['name']} {r['refused']}" for r in refused),
+                  ""]
+    lines += [f"Budgets {', '.join(f'{c:.3g}' for c in s['flops'])} FLOPs; fitted runs span "
+              f"{s['fitted_flops'][0]:.3g}-{s['fitted_flops'][1]:.3g} FLOPs, experts "
+              f"{s['fitted_experts'] or 'none'} (top-k {s['fitted_top_k'] or '-'}). "
+              f"Intervals: {int(plan['level'] * 100)}% percentile over the fits' bootstrap "
+              "replicates (propagated, not refitted). Configs from "
+              f"{s['template']}. Passes over the corpus: tokens / its training tokens, "
+              f"at most {s['max_epochs']:g} ({s['max_epochs_source']}).", ""]
+    lines += ["| row | law | C | extrapolation | N / largest run | N_active [interval] | "
+              "tokens [interval] | passes | N_total | loss [interval] | EL [interval] | "
+              "layout | GPU-hours |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in plan["rows"]:
+        f = _sig(r)
         iv = r["intervals"]
         lay = r["layout"]
         lay_s = (f"ep {lay['ep']}, ZeRO {lay['zero']}, {lay['states_gib_per_gpu']:.3g} GiB/GPU"
                  if lay else ("does not fit" if s["gpus"] else "-"))
         ext = r["extrapolation"]
-        ext_s = f"**{ext:.3g}x** the largest run" if ext > 1.0 + 1e-9 else "within"
+        ext_s = (f"**BEYOND FITTED RANGE x{ext:.2g}**" if r.get("extrapolated") else
+                 f"**{ext:.3g}x** the largest run" if ext > 1.0 + 1e-9 else "within")
         unb = "" if r["law_status"] == "ok" else f" ({r['law_status']})"
         el = "-" if r["el"] is None else f"{r['el']:.3g} {_iv(iv['el']['lo'], iv['el']['hi'], '{:.3g}')}"
         if r["experts"] == 0:
             el = "1 (dense)"
+        name = r["name"] + (" **REFUSED**" if r.get("refused") else "")
+        lf = "{:.2f}" if r.get("extrapolated") else "{:.4f}"
         lines.append(
-            f"| {r['name']} | {r['law']}{unb} | {r['flops']:.3g} | {ext_s} | "
-            f"{r['n_active']:.4g} {_iv(iv['n_active']['lo'], iv['n_active']['hi'])} | "
-            f"{r['tokens']:.4g} {_iv(iv['tokens']['lo'], iv['tokens']['hi'])} | "
-            f"{r['n_total']:.4g} | {r['loss']['value']:.4f} "
-            f"{_iv(r['loss']['lo'], r['loss']['hi'], '{:.4f}')} | {el} | {lay_s} | "
-            f"{r['gpu_hours']:.3g} |")
+            f"| {name} | {r['law']}{unb} | {r['flops']:.3g} | {ext_s} | "
+            f"{r['extrapolation_n']:.3g}x | "
+            f"{f.format(r['n_active'])} {_iv(iv['n_active']['lo'], iv['n_active']['hi'], f)} | "
+            f"{f.format(r['tokens'])} {_iv(iv['tokens']['lo'], iv['tokens']['hi'], f)} | "
+            f"{_passes_s(r)} | {f.format(r['n_total'])} | {lf.format(r['loss']['value'])} "
+            f"{_iv(r['loss']['lo'], r['loss']['hi'], lf)} | {el} | {lay_s} | "
+            f"{r['gpu_hours']:{'.2g' if r.get('extrapolated') else '.3g'}} |")
     lines += ["", f"GPU-hours at MFU {s['mfu']:.3g} ({s['mfu_source']}) of "
-              f"{s['peak_tflops']:g} TFLOP/s per GPU."]
+              f"{s['peak_tflops']:g} TFLOP/s per GPU. N / largest run: the planned N_active "
+              "over the largest fitted run's (of the row's level when it has runs)."]
     if s["gpus"]:
         lines.append(f"Layouts: model states (weights, gradients, AdamW) per GPU on {s['gpus']} "
                      f"x {s['gpu_mem_gib']:g} GiB, tp 1, {int(s['headroom'] * 100)}% left for "
                      "activations and buffers (not modelled).")
+    checks = {}
+    for r in plan["rows"]:
+        chk = r.get("isoflop_check")
+        key = "dense" if r["experts"] == 0 else f"{r['experts']} experts"
+        if key in checks:
+            continue
+        if chk is None:
+            checks[key] = f"- {key}: no approach-2 optima to check {r['law']} against"
+        elif chk["agrees"]:
+            at = ", ".join(f"{b['flops']:.3g}" for b in chk["budgets"])
+            checks[key] = (f"- {key}: {r['law']} agrees with approach 2 (N* inside its "
+                           f"intervals at {at} FLOPs)")
+        else:
+            checks[key] = f"- {key}: DISAGREES: {chk['disagreement']}"
+    lines += ["", "Approach-2 check (the planning law's N*(C) against the IsoFLOP optima at "
+              "the measured budgets):", ""] + list(checks.values())
     lines += ["", "Each row's config (`moe-testbed train <row>.yaml`):", ""]
     for r in plan["rows"]:
         g = r["geometry"]
+        if r.get("refused"):
+            lines.append(f"- {r['name']}: REFUSED, no config written: {r['refused']}")
+            continue
         lines.append(f"- `{r['config']}`: d_model {g['d_model']}, {g['n_layers']} layers, "
                      f"{g['n_heads']} heads" + (f", {r['experts']} routed experts of "
                                                 f"{g['expert_ffn_dim']} (top-{r['top_k']}, "
@@ -761,8 +1118,11 @@ def render_plan(plan: dict) -> str:
                      + f"; active {g['config_active']:,} ({g['config_active_rel_err']:+.2%} of "
                      f"the plan), total {g['config_total']:,}; replicates with an optimum "
                      f"{r['replicates']['used']}/{r['replicates']['total']}"
+                     + (f"; {r['passes_note']}" if r.get("passes") is None else "")
                      + (f"; EL: {r['el_reason']}" if r["el_reason"] else "")
-                     + (f"; memory: {r['layout_reason']}" if r["layout_reason"] else ""))
+                     + (f"; memory: {r['layout_reason']}" if r["layout_reason"] else "")
+                     + (f"; BEYOND FITTED RANGE: {r['extrapolated_reason']}"
+                        if r.get("extrapolated") else ""))
     if plan["missing"]:
         lines += ["", "Not planned:", ""] + [f"- {m}" for m in plan["missing"]]
     if plan["notes"]:
@@ -833,8 +1193,10 @@ def _floats(text: str, name: str) -> list[float]:
 def build_plan(fits_path, flops: Sequence[float], *, experts: Optional[Sequence[int]] = None,
                top_k: Optional[int] = None, gpus=None, gpu_mem_gib=None, mfu=None,
                peak_tflops: float = DEFAULT_PEAK_TFLOPS, headroom: float = 0.25,
-               base=None, ladder=None) -> dict:
-    """Read fits.json, choose the config family, make the plan (with figure data)."""
+               base=None, ladder=None, max_extrapolation: float = MAX_EXTRAPOLATION,
+               extrapolate: bool = False, max_epochs: Optional[float] = None) -> dict:
+    """Read fits.json, check the inputs (the budgets against the extrapolation limit before
+    any law is chosen), choose the config family, make the plan (with figure data)."""
     fits_path = Path(fits_path)
     fits = read_fits(fits_path)
     runs = [r for r in fits.get("runs", []) if not r.get("held_out")]
@@ -846,7 +1208,9 @@ def build_plan(fits_path, flops: Sequence[float], *, experts: Optional[Sequence[
     notes = []
     s = PlanSettings(flops=[float(c) for c in flops], experts=[int(e) for e in experts],
                      top_k=int(top_k), gpus=gpus, gpu_mem_gib=gpu_mem_gib, mfu=mfu,
-                     peak_tflops=peak_tflops, headroom=headroom, notes=notes)
+                     peak_tflops=peak_tflops, headroom=headroom, notes=notes,
+                     max_extrapolation=max_extrapolation, extrapolate=extrapolate,
+                     max_epochs=max_epochs)
     check_inputs(fits, s)
     fp = fits_path / "fits.json" if fits_path.is_dir() else fits_path
     if base is not None:
@@ -875,7 +1239,7 @@ def make_plan_probe(fits: dict, s: PlanSettings) -> float:
     kappa = flops_ratio(fits)
     why = []
     for E in s.experts:
-        ch, reason = choose_law(fits, E, _level_of(fits, E))
+        ch, reason = choose_law(fits, E, _level_of(fits, E), kappa)
         if ch is not None:
             return frontier(ch.point, s.flops[0] / kappa)[0]
         why.append(f"{'dense' if E == 0 else f'{E} experts'}: {reason}")
@@ -906,6 +1270,17 @@ def plan_main(argv: list[str] | None = None) -> int:
                     help="fraction of GPU memory left for activations (default 0.25)")
     ap.add_argument("--ladder", default=None, help="ladder config the fits came from")
     ap.add_argument("--base", default=None, help="model config to scale instead of a preset")
+    ap.add_argument("--max-extrapolation", type=float, default=MAX_EXTRAPOLATION,
+                    help="largest budget as a multiple of the largest fitted run's compute "
+                         f"(default {MAX_EXTRAPOLATION:g}); beyond it plan refuses unless "
+                         "--extrapolate")
+    ap.add_argument("--extrapolate", action="store_true",
+                    help="plan budgets beyond --max-extrapolation anyway; those rows are "
+                         "flagged in plan.json and plan.md")
+    ap.add_argument("--max-epochs", type=float, default=None,
+                    help="passes over the training corpus a row may take (default: the "
+                         "ladder's max_epochs, 1 unless it sets one); rows beyond it are "
+                         "refused")
     ap.add_argument("--out", default=None, help="output directory (default: plan/ next to FITS)")
     try:
         a = ap.parse_args(argv)
@@ -920,7 +1295,9 @@ def plan_main(argv: list[str] | None = None) -> int:
         experts = None if a.experts is None else [int(v) for v in _floats(a.experts, "--experts")]
         plan = build_plan(fits_path, flops, experts=experts, top_k=a.top_k, gpus=a.gpus,
                           gpu_mem_gib=a.gpu_mem_gib, mfu=a.mfu, peak_tflops=a.peak_tflops,
-                          headroom=a.headroom, base=a.base, ladder=a.ladder)
+                          headroom=a.headroom, base=a.base, ladder=a.ladder,
+                          max_extrapolation=a.max_extrapolation, extrapolate=a.extrapolate,
+                          max_epochs=a.max_epochs)
         if out.exists() and not out.is_dir():
             raise PlanError(f"--out {out} is an existing file")
         md = write_plan(plan, out)
