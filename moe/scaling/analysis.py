@@ -38,7 +38,14 @@ Schema, `schema_version: 1` (NaN and inf are written as null; all keys always pr
                     N total params, M tokens per parameter (a, b, beta, E)
     downstream      LAW, Gadre et al. 2024: Err(L) = eps - k exp(-gamma L) (eps, k, gamma)
     joint_laws      {clark, additive, joint: LAW + {fixed (e_start, e_max), train_rmse_log,
-                    heldout_rmse_log}, better (lowest held-out RMSE of log loss), reason}:
+                    heldout_rmse_log, cv_rmse_log, cv_folds [{left_out (size label),
+                    params_active, n_train, n_test, rmse_log, error}]}, better, reason,
+                    selected_by, cv_folds_used [size labels]}: `better` is chosen by
+                    cross-validation on the fitted runs only (fits.compare_joint_laws:
+                    leave the largest remaining size out in turn, lowest mean RMSE of log
+                    loss over the folds where every candidate law was fitted; a law not
+                    fitted in a fold has rmse_log null and the fold's error); held-out
+                    RMSE is recorded for every law and never enters the choice.
                     Clark et al. 2022 (a, b, c, d), the additive law (E0, A, alpha, B,
                     beta), Ludziejewski et al. 2025 (a, alpha, gamma, delta, b, beta, zeta,
                     omega, c; exponents signed as in the paper, negative for a falling law)
@@ -175,10 +182,17 @@ def law_predict(kind: str, params: dict, run: dict) -> float:
 def split_holdout(rows: Sequence[dict], holdout: str | None) -> tuple[list, list]:
     """Split rows into (train, held_out).
 
-    holdout="none": nothing held out. "flag": rows with held_out true. "largest": in each
-    sparsity level (`run_group`) with >= 4 runs, the run with the most training FLOPs (so
-    >= 3 runs remain to fit the 3-parameter law; the GPT-4-report check, one per level).
-    None: "flag" if any row is flagged, else "largest".
+    holdout="none": nothing held out. "flag": rows with held_out true. None: "flag" if any
+    row is flagged, else "largest".
+
+    "largest" (the GPT-4-report check): in each sparsity level (`run_group`, so dense is a
+    level like any MoE one) with >= 4 runs, ONE run is held out, so >= 3 remain to fit the
+    3-parameter law. It is the run with the largest training budget: the `flop_budget`
+    column when the row has one (an IsoFLOP ladder trains several sizes at one nominal
+    budget, whose actual FLOPs differ by rounding), else `flops`; ties go to the largest
+    params_active. On a size ladder that is each level's top size (dense included); on an
+    IsoFLOP ladder, each level's largest size at its top budget. A level with < 4 runs
+    keeps all of them.
     """
     rows = list(rows)
     if holdout is None:
@@ -192,7 +206,8 @@ def split_holdout(rows: Sequence[dict], holdout: str | None) -> tuple[list, list
     held = set()
     for g in _groups(rows).values():
         if len(g) >= 4:
-            held.add(id(max(g, key=lambda r: r["flops"])))
+            held.add(id(max(g, key=lambda r: (r.get("flop_budget") or r["flops"],
+                                              r["params_active"]))))
     return [r for r in rows if id(r) not in held], [r for r in rows if id(r) in held]
 
 
@@ -627,12 +642,13 @@ def _joint_at_bound(name):
 
 
 def _joint_laws(train, held, n_boot, seed, level, progress, e_start=2.0, e_max=256.0):
-    """Clark, additive and Ludziejewski et al.'s joint law: point fits compared on the
-    held-out runs (compare_joint_laws), each bootstrapped over whole runs like the others."""
+    """Clark, additive and Ludziejewski et al.'s joint law, each bootstrapped over whole
+    runs like the others; one is chosen by cross-validation over sizes on the fitted runs
+    (compare_joint_laws), and the held-out runs only score the laws afterwards."""
     if not any(r["kind"] == "moe" for r in train):
         reason = "no MoE runs in the table"
         return {k: _not_fitted(JOINT_LAWS[k], len(train), reason) for k in JOINT} | {
-            "better": None, "reason": reason}
+            "better": None, "reason": reason, "selected_by": "", "cv_folds_used": []}
     res = compare_joint_laws(train, held, e_start=e_start, e_max=e_max)
     out = {}
     for i, (name, names) in enumerate(JOINT.items()):
@@ -657,7 +673,10 @@ def _joint_laws(train, held, n_boot, seed, level, progress, e_start=2.0, e_max=2
         entry["fixed"] = ({"e_start": e_start, "e_max": e_max} if name != "additive" else {})
         entry["train_rmse_log"] = _num(j["train_rmse_log"])
         entry["heldout_rmse_log"] = _num(j["heldout_rmse_log"])
+        entry["cv_rmse_log"] = _num(j["cv_rmse_log"])
+        entry["cv_folds"] = [{**f, "rmse_log": _num(f["rmse_log"])} for f in j["cv_folds"]]
     out["better"], out["reason"] = res["better"], res["reason"]
+    out["selected_by"], out["cv_folds_used"] = res["selected_by"], res["cv_folds_used"]
     return out
 
 
