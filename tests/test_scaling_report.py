@@ -229,9 +229,22 @@ def test_fits_json_schema(ladder_report):
     for h in fits["holdout"]:
         assert set(h) >= {"run", "law", "predicted", "lo", "hi", "actual", "rel_error"}
     for e in fits["efficiency_leverage"]:
-        assert set(e) >= {"run", "level", "el_params", "el_compute"}
+        assert set(e) >= {"run", "level", "el_params", "el_compute", "el_params_lo",
+                          "el_params_hi", "el_compute_lo", "el_compute_hi", "interval_note"}
+        # the interval is the dense fits' replicates' EL, holding the point estimate
+        assert e["el_params_lo"] <= e["el_params"] <= e["el_params_hi"]
+        assert e["el_compute_lo"] <= e["el_compute"] <= e["el_compute_hi"]
     # MoE at equal active size beats dense in the generator: leverage > 1 everywhere
     assert all(e["el_params"] > 1 for e in fits["efficiency_leverage"])
+    # recompute one run's EL(params) interval from the dense L(N) replicates in the file
+    e = fits["efficiency_leverage"][-1]
+    run = next(r for r in fits["runs"] if r["name"] == e["run"])
+    reps = fits["power_laws"]["dense"]["replicates"]
+    el = [((A / (run["loss"] - E)) ** (1 / al) if run["loss"] > E else np.inf)
+          / run["params_active"] for E, A, al in zip(reps["E"], reps["A"], reps["alpha"])]
+    assert np.all(np.isfinite(el))
+    assert (e["el_params_lo"], e["el_params_hi"]) == pytest.approx(
+        tuple(np.percentile(el, [2.5, 97.5])), rel=1e-9)
     assert fits["chinchilla"]["status"] == "not_fitted"
     assert fits["seed_noise"] is None and fits["compare"] is None
 
@@ -295,7 +308,8 @@ def test_seed_repeats_and_compare_rows_are_reported_not_fitted(tmp_path):
                                 "flops": pytest.approx(base["flops"])}]
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Pooled std of the final loss over seed repeats" in text and "| cmp-aux |" in text
-    # per-size comparison of the levels, gaps judged against that noise floor
+    # per-size comparison of the levels; only dense was repeated, so no gap has a paired
+    # test, and none is judged against the pooled seed std instead
     comp = {c["size"]: c for c in fits["sparsity_comparison"]}
     c = next(c for c in comp.values() if "dense_1e+07" in c["runs"])
     assert c["runs"] == ["dense_1e+07", "moe8k2_1e+07", "moe32k2_1e+07"]
@@ -303,8 +317,10 @@ def test_seed_repeats_and_compare_rows_are_reported_not_fitted(tmp_path):
     for g in c["gaps"]:
         gap = by[g["to"]]["final_eval_loss"] - by[g["from"]]["final_eval_loss"]
         assert g["gap"] == pytest.approx(gap)
-        assert g["within_noise"] == (abs(gap) <= sn["std"])
+        assert g["paired"] is None and g["test"] == "one run per level: no paired test"
+        assert "within_noise" not in g
     assert "## Sparsity at equal active size" in text
+    assert "(one run per level: no paired test)" in text and "within noise" not in text
 
 
 def test_fit_main_on_a_public_table(tmp_path):
@@ -449,7 +465,8 @@ def test_joint_laws_are_bootstrapped_and_predict_held_out_runs(tmp_path):
     assert pl["recipe"]["by"] == "tokens_per_param" and pl["recipe"]["value"] == pytest.approx(20)
     assert pl["n_runs"] == 3 and "3 of 11 runs" in pl["selection"]
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert "Better on held-out runs: **joint**" in text
+    assert "Chosen by cross-validation on the fitted runs: **joint**" in text
+    assert j["selected_by"].startswith("cross-validation on fitted runs")
 
 
 def test_efficiency_leverage_needs_a_bounded_dense_curve():
@@ -543,3 +560,73 @@ def test_split_holdout_largest_is_the_top_size_of_every_level():
                             "final_eval_loss": 3.0 + 1e3 / n ** 0.5})
     _, held = split_holdout(iso, "largest")
     assert sorted(r["name"] for r in held) == ["dense-4e+05-1e+12", "moe-4e+05-1e+12"]
+
+
+def test_fmt_iv_precision_follows_the_interval():
+    from moe.scaling.report import fmt_iv
+
+    # two significant digits of the half-width set the last decimal kept
+    assert fmt_iv(0.2248, 0.2167, 0.9588) == "0.22 [0.22, 0.96]"
+    assert fmt_iv(1.188, 1.05, 1.31) == "1.19 [1.05, 1.31]"
+    assert fmt_iv(2.3659, 2.300, 2.430) == "2.366 [2.300, 2.430]"
+    assert fmt_iv(-0.0213, -0.035, -0.008) == "-0.021 [-0.035, -0.008]"
+    assert fmt_iv(12345.6, 12000, 12800) == "12350 [12000, 12800]"  # tens: half-width 400
+    # very large / small numbers in e-notation, digits down to the same place
+    assert fmt_iv(3.2e8, 2.9e8, 3.6e8) == "3.20e+08 [2.90e+08, 3.60e+08]"
+    assert fmt_iv(1.2e-6, 1.0e-6, 1.5e-6) == "1.20e-06 [1.00e-06, 1.50e-06]"
+    # a narrower interval prints more digits of the same value
+    assert fmt_iv(1.23456, 1.2340, 1.2351) == "1.23456 [1.23400, 1.23510]"
+    # no interval: 4 significant figures of the value alone
+    assert fmt_iv(1.23456) == "1.235"
+    assert fmt_iv(1.23456, None, 1.3) == "1.235"
+    assert fmt_iv(1.23456, 1.3, 1.3) == "1.235"
+    assert fmt_iv(1.23456, float("nan"), 1.3) == "1.235"
+    assert fmt_iv(None, 1, 2) == "-"
+
+
+def test_paired_seed_differences_test_the_gaps(tmp_path):
+    # 5 seeds of every level at one size (the ladder's seeds_s7 design): the gaps are tested
+    # by differences paired by seed, and the test is the textbook paired t-test.
+    from scipy import stats
+
+    rows = ladder(sizes=SEVEN)
+    for r in rows:
+        r["seed"] = 0
+    rng = np.random.default_rng(5)
+    seed_noise = rng.normal(0, 0.01, size=5)  # shared per seed: what pairing removes
+    names = ("dense_1e+07", "moe8k2_1e+07", "moe32k2_1e+07")
+    by = {r["name"]: r for r in rows}
+    losses = {}
+    seeds = []
+    for name in names:
+        base = by[name]
+        losses[name] = [base["final_eval_loss"]]
+        for sd in range(1, 5):
+            loss = base["final_eval_loss"] + seed_noise[sd] + rng.normal(0, 0.002)
+            losses[name].append(loss)
+            seeds.append({**base, "name": f"{name}-seed{sd}", "group": "seed",
+                          "repeat_of": name, "seed": sd, "final_eval_loss": loss})
+    path = write_results(rows + seeds, tmp_path / "r.csv")
+    assert fit_main([str(path), "--out", str(tmp_path / "rep"), "--n-boot", "3"]) == 0
+    fits = json.loads((tmp_path / "rep" / "fits.json").read_text())
+    c = next(c for c in fits["sparsity_comparison"] if "dense_1e+07" in c["runs"])
+    for g in c["gaps"]:
+        p = g["paired"]
+        a, b = np.array(losses[g["from"]]), np.array(losses[g["to"]])
+        ref = stats.ttest_rel(b, a)
+        assert p["n"] == 5 and p["seeds"] == [0, 1, 2, 3, 4] and p["df"] == 4
+        assert p["mean"] == pytest.approx(np.mean(b - a))
+        assert p["se"] == pytest.approx(np.std(b - a, ddof=1) / math.sqrt(5))
+        assert p["t"] == pytest.approx(ref.statistic) and p["p"] == pytest.approx(ref.pvalue)
+        half = stats.t.ppf(0.975, 4) * p["se"]
+        assert (p["lo"], p["hi"]) == pytest.approx((p["mean"] - half, p["mean"] + half))
+        assert g["test"] == f"paired t-test over 5 seeds: p = {p['p']:.2g}"
+    # other sizes have one run per level: no test
+    other = next(c for c in fits["sparsity_comparison"] if "dense_1e+08" in c["runs"])
+    assert all(g["paired"] is None for g in other["gaps"])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "Paired differences over seeds" in text
+    g = c["gaps"][0]
+    from moe.scaling.report import fmt_iv
+
+    assert f"{fmt_iv(g['paired']['mean'], g['paired']['lo'], g['paired']['hi'])}" in text
