@@ -492,6 +492,24 @@ def test_efficiency_leverage_needs_a_bounded_dense_curve():
     (e,) = _efficiency_leverage([run], ok, {}, chin)
     assert e["basis"] == "dense L(N)"
     assert 1.0 + 30.0 / (e["el_params"] * 1e5) ** 0.2 == pytest.approx(3.0, rel=1e-12)
+    # L(N) not fitted at all (an IsoFLOP ladder whose held-out top size leaves 2 sizes at
+    # one tokens/param ratio): the Chinchilla basis still applies, with its replicates'
+    # interval; one replicate whose curve cannot reach the loss opens the upper edge
+    nf = {"dense": {"status": "not_fitted", "reason": "2 distinct sizes"}}
+    reps = {"E": [1.5, 1.45, 1.55, 2.9], "A": [400.0, 380.0, 420.0, 400.0],
+            "B": [90.0] * 4, "alpha": [0.4, 0.41, 0.39, 0.4], "beta": [0.35] * 4}
+    (e,) = _efficiency_leverage([run], nf, {}, {**chin, "replicates": reps}, level=0.5)
+    assert e["basis"].startswith("dense Chinchilla")
+    el = [(A / (3.0 - E - B / 2e6 ** be)) ** (1 / al) / 1e5 if 3.0 - E - B / 2e6 ** be > 0
+          else np.inf for E, A, B, al, be in zip(*(reps[k] for k in CHIN_NAMES))]
+    assert np.isinf(el[-1]) and np.all(np.isfinite(el[:3]))
+    srt = np.sort(el)  # 25th percentile of 4 values: 3/4 of the way from the 1st to the 2nd
+    assert e["el_params_lo"] == pytest.approx(srt[0] + 0.75 * (srt[1] - srt[0]), rel=1e-12)
+    assert e["el_params_hi"] is None and "1 of 4 replicates" in e["interval_note"]
+    assert _efficiency_leverage([run], nf, {}, None) == []
+
+
+CHIN_NAMES = ("E", "A", "B", "alpha", "beta")
 
 
 def test_joint_law_choice_never_sees_held_out_runs():

@@ -730,7 +730,8 @@ def _efficiency_leverage(rows, power, compute, chinchilla=None, level=0.95):
     """EL per MoE run against the dense runs: the active size a dense model needs to reach
     the run's loss / the run's active size (and the same in FLOPs). The dense curve is the
     dense L(N) (and L(C)) fit when its status is ok; else, where the dense runs vary
-    tokens (an IsoFLOP ladder), the Chinchilla L(N, D) fit at the run's own tokens
+    tokens (an IsoFLOP ladder; also when L(N) is not fitted at all), the Chinchilla
+    L(N, D) fit at the run's own tokens
     (EL(compute) then not given); else no number, and `reason` says why. `basis` names
     the curve used.
 
@@ -742,14 +743,17 @@ def _efficiency_leverage(rows, power, compute, chinchilla=None, level=0.95):
     among those, it is None (unbounded above) and `interval_note` says how many."""
     moe = [r for r in rows if r["kind"] == "moe"]
     dense_p = power.get("dense")
-    if not moe or dense_p is None or dense_p["status"] == "not_fitted":
-        return []
+    power_ok = dense_p is not None and dense_p["status"] == "ok"
     chin = chin_reps = None
-    if dense_p["status"] != "ok" and chinchilla and chinchilla.get("status") == "ok":
+    if not power_ok and chinchilla and chinchilla.get("status") == "ok":
+        # an IsoFLOP ladder: L(N) along one recipe may not even be fitted (too few sizes
+        # share a tokens/param ratio), while approach 3 over every dense run is
         chin = _params_of(chinchilla, CHIN)
         chin_reps = _replicate_params(chinchilla, CHIN)
-    pp = _params_of(dense_p, POWER)
-    pp_reps = _replicate_params(dense_p, POWER)
+    if not moe or ((dense_p is None or dense_p["status"] == "not_fitted") and chin is None):
+        return []
+    pp = _params_of(dense_p, POWER) if power_ok else None
+    pp_reps = _replicate_params(dense_p, POWER) if power_ok else []
     cp = compute.get("dense")
 
     def as_power(c):
@@ -777,7 +781,7 @@ def _efficiency_leverage(rows, power, compute, chinchilla=None, level=0.95):
                 notes.append(f"{key}: {n_inf} of {n} replicates' dense curve never reaches "
                              "this loss" + (" (upper edge unbounded)" if hi is None else ""))
 
-        if dense_p["status"] == "ok":
+        if power_ok:
             row["basis"] = "dense L(N)" + (", dense L(C)" if cpp is not None else "")
             if L <= pp["E"]:
                 row["reason"] = (f"loss {L:.4g} is at or below the dense fit's irreducible "
