@@ -139,13 +139,22 @@ def efficiency_leverage(fits, out):
     if not el:
         return None
     sp = {r["name"]: r["sparsity"] for r in fits["runs"]}
+    # spread each level's runs a little along x, smallest size left, so their bars part
+    size = {r["name"]: r["params_active"] for r in fits["runs"]}
+    by_level: dict = {}
+    for e in el:
+        by_level.setdefault(e["level"], []).append(e["run"])
+    for runs in by_level.values():
+        runs.sort(key=lambda n: size[n])
+        for i, n in enumerate(runs):
+            sp[n] = sp[n] + 0.03 * (i / max(1, len(runs) - 1) - 0.5)
     fig, ax = _figure((6, 4.5))
     for j, (k, m) in enumerate((("el_params", "o"), ("el_compute", "s"))):
         pts = [e for e in el if e[k] is not None]
         if not pts:
             continue
         # nudge the two series apart so their error bars do not overlap
-        x = np.array([sp[e["run"]] for e in pts]) + (j - 0.5) * 0.01
+        x = np.array([sp[e["run"]] for e in pts]) + (j - 0.5) * 0.0015
         y = np.array([e[k] for e in pts], float)
         lo = np.array([np.nan if e.get(f"{k}_lo") is None else e[f"{k}_lo"] for e in pts])
         hi = np.array([np.nan if e.get(f"{k}_hi") is None else e[f"{k}_hi"] for e in pts])
@@ -167,7 +176,7 @@ def efficiency_leverage(fits, out):
         if rest.any():
             ax.scatter(x[rest], y[rest], marker=m, color=_color(j), label=label)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("sparsity (1 - top_k / n_experts)")
+    ax.set_xlabel("sparsity (1 - top_k / n_experts); runs of one level spread by size")
     ax.set_ylabel("efficiency leverage vs dense")
     ax.set_yscale("log")
     if ax.get_legend_handles_labels()[0]:
