@@ -79,14 +79,6 @@ def render_report(fits: dict, out_dir) -> Path:
 # ---------------------------------------------------------------------- formatting
 
 
-def _fmt(v, digits=4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    return f"{float(v):.{digits}g}"
-
-
 def _finite(v) -> bool:
     return v is not None and not isinstance(v, str) and math.isfinite(float(v))
 
@@ -121,6 +113,14 @@ def fmt_iv(value, lo=None, hi=None) -> str:
             digits = max(1, math.floor(math.log10(abs(x))) - place + 1)
             return f"{x:.{digits - 1}e}"
     return f"{one(v)} [{one(lo)}, {one(hi)}]"
+
+
+def _fmt(v, digits=4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return f"{float(v):.{digits}g}"
 
 
 def _cell(entry: dict, k: str) -> str:
