@@ -401,3 +401,43 @@ def test_maxvio_figure_width_is_capped(tmp_path):
     name = maxvio({"runs": runs}, tmp_path)
     h, w = mpimg.imread(tmp_path / name).shape[:2]
     assert w <= MAXVIO_MAX_WIDTH_IN * 110 + 1 and h <= 4 * 110 + 1
+
+
+@pytest.mark.parametrize("truth", ["clark", "additive"])
+def test_cross_validation_picks_the_generating_law_without_held_out_runs(truth):
+    # 0.3% log-normal noise on 7 sizes x 3 expert counts, nothing held out: the choice is
+    # made on the fitted runs alone, and it is the law the data came from.
+    rng = np.random.default_rng(3)
+
+    def clark(n, total, E):
+        lE = np.log(clark_expert_transform(E))
+        return np.exp(-0.07 * np.log(n) - 0.05 * lE + 0.002 * np.log(n) * lE + 2.3)
+
+    def additive(n, total, E):
+        return 1.8 + 120.0 / n ** 0.3 + 60.0 / total ** 0.22
+
+    law = {"clark": clark, "additive": additive}[truth]
+    rows = _moe_rows(lambda *a: law(*a) * math.exp(rng.normal(0, 0.003)),
+                     sizes=(1e7, 2e7, 5e7, 1e8, 2e8, 5e8, 1e9))
+    cmp = compare_joint_laws(rows, [])
+    assert cmp["better"] == truth, cmp["reason"]
+    assert cmp["selected_by"].startswith("cross-validation on fitted runs")
+    used = cmp["cv_folds_used"]
+    assert used == ["1e+09", "5e+08", "2e+08"]  # the three largest sizes, largest first
+    for k in ("clark", "additive"):
+        folds = cmp[k]["cv_folds"]
+        assert [f["left_out"] for f in folds] == used
+        assert [f["n_train"] for f in folds] == [18, 15, 12]  # every smaller size, 3 levels
+        assert all(f["n_test"] == 3 for f in folds)
+        assert cmp[k]["cv_rmse_log"] == pytest.approx(np.mean([f["rmse_log"] for f in folds]))
+        assert math.isnan(cmp[k]["heldout_rmse_log"])
+    other = "additive" if truth == "clark" else "clark"
+    assert cmp[truth]["cv_rmse_log"] < cmp[other]["cv_rmse_log"]
+    assert "no held-out runs" in cmp["reason"]
+
+
+def test_cross_validation_with_too_few_sizes_chooses_nothing():
+    rows = _moe_rows(lambda n, t, E: 2.0 + 50.0 / n ** 0.3, sizes=(1e7, 1e8))
+    cmp = compare_joint_laws(rows, [])
+    assert cmp["clark"]["params"] is not None  # fitted on all runs ...
+    assert cmp["better"] is None and "could be cross-validated" in cmp["reason"]  # ... not CV'd

@@ -38,19 +38,37 @@ Schema, `schema_version: 1` (NaN and inf are written as null; all keys always pr
                     N total params, M tokens per parameter (a, b, beta, E)
     downstream      LAW, Gadre et al. 2024: Err(L) = eps - k exp(-gamma L) (eps, k, gamma)
     joint_laws      {clark, additive, joint: LAW + {fixed (e_start, e_max), train_rmse_log,
-                    heldout_rmse_log}, better (lowest held-out RMSE of log loss), reason}:
+                    heldout_rmse_log, cv_rmse_log, cv_folds [{left_out (size label),
+                    params_active, n_train, n_test, rmse_log, error}]}, better, reason,
+                    selected_by, cv_folds_used [size labels]}: `better` is chosen by
+                    cross-validation on the fitted runs only (fits.compare_joint_laws:
+                    leave the largest remaining size out in turn, lowest mean RMSE of log
+                    loss over the folds where every candidate law was fitted; a law not
+                    fitted in a fold has rmse_log null and the fold's error); held-out
+                    RMSE is recorded for every law and never enters the choice.
                     Clark et al. 2022 (a, b, c, d), the additive law (E0, A, alpha, B,
                     beta), Ludziejewski et al. 2025 (a, alpha, gamma, delta, b, beta, zeta,
                     omega, c; exponents signed as in the paper, negative for a falling law)
-    efficiency_leverage  [{run, level, el_params, el_compute, basis, reason}]; basis: the
-                    dense curve used (dense L(N)/L(C) when ok, else Chinchilla L(N, D) at
-                    the run's tokens), null with a reason when none is usable
+    efficiency_leverage  [{run, level, el_params, el_params_lo, el_params_hi, el_compute,
+                    el_compute_lo, el_compute_hi, basis, reason, interval_note}]; basis:
+                    the dense curve used (dense L(N)/L(C) when ok, else Chinchilla L(N, D)
+                    at the run's tokens), null with a reason when none is usable. lo/hi:
+                    the `level` percentile interval of EL recomputed from each bootstrap
+                    replicate of the basis law: the uncertainty of the dense curve only,
+                    not the MoE run's own seed noise; null when there is no replicate, or
+                    (hi) when the edge falls among replicates whose dense curve never
+                    reaches the run's loss (interval_note counts them)
     holdout         [{run, quantity (loss|error), law, predicted, lo, hi, actual,
                       rel_error, bounded}]; rel_error = predicted / actual - 1
     seed_noise      {runs: [{run, n, losses, mean, std}], std, rel_std} or null
     sparsity_comparison  [{size, params_active, losses {level: loss}, runs, gaps: [{from,
-                    to, gap (loss of `to` - loss of `from`, levels in sparsity order),
-                    within_noise (|gap| <= seed_noise.std; null when not measured)}]}]
+                    to, gap (loss of `to` - loss of `from`, levels in sparsity order, grid
+                    runs), paired, test}]}]: `paired` {n, seeds, diffs, mean, se, lo, hi,
+                    level, df, t, p} is a paired t-test of the two levels' losses over the
+                    seeds both ran (the `seed` column; grid run and its seed repeats), null
+                    with fewer than two common seeds; `test` says which in words ("one run
+                    per level: no paired test"). (Replaces within_noise, which judged the
+                    gap of two single runs against the pooled seed std.)
     compare         [{run, loss, maxvio, tokens_per_s, flops}] or null (the ladder's
                     fixed-size comparison variants)
 
@@ -83,7 +101,7 @@ import numpy as np
 from moe.scaling.fits import (HUBER_DELTA, chinchilla_frontier, chinchilla_predict,
                               clark_predict, compare_joint_laws, fit_additive_moe,
                               fit_chinchilla, fit_clark, fit_compute_law, fit_power_law,
-                              law_profiles, power_law_inverse)
+                              law_profiles)
 from moe.scaling.resample import bootstrap
 from moe.scaling.results import ResultsError, run_group, validate_rows
 
@@ -197,10 +215,17 @@ def law_predict(kind: str, params: dict, run: dict) -> float:
 def split_holdout(rows: Sequence[dict], holdout: str | None) -> tuple[list, list]:
     """Split rows into (train, held_out).
 
-    holdout="none": nothing held out. "flag": rows with held_out true. "largest": in each
-    sparsity level (`run_group`) with >= 4 runs, the run with the most training FLOPs (so
-    >= 3 runs remain to fit the 3-parameter law; the GPT-4-report check, one per level).
-    None: "flag" if any row is flagged, else "largest".
+    holdout="none": nothing held out. "flag": rows with held_out true. None: "flag" if any
+    row is flagged, else "largest".
+
+    "largest" (the GPT-4-report check): in each sparsity level (`run_group`, so dense is a
+    level like any MoE one) with >= 4 runs, ONE run is held out, so >= 3 remain to fit the
+    3-parameter law. It is the run with the largest training budget: the `flop_budget`
+    column when the row has one (an IsoFLOP ladder trains several sizes at one nominal
+    budget, whose actual FLOPs differ by rounding), else `flops`; ties go to the largest
+    params_active. On a size ladder that is each level's top size (dense included); on an
+    IsoFLOP ladder, each level's largest size at its top budget. A level with < 4 runs
+    keeps all of them.
     """
     rows = list(rows)
     if holdout is None:
@@ -214,7 +239,8 @@ def split_holdout(rows: Sequence[dict], holdout: str | None) -> tuple[list, list
     held = set()
     for g in _groups(rows).values():
         if len(g) >= 4:
-            held.add(id(max(g, key=lambda r: r["flops"])))
+            held.add(id(max(g, key=lambda r: (r.get("flop_budget") or r["flops"],
+                                              r["params_active"]))))
     return [r for r in rows if id(r) not in held], [r for r in rows if id(r) in held]
 
 
@@ -770,12 +796,13 @@ def _joint_at_bound(name):
 
 
 def _joint_laws(train, held, n_boot, seed, level, progress, e_start=2.0, e_max=256.0):
-    """Clark, additive and Ludziejewski et al.'s joint law: point fits compared on the
-    held-out runs (compare_joint_laws), each bootstrapped over whole runs like the others."""
+    """Clark, additive and Ludziejewski et al.'s joint law, each bootstrapped over whole
+    runs like the others; one is chosen by cross-validation over sizes on the fitted runs
+    (compare_joint_laws), and the held-out runs only score the laws afterwards."""
     if not any(r["kind"] == "moe" for r in train):
         reason = "no MoE runs in the table"
         return {k: _not_fitted(JOINT_LAWS[k], len(train), reason) for k in JOINT} | {
-            "better": None, "reason": reason}
+            "better": None, "reason": reason, "selected_by": "", "cv_folds_used": []}
     res = compare_joint_laws(train, held, e_start=e_start, e_max=e_max)
     out = {}
     for i, (name, names) in enumerate(JOINT.items()):
@@ -804,55 +831,143 @@ def _joint_laws(train, held, n_boot, seed, level, progress, e_start=2.0, e_max=2
         entry["fixed"] = ({"e_start": e_start, "e_max": e_max} if name != "additive" else {})
         entry["train_rmse_log"] = _num(j["train_rmse_log"])
         entry["heldout_rmse_log"] = _num(j["heldout_rmse_log"])
+        entry["cv_rmse_log"] = _num(j["cv_rmse_log"])
+        entry["cv_folds"] = [{**f, "rmse_log": _num(f["rmse_log"])} for f in j["cv_folds"]]
     out["better"], out["reason"] = res["better"], res["reason"]
+    out["selected_by"], out["cv_folds_used"] = res["selected_by"], res["cv_folds_used"]
     return out
 
 
-def _efficiency_leverage(rows, power, compute, chinchilla=None):
+def _inverse_n(p: dict, loss: float) -> float:
+    """x at which the power law E + A / x^alpha reaches `loss`, in logs (A can be ~1e60 in
+    FLOP units); +inf when loss <= E (the curve never gets there), NaN for alpha <= 0."""
+    if loss <= p["E"]:
+        return math.inf
+    if not p["alpha"] > 0 or not p["A"] > 0:
+        return math.nan
+    return math.exp((math.log(p["A"]) - math.log(loss - p["E"])) / p["alpha"])
+
+
+def _chin_inverse_n(p: dict, loss: float, tokens: float) -> float:
+    """N at which the Chinchilla L(N, D) reaches `loss` at D = tokens; +inf when the D term
+    and E alone already reach or pass it."""
+    gap = loss - p["E"] - p["B"] / float(tokens) ** p["beta"]
+    if gap <= 0:
+        return math.inf
+    if not p["alpha"] > 0 or not p["A"] > 0:
+        return math.nan
+    return math.exp((math.log(p["A"]) - math.log(gap)) / p["alpha"])
+
+
+def _el_interval(samples: Sequence[float], level: float) -> tuple:
+    """Percentile interval of EL replicates (+inf: that replicate's dense curve never
+    reaches the loss; NaN replicates dropped) -> (lo, hi, n_used, n_inf); an edge that falls
+    among the +inf replicates is None (unbounded)."""
+    s = np.array([v for v in samples if not math.isnan(v)], float)
+    if not s.size:
+        return None, None, 0, 0
+    n_inf = int(np.isinf(s).sum())
+    q = 100.0 * (1.0 - level) / 2.0
+    big = np.finfo(float).max / 8  # +inf stands in as a huge finite value, then back to None
+    lo, hi = np.percentile(np.where(np.isinf(s), big, s), [q, 100.0 - q])
+    return (None if lo > 1e300 else float(lo)), (None if hi > 1e300 else float(hi)), \
+        int(s.size), n_inf
+
+
+#: Dense-curve statuses efficiency leverage may read. EL inverts the dense curve at a MoE
+#: run's loss, mostly inside the dense runs' range, where a curve whose irreducible term
+#: is not determined (degenerate, unidentified) still fits the runs; its bootstrap
+#: replicates carry that uncertainty into EL's interval, and `basis` names the status.
+#: A fit that did not converge is not a curve to read.
+EL_CURVE_STATUSES = ("ok", "unbounded", "degenerate", "unidentified")
+
+
+def _basis(name: str, entry: dict) -> str:
+    return name + ("" if entry["status"] == "ok" else f" ({entry['status']})")
+
+
+def _efficiency_leverage(rows, power, compute, chinchilla=None, level=0.95):
     """EL per MoE run against the dense runs: the active size a dense model needs to reach
     the run's loss / the run's active size (and the same in FLOPs). The dense curve is the
-    dense L(N) (and L(C)) fit when its status is ok; else, where the dense runs vary
-    tokens (an IsoFLOP ladder), the Chinchilla L(N, D) fit at the run's own tokens
+    dense L(N) (and L(C)) fit when its status is in EL_CURVE_STATUSES; else, where the
+    dense runs vary tokens (an IsoFLOP ladder; also when L(N) is not fitted at all), the
+    Chinchilla L(N, D) fit at the run's own tokens
     (EL(compute) then not given); else no number, and `reason` says why. `basis` names
-    the curve used."""
+    the curve used.
+
+    Intervals: EL is recomputed from every stored bootstrap replicate of the basis law
+    (no refit) and the `level` percentile interval kept as el_params_lo/hi and
+    el_compute_lo/hi. They cover the uncertainty of the dense curve only: the MoE run's
+    loss is taken as measured (its own seed noise is not in them). A replicate whose dense
+    curve never reaches the run's loss counts as an infinite EL; when the upper edge falls
+    among those, it is None (unbounded above) and `interval_note` says how many."""
     moe = [r for r in rows if r["kind"] == "moe"]
     dense_p = power.get("dense")
-    if not moe or dense_p is None or dense_p["status"] == "not_fitted":
-        return []
-    chin = None
-    if dense_p["status"] != "ok" and chinchilla and chinchilla.get("status") == "ok":
+    power_ok = dense_p is not None and dense_p["status"] in EL_CURVE_STATUSES
+    chin = chin_reps = None
+    if not power_ok and chinchilla and chinchilla.get("status") in EL_CURVE_STATUSES:
+        # an IsoFLOP ladder: L(N) along one recipe may not even be fitted (too few sizes
+        # share a tokens/param ratio), while approach 3 over every dense run is
         chin = _params_of(chinchilla, CHIN)
-    pp = _params_of(dense_p, POWER)
+        chin_reps = _replicate_params(chinchilla, CHIN)
+    if not moe or ((dense_p is None or dense_p["status"] == "not_fitted") and chin is None):
+        return []
+    pp = _params_of(dense_p, POWER) if power_ok else None
+    pp_reps = _replicate_params(dense_p, POWER) if power_ok else []
     cp = compute.get("dense")
-    cpp = (None if cp is None or cp["status"] != "ok" else
-           {"E": cp["c"]["value"], "A": cp["a"]["value"], "alpha": -cp["b"]["value"]})
+
+    def as_power(c):
+        return {"E": c["c"], "A": c["a"], "alpha": -c["b"]}
+
+    cpp = cpp_reps = None
+    if cp is not None and cp["status"] in EL_CURVE_STATUSES:
+        cpp = as_power(_params_of(cp, COMPUTE))
+        cpp_reps = [as_power(c) for c in _replicate_params(cp, COMPUTE)]
     out = []
     for r in moe:
         L = float(r["final_eval_loss"])
         row = {"run": r["name"], "level": run_group(r), "el_params": None,
-               "el_compute": None, "basis": None, "reason": ""}
-        if dense_p["status"] == "ok":
-            row["basis"] = "dense L(N)" + (", dense L(C)" if cpp is not None else "")
+               "el_params_lo": None, "el_params_hi": None, "el_compute": None,
+               "el_compute_lo": None, "el_compute_hi": None, "basis": None, "reason": "",
+               "interval_note": ""}
+        notes = []
+
+        def put(key, reps_el):
+            lo, hi, n, n_inf = _el_interval(reps_el, level)
+            row[f"{key}_lo"], row[f"{key}_hi"] = lo, hi
+            if not n:
+                notes.append(f"{key}: no usable replicates, no interval")
+            elif n_inf:
+                notes.append(f"{key}: {n_inf} of {n} replicates' dense curve never reaches "
+                             "this loss" + (" (upper edge unbounded)" if hi is None else ""))
+
+        if power_ok:
+            row["basis"] = _basis("dense L(N)", dense_p) + (
+                ", " + _basis("dense L(C)", cp) if cpp is not None else "")
             if L <= pp["E"]:
                 row["reason"] = (f"loss {L:.4g} is at or below the dense fit's irreducible "
                                  f"E = {pp['E']:.4g}: no dense model reaches it")
             else:
-                row["el_params"] = _num(float(power_law_inverse(pp, L)) / r["params_active"])
+                row["el_params"] = _num(_inverse_n(pp, L) / r["params_active"])
+                put("el_params", [_inverse_n(p, L) / r["params_active"] for p in pp_reps])
                 if cpp is not None and L > cpp["E"]:
-                    row["el_compute"] = _num(float(power_law_inverse(cpp, L)) / r["flops"])
+                    row["el_compute"] = _num(_inverse_n(cpp, L) / r["flops"])
+                    put("el_compute", [_inverse_n(p, L) / r["flops"] for p in cpp_reps])
         elif chin is not None:
-            row["basis"] = "dense Chinchilla L(N, D) at the run's tokens"
-            gap = L - chin["E"] - chin["B"] / float(r["tokens"]) ** chin["beta"]
-            if gap <= 0:
+            row["basis"] = _basis("dense Chinchilla L(N, D) at the run's tokens", chinchilla)
+            n = _chin_inverse_n(chin, L, r["tokens"])
+            if math.isinf(n):
                 row["reason"] = (f"loss {L:.4g} is at or below what the dense L(N, D) reaches "
                                  f"at any size with {r['tokens']:.3g} tokens")
             else:
-                n = (chin["A"] / gap) ** (1.0 / chin["alpha"])
                 row["el_params"] = _num(n / r["params_active"])
+                put("el_params", [_chin_inverse_n(p, L, r["tokens"]) / r["params_active"]
+                                  for p in chin_reps])
         else:
             row["reason"] = (f"dense L(N) fit is {dense_p['status']} "
                              f"({dense_p.get('reason', '')}) and no Chinchilla fit to fall "
                              "back on: no dense curve to compare with")
+        row["interval_note"] = "; ".join(notes)
         out.append(row)
     return out
 
@@ -947,12 +1062,62 @@ def _seed_noise(rows, seed_rows):
     return {"runs": runs, "std": std, "rel_std": std / float(np.mean(means))}
 
 
-def _sparsity_comparison(rows, noise) -> list[dict]:
+def _seed_key(r):
+    """The row's `seed` as an int (or its text), None when the row has none."""
+    v = r.get("seed")
+    if v is None or (isinstance(v, float) and math.isnan(v)) or not str(v).strip():
+        return None
+    try:
+        f = float(v)
+        return int(f) if f == int(f) else f
+    except (TypeError, ValueError):
+        return str(v).strip()
+
+
+def _paired(a_runs: dict, b_runs: dict, level: float) -> dict | None:
+    """Paired t-test of loss(b) - loss(a) over the seeds both levels ran ({seed: loss})."""
+    from scipy import stats
+
+    seeds = sorted(set(a_runs) & set(b_runs), key=str)
+    if len(seeds) < 2:
+        return None
+    d = np.array([b_runs[k] - a_runs[k] for k in seeds])
+    n = len(d)
+    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(n))
+    half = float(stats.t.ppf(0.5 + level / 2.0, n - 1)) * se
+    t = mean / se if se > 0 else None
+    p = float(2.0 * stats.t.sf(abs(t), n - 1)) if t is not None else None
+    return {"n": n, "seeds": seeds, "diffs": [float(v) for v in d], "mean": mean, "se": se,
+            "lo": mean - half, "hi": mean + half, "level": level, "df": n - 1, "t": t, "p": p}
+
+
+def _sparsity_comparison(rows, seed_rows=(), level=0.95) -> list[dict]:
     """Per active size (the table's `size` label, with its `flop_budget` when given, else
     runs within 5% in params_active and tokens), the loss of every sparsity level and the
-    gap of each MoE level to the next denser one; `within_noise` when the gap is not
-    larger than the seed-noise std."""
-    std = noise["std"] if noise else None
+    gap of each MoE level to the next denser one (from the grid runs, one per level).
+
+    Where seed repeats exist (group "seed" rows whose `repeat_of` is a grid run here), the
+    gap is also tested by PAIRED differences: each level's runs are keyed by their `seed`
+    column (the grid run's seed included; rows without one are not paired), the two
+    levels' runs at the same seed are paired, and `paired` holds n, the seeds, the
+    differences, their mean, standard error, the `level` t interval (lo, hi), t, df and
+    the two-sided p of a paired t-test (scipy.stats.t; null t and p when every difference
+    is equal). With fewer than two common seeds `paired` is null and `test` says "one run
+    per level: no paired test": the gap of two single runs is not judged against a pooled
+    seed std (that difference carries the noise of both runs)."""
+    by_base: dict[str, dict] = {}
+    for s in seed_rows or ():
+        k = _seed_key(s)
+        if k is not None and str(s.get("repeat_of") or "").strip():
+            by_base.setdefault(str(s["repeat_of"]).strip(), {})[k] = float(s["final_eval_loss"])
+
+    def seeds_of(r):
+        out = dict(by_base.get(r["name"], {}))
+        k = _seed_key(r)
+        if k is not None:
+            out.setdefault(k, float(r["final_eval_loss"]))
+        return out
+
     groups: dict = {}
     for r in rows:
         if str(r.get("size") or "").strip():
@@ -972,8 +1137,15 @@ def _sparsity_comparison(rows, noise) -> list[dict]:
         gaps = []
         for a, b in zip(rs, rs[1:]):
             gap = b["final_eval_loss"] - a["final_eval_loss"]
-            gaps.append({"from": a["name"], "to": b["name"], "gap": gap,
-                         "within_noise": None if std is None else bool(abs(gap) <= std)})
+            pr = _paired(seeds_of(a), seeds_of(b), level)
+            if pr is None:
+                test = "one run per level: no paired test"
+            elif pr["p"] is None:
+                test = f"paired over {pr['n']} seeds: every difference equal, no t-test"
+            else:
+                test = f"paired t-test over {pr['n']} seeds: p = {pr['p']:.2g}"
+            gaps.append({"from": a["name"], "to": b["name"], "gap": gap, "paired": pr,
+                         "test": test})
         out.append({"size": key[1] if key[0] == "label" else rs[0]["name"],
                     "params_active": min(r["params_active"] for r in rs),
                     "losses": {run_group(r): r["final_eval_loss"] for r in rs},
@@ -1078,7 +1250,7 @@ def analyse(rows: Sequence[dict], *, n_boot: int = 200, holdout: str | None = No
     a["downstream"] = _downstream(train, n_boot, seed, level, progress)
     a["joint_laws"] = _joint_laws(train, held, n_boot, seed, level, progress)
     a["efficiency_leverage"] = _efficiency_leverage(rows, a["power_laws"], a["compute_laws"],
-                                                    a["chinchilla"])
+                                                    a["chinchilla"], level)
     laws = [(f"L(N_active), {g}", "power", g, e, POWER) for g, e in a["power_laws"].items()]
     laws += [(f"L(C), {g}", "compute", g, e, COMPUTE) for g, e in a["compute_laws"].items()]
     laws += [("Chinchilla L(N, D)", "chinchilla", "dense", a["chinchilla"], CHIN),
@@ -1089,7 +1261,7 @@ def analyse(rows: Sequence[dict], *, n_boot: int = 200, holdout: str | None = No
              for name, names in JOINT.items()]
     a["holdout"] = _holdout(held, laws, level)
     a["seed_noise"] = _seed_noise(rows, side.get("seed"))
-    a["sparsity_comparison"] = _sparsity_comparison(rows, a["seed_noise"])
+    a["sparsity_comparison"] = _sparsity_comparison(rows, side.get("seed"), level)
     a["compare"] = _compare(side.get("compare"))
     return a
 

@@ -139,17 +139,50 @@ def efficiency_leverage(fits, out):
     if not el:
         return None
     sp = {r["name"]: r["sparsity"] for r in fits["runs"]}
+    # spread each level's runs a little along x, smallest size left, so their bars part
+    size = {r["name"]: r["params_active"] for r in fits["runs"]}
+    by_level: dict = {}
+    for e in el:
+        by_level.setdefault(e["level"], []).append(e["run"])
+    for runs in by_level.values():
+        runs.sort(key=lambda n: size[n])
+        for i, n in enumerate(runs):
+            sp[n] = sp[n] + 0.03 * (i / max(1, len(runs) - 1) - 0.5)
     fig, ax = _figure((6, 4.5))
     for j, (k, m) in enumerate((("el_params", "o"), ("el_compute", "s"))):
-        pts = [(sp[e["run"]], e[k]) for e in el if e[k] is not None]
-        if pts:
-            ax.scatter(*zip(*pts), marker=m, label=k.replace("el_", "EL "), color=_color(j))
+        pts = [e for e in el if e[k] is not None]
+        if not pts:
+            continue
+        # nudge the two series apart so their error bars do not overlap
+        x = np.array([sp[e["run"]] for e in pts]) + (j - 0.5) * 0.0015
+        y = np.array([e[k] for e in pts], float)
+        lo = np.array([np.nan if e.get(f"{k}_lo") is None else e[f"{k}_lo"] for e in pts])
+        hi = np.array([np.nan if e.get(f"{k}_hi") is None else e[f"{k}_hi"] for e in pts])
+        has = np.isfinite(lo) & np.isfinite(hi)
+        label = k.replace("el_", "EL ")
+        if has.any():  # error bars: the dense fit's bootstrap interval
+            # a percentile interval from few replicates can miss the point estimate: clip
+            err = np.maximum(0.0, [y[has] - lo[has], hi[has] - y[has]])
+            ax.errorbar(x[has], y[has], yerr=err, fmt=m,
+                        color=_color(j), capsize=3, lw=0.8, label=label)
+            label = None
+        up = np.isfinite(lo) & ~np.isfinite(hi)
+        if up.any():  # upper edge unbounded: bar from lo, open upwards
+            ax.errorbar(x[up], y[up], yerr=[np.maximum(0.0, y[up] - lo[up]), np.zeros(up.sum())],
+                        fmt=m,
+                        color=_color(j), capsize=3, lw=0.8, lolims=True, label=label)
+            label = None
+        rest = ~has & ~up
+        if rest.any():
+            ax.scatter(x[rest], y[rest], marker=m, color=_color(j), label=label)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("sparsity (1 - top_k / n_experts)")
+    ax.set_xlabel("sparsity (1 - top_k / n_experts); runs of one level spread by size")
     ax.set_ylabel("efficiency leverage vs dense")
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("Efficiency leverage vs sparsity")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.set_title("Efficiency leverage vs sparsity (bars: dense fit's bootstrap interval)",
+                 fontsize=9)
     return _save(fig, out, "efficiency_leverage.png")
 
 

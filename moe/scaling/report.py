@@ -16,6 +16,7 @@ the interval (see analysis.py for the rule).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +25,7 @@ from moe.scaling.analysis import analyse, read_fits, split_holdout, write_fits
 from moe.scaling.figures import draw_all
 from moe.scaling.results import ResultsError, load_results
 
-__all__ = ["write_report", "render_report", "fit_main", "split_holdout"]
+__all__ = ["write_report", "render_report", "fit_main", "split_holdout", "fmt_iv"]
 
 #: The parameters report.md prints per joint law (fits.json keeps every fitted value).
 JOINT_SHOWN = {"clark": ("a", "b", "c", "d"),
@@ -78,6 +79,42 @@ def render_report(fits: dict, out_dir) -> Path:
 
 
 # ---------------------------------------------------------------------- formatting
+
+
+def _finite(v) -> bool:
+    return v is not None and not isinstance(v, str) and math.isfinite(float(v))
+
+
+def fmt_iv(value, lo=None, hi=None) -> str:
+    """A value and its interval, printed to the precision the interval's width allows.
+
+    Two significant digits of the half-width (hi - lo) / 2 set the last decimal place
+    kept, and the value and both bounds are rounded to that place: 0.2248 [0.2167, 0.9588]
+    -> "0.22 [0.22, 0.96]", 1.188 [1.05, 1.31] -> "1.19 [1.05, 1.31]". Numbers of 1e6 and
+    above or below 1e-4 are written in e-notation with as many digits as reach that
+    place. No interval (a bound None or not finite, or hi <= lo): the value alone to 4
+    significant figures. None -> "-".
+    """
+    if value is None:
+        return "-"
+    if not (_finite(value) and _finite(lo) and _finite(hi)) or float(hi) <= float(lo):
+        return _fmt(value)
+    v, lo, hi = float(value), float(lo), float(hi)
+    # decimal exponent of the last digit kept (1e-9 guards 0.1 stored as 0.0999...)
+    place = math.floor(math.log10((hi - lo) / 2.0) + 1e-9) - 1
+    big = max(abs(v), abs(lo), abs(hi))
+    if 1e-4 <= big < 1e6:
+        dec = max(0, -place)
+
+        def one(x):
+            return f"{round(x, -place) if place > 0 else x:.{dec}f}"
+    else:
+        def one(x):
+            if x == 0:
+                return "0"
+            digits = max(1, math.floor(math.log10(abs(x))) - place + 1)
+            return f"{x:.{digits - 1}e}"
+    return f"{one(v)} [{one(lo)}, {one(hi)}]"
 
 
 def _fmt(v, digits=4) -> str:
@@ -289,23 +326,36 @@ def _joint_laws(f) -> list[str]:
     md = ["## MoE joint laws\n", "Clark et al. 2022 (log L bilinear in log N and log E'), "
           "the additive law L = E0 + A/N_active^alpha + B/N_total^beta, and Ludziejewski et "
           "al. 2025 (joint in N_active, D and E'; exponents signed as in the paper), fitted "
-          "on all non-held-out runs with whole-run bootstrap intervals; compared by RMSE of "
-          "log loss on the held-out runs.\n",
-          "| law | runs | parameters [interval] | train RMSE(log L) | held-out RMSE(log L) "
-          "| failed replicates |", "| --- | --- | --- | --- | --- | --- |"]
+          "on all non-held-out runs with whole-run bootstrap intervals. One law is chosen "
+          "by " + (j.get("selected_by") or "cross-validation on the fitted runs (not run)")
+          + "; the held-out runs then score it (their RMSE is shown for every law and "
+          "never enters the choice).\n",
+          "| law | runs | parameters [interval] | train RMSE(log L) | CV RMSE(log L) "
+          "| held-out RMSE(log L) | failed replicates |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, shown in JOINT_SHOWN.items():
         e = j[name]
         if e["status"] == "not_fitted":
-            md.append(f"| {name} | {e['n_runs']} | not fitted: {e['reason']} | | | |")
+            md.append(f"| {name} | {e['n_runs']} | not fitted: {e['reason']} | | | | |")
             continue
         ps = "; ".join(f"{k} = {_cell(e, k)}" for k in shown)
         fixed = ", ".join(f"{k} = {_fmt(v)}" for k, v in e.get("fixed", {}).items())
         md.append(f"| {name} | {e['n_runs']} | {ps}{' (' + fixed + ')' if fixed else ''} | "
-                  f"{_fmt(e['train_rmse_log'])} | {_fmt(e['heldout_rmse_log'])} | "
-                  f"{e['failed_replicates']}/{e['n_boot']} |")
+                  f"{_fmt(e['train_rmse_log'])} | {_fmt(e.get('cv_rmse_log'))} | "
+                  f"{_fmt(e['heldout_rmse_log'])} | {e['failed_replicates']}/{e['n_boot']} |")
     md += _status_notes({k: j[k] for k in JOINT_SHOWN})
     md += _profile_notes({k: j[k] for k in JOINT_SHOWN})
-    md.append(f"Better on held-out runs: **{j['better'] or 'undecided'}** ({j['reason']}).\n")
+    folds = [(name, f) for name in JOINT_SHOWN for f in (j[name].get("cv_folds") or [])]
+    if folds:
+        md += ["Cross-validation folds (fit on every fitted run smaller than the left-out "
+               "size):\n", "| law | left out | runs fitted | runs scored | RMSE(log L) |",
+               "| --- | --- | --- | --- | --- |"]
+        md += [f"| {name} | {f['left_out']} | {f['n_train']} | {f['n_test']} | "
+               + (_fmt(f["rmse_log"]) if f["rmse_log"] is not None
+                  else f"not fitted: {f['error']}") + " |" for name, f in folds]
+        md.append("")
+    md.append(f"Chosen by cross-validation on the fitted runs: **{j['better'] or 'undecided'}**"
+              f" ({j['reason']}).\n")
     return md
 
 
@@ -321,11 +371,21 @@ def _efficiency_leverage(f) -> list[str]:
     md += ["EL(params) = active size a dense model needs to reach the run's loss / the run's "
            "active size; EL(compute) the same with FLOPs. The dense curve (basis) is the "
            "dense L(N) and L(C) fits when they are bounded, else the dense Chinchilla "
-           "L(N, D) at the run's tokens. Read with that fit's interval above.\n",
-           "| run | level | EL(params) | EL(compute) | basis | note |",
+           "L(N, D) at the run's tokens. Intervals: EL recomputed from every bootstrap "
+           "replicate of that dense fit, so they cover the dense curve's uncertainty, not "
+           "the MoE run's own seed noise (see the seed repeats below).\n",
+           "| run | level | EL(params) [interval] | EL(compute) [interval] | basis | note |",
            "| --- | --- | --- | --- | --- | --- |"]
-    md += [f"| {e['run']} | {e['level']} | {_fmt(e['el_params'])} | {_fmt(e['el_compute'])} "
-           f"| {e.get('basis') or '-'} | {e['reason']} |" for e in el]
+
+    def cell(e, k):
+        if e.get(k) is not None and e.get(f"{k}_lo") is not None and e.get(f"{k}_hi") is None:
+            return f"{_fmt(e[k])} [{_fmt(e[f'{k}_lo'], 3)}, unbounded]"
+        return fmt_iv(e.get(k), e.get(f"{k}_lo"), e.get(f"{k}_hi"))
+
+    md += [f"| {e['run']} | {e['level']} | {cell(e, 'el_params')} | {cell(e, 'el_compute')} "
+           f"| {e.get('basis') or '-'} | "
+           + "; ".join(x for x in (e['reason'], e.get('interval_note')) if x) + " |"
+           for e in el]
     return md + [""]
 
 
@@ -336,8 +396,9 @@ def _seed_noise(f) -> list[str]:
         return md + ["Not measured: the table has no seed repeats, so no gap between two "
                      "runs here can be told apart from seed noise.\n"]
     md.append(f"Pooled std of the final loss over seed repeats: {_fmt(s['std'])} "
-              f"({100 * s['rel_std']:.2f}% of the loss). Gaps between runs smaller than "
-              f"~{_fmt(2 * s['std'], 2)} are within noise.\n")
+              f"({100 * s['rel_std']:.2f}% of the loss): the spread of ONE run. The gap "
+              "between two single runs carries the noise of both; gaps between levels are "
+              "tested by paired differences over seeds in the sparsity comparison below.\n")
     md += ["| run | repeats | losses | std |", "| --- | --- | --- | --- |"]
     md += [f"| {r['run']} | {r['n']} | {', '.join(_fmt(v, 5) for v in r['losses'])} | "
            f"{_fmt(r['std'])} |" for r in s["runs"]]
@@ -351,20 +412,35 @@ def _sparsity_comparison(f) -> list[str]:
     levels = []
     for r in rows:
         levels += [lv for lv in r["losses"] if lv not in levels]
-    sn = f["seed_noise"]
     md = ["## Sparsity at equal active size\n",
           "Final eval loss per level at each active size; each gap is the next sparser "
-          "level's loss minus the denser one's (negative: the sparser model is better). "
-          + (f"Gaps not larger than the seed-noise std ({_fmt(sn['std'], 3)}) are marked "
-             "**within noise**." if sn else "Seed noise not measured: no gap can be called "
-             "real or noise.") + "\n",
+          "level's loss minus the denser one's (negative: the sparser model is better), from "
+          "one run per level. Where both levels were repeated over seeds, the gap is tested "
+          "by paired differences (runs of the two levels with the same seed paired; table "
+          "below); a gap between two single runs is not tested.\n",
           "| size | active params | " + " | ".join(levels) + " | gaps |",
           "|" + " --- |" * (len(levels) + 3)]
+    paired = []
     for r in rows:
-        gaps = "; ".join(f"{g['to']} {g['gap']:+.4f}" + (" **within noise**" if g["within_noise"]
-                                                         else "") for g in r["gaps"])
+        cells = []
+        for g in r["gaps"]:
+            cells.append(f"{g['to']} {fmt_iv(g['gap'])} ({g['test']})")
+            if g.get("paired"):
+                paired.append((r, g))
         md.append(f"| {r['size']} | {_fmt(r['params_active'])} | "
-                  + " | ".join(_fmt(r["losses"].get(lv), 5) for lv in levels) + f" | {gaps} |")
+                  + " | ".join(_fmt(r["losses"].get(lv), 5) for lv in levels)
+                  + f" | {'; '.join(cells)} |")
+    if paired:
+        lv = paired[0][1]["paired"]["level"]
+        md += ["", f"Paired differences over seeds (loss of `to` minus loss of `from` at the "
+               f"same seed; {lv * 100:.0f}% t interval; two-sided paired t-test):\n",
+               "| size | from | to | seeds | mean difference [interval] | std. error | t | p |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r, g in paired:
+            p = g["paired"]
+            md.append(f"| {r['size']} | {g['from']} | {g['to']} | {p['n']} | "
+                      f"{fmt_iv(p['mean'], p['lo'], p['hi'])} | {_fmt(p['se'], 2)} | "
+                      f"{_fmt(p['t'], 3)} | {_fmt(p['p'], 2)} |")
     return md + [""]
 
 
@@ -401,10 +477,12 @@ def _holdout(f) -> list[str]:
         if h["lo"] is None:
             iv = ""
         elif h["bounded"]:
-            iv = f" [{_fmt(h['lo'])}, {_fmt(h['hi'])}]"
+            iv = None
         else:
             iv = " (interval unbounded)"
-        md.append(f"| {h['run']} | {h['quantity']} | {h['law']} | {_fmt(h['predicted'])}{iv} "
+        pred = (fmt_iv(h["predicted"], h["lo"], h["hi"]) if iv is None
+                else _fmt(h["predicted"]) + iv)
+        md.append(f"| {h['run']} | {h['quantity']} | {h['law']} | {pred} "
                   f"| {_fmt(h['actual'])} | {100 * h['rel_error']:+.3g}% |")
     md += [f"| {r['name']} | loss | none fitted for level {r['level']} | | {_fmt(r['loss'])} "
            "| |" for r in held if r["name"] not in seen]
