@@ -492,7 +492,9 @@ def _boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
     if frac_bound > (1.0 - level) / 2:
         reasons.append(f"{100 * frac_bound:.0f}% of replicates end on a bound or a degenerate "
                        "exponent (the interval edge is the optimiser's box, not the data)")
-    entry["bounded"] = not reasons and not modes
+    # a point on a bound or a collapsed term makes the percentile interval no confidence
+    # statement either (its edge is the box), so such a law is not "bounded"
+    entry["bounded"] = not reasons and not modes and not degenerate
     split = [f"{k}'s bootstrap replicates split into two modes ({100 * m['masses'][0]:.0f}% "
              f"near {m['medians'][0]:.3g}, {100 * m['masses'][1]:.0f}% near "
              f"{m['medians'][1]:.3g})" for k, m in modes.items()]

@@ -131,7 +131,7 @@ def _cell(entry: dict, k: str) -> str:
     values stay in fits.json, and the profile intervals below the table still apply)."""
     p = entry[k]
     if entry["status"] == "ok":
-        return f"{_fmt(p['value'])} [{_fmt(p['lo'])}, {_fmt(p['hi'])}]"
+        return fmt_iv(p["value"], p["lo"], p["hi"])
     return f"not determined ({STATUS_WORDS.get(entry['status'], entry['status'])})"
 
 
@@ -141,8 +141,12 @@ def _status_notes(entries: dict) -> list[str]:
     return (["", *lines] if lines else []) + [""]
 
 
-def _bound(v, is_open) -> str:
-    return _fmt(v) + (" (not bounded by the data)" if is_open else "")
+def _profile_iv(p: dict) -> str:
+    """value [lo, hi] of one profile interval; an end that reached the parameter's limit
+    with the data still consistent is said to be open."""
+    ends = [w for w, o in (("lower", p["lo_open"]), ("upper", p["hi_open"])) if o]
+    return fmt_iv(p["value"], p["lo"], p["hi"]) + (
+        f" ({' and '.join(ends)} end at its limit: not bounded by the data)" if ends else "")
 
 
 def _profile_lines(name: str, e: dict) -> list[str]:
@@ -157,8 +161,7 @@ def _profile_lines(name: str, e: dict) -> list[str]:
     irr = cond["on"]
     exps = [k for k in pr if isinstance(pr[k], dict) and "lo_open" in pr[k] and k != irr]
     pct = f"{100 * pr['level']:.0f}%"
-    ivs = "; ".join(f"{k} {_fmt(pr[k]['value'])} [{_bound(pr[k]['lo'], pr[k]['lo_open'])}, "
-                    f"{_bound(pr[k]['hi'], pr[k]['hi_open'])}]" for k in exps + [irr])
+    ivs = "; ".join(f"{k} {_profile_iv(pr[k])}" for k in exps + [irr])
     md = [f"- {name + ': ' if name else ''}{pct} profile-likelihood intervals "
           f"({pr['dof']} residual dof): {ivs}."]
     if e["status"] != "ok" or pr[irr]["lo"] <= 0.0:
@@ -291,14 +294,17 @@ def _isoflop(f) -> list[str]:
             continue
         def iv(key):
             i, pr = e.get(key), e.get(key.replace("_interval", "_profile_interval"))
-            out = f" [{_fmt(i['lo'])}, {_fmt(i['hi'])}] (bootstrap)" if i else " (no bootstrap interval)"
+            v = e[key.replace("_interval", "")]
+            out = (f" {fmt_iv(v, i['lo'], i['hi'])} (bootstrap)" if i else
+                   f" {_fmt(v)} (no bootstrap interval)")
             if pr:
-                out += f", [{_fmt(pr['lo'])}, {_fmt(pr['hi'])}] (profile likelihood, {pr['dof']} dof)"
+                out += (f", {fmt_iv(v, pr['lo'], pr['hi'])} (profile likelihood, "
+                        f"{pr['dof']} dof)")
             return out
 
-        md.append(f"- {g}: a = {_fmt(e['exponent'])}{iv('exponent_interval')} from "
+        md.append(f"- {g}: a ={iv('exponent_interval')} from "
                   f"{len(e['budgets'])} budgets"
-                  + (f"; D* ~ C^b, b = {_fmt(e['d_exponent'])}{iv('d_exponent_interval')}"
+                  + (f"; D* ~ C^b, b ={iv('d_exponent_interval')}"
                      if e.get("d_exponent") is not None else "")
                   + (f"; {e['interval_note']}" if e.get("interval_note") else "")
                   + (f"; dropped {len(e['dropped'])}: "
