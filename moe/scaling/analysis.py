@@ -8,7 +8,8 @@ report.md and every figure are rendered from that file alone (moe/scaling/report
 other tools (dashboards, `moe-testbed plan`, a notebook) read the same numbers the report
 prints, and a report can be re-rendered without refitting.
 
-Schema, `schema_version: 1` (NaN and inf are written as null; all keys always present):
+Schema, `schema_version: 2` (NaN and inf are written as null; all keys always present
+unless marked "v2": those are absent from version-1 files, which read_fits still reads):
 
     schema_version  1
     source          the table the runs came from
@@ -33,7 +34,8 @@ Schema, `schema_version: 1` (NaN and inf are written as null; all keys always pr
                     plan` uses it when no joint law is fitted. Absent from fits.json files
                     written before it existed (readers treat a missing key as {}).
     isoflop         {<level>: approach 2 (Porian et al. 2024) as `fit_isoflop` returns it,
-                    plus status/reason}
+                    plus status/reason; v2: exponent_profile_interval (and
+                    d_exponent_profile_interval), the t interval of the OLS slope}
     overtraining    LAW, Gadre et al. 2024: L(N, M) = E + a N^b + beta 6^(b/2) (M N)^b,
                     N total params, M tokens per parameter (a, b, beta, E)
     downstream      LAW, Gadre et al. 2024: Err(L) = eps - k exp(-gamma L) (eps, k, gamma)
@@ -72,20 +74,50 @@ Schema, `schema_version: 1` (NaN and inf are written as null; all keys always pr
     compare         [{run, loss, maxvio, tokens_per_s, flops}] or null (the ladder's
                     fixed-size comparison variants)
 
-A LAW entry: `law` (formula), `status` (ok | unbounded | not_converged | not_fitted),
-`reason`, each parameter as {value, lo, hi, median} (95% percentile bootstrap over whole
-runs by default), `n_runs`, `n_boot`, `failed_replicates`, `objective` (summed Huber of log
-residuals unless `objective_name` says otherwise), `converged` (the point fit's optimiser
-reported success), `bounded`, and `replicates` {param: [value per successful replicate]}
-so later tools propagate uncertainty without refitting. A not-fitted law has status,
-reason, law and n_runs only.
+A LAW entry: `law` (formula), `status`, `reason`, each parameter as {value, lo, hi,
+median} (95% percentile bootstrap over whole runs by default), `n_runs`, `n_boot`,
+`failed_replicates`, `objective` (summed Huber of log residuals unless `objective_name`
+says otherwise), `converged` (the point fit reached its optimum: the optimiser reported
+success, or stopped in a line search that a refit from the point confirms), `bounded`,
+and `replicates` {param: [value per successful replicate]} so later tools propagate
+uncertainty without refitting. A not-fitted law has status, reason, law and n_runs only.
+v2 adds:
+    optimum   {refit_gain, refit_ok, starts_agree, starts_finished, starts_spread} for the
+              LSE laws (fits._optimum_checks): how much a refit from the reported point
+              lowered the objective (refit_ok: at most fits.REFIT_RTOL relative), and how
+              many multi-start runs reached the best objective and how far apart their
+              parameters ended (a flat valley: agreeing objectives, spread parameters)
+    modes     {param: {valley, masses, medians, depth}} for parameters whose replicates
+              split into two modes (`replicate_modes`)
+    profile   (L(N), L(C), approach 3, the additive law) profile-likelihood intervals
+              (fits.law_profiles): {method, level, dof, rss_min, <exponent> and
+              <irreducible>: {value, lo, hi, lo_open, hi_open}, conditional: {on, rows:
+              [{<irreducible>, F, <exponents>}]}}: the exponents at stated values of the
+              irreducible loss (0, its interval's ends, fractions of the smallest loss).
+              `value` is the least-squares optimum the profile is taken around. Absent
+              where the law has no residual degree of freedom; {error} if it failed.
+
+`status`, the first that applies:
+    not_fitted     the table cannot identify the law (reason says why)
+    not_converged  the point fit is not the optimum (optimiser, or a refit improved it)
+    degenerate     the point fit's irreducible term (E, c, E0) is below COLLAPSE_FRAC
+                   (1e-3) of the smallest fitted loss, or a parameter is on its bound
+                   (reason names it): the law did not determine that parameter
+    unidentified   some parameter's bootstrap replicates split into two modes (reason names
+                   it): the runs are consistent with two different laws
+    unbounded      the interval is not a confidence statement (below)
+    ok             none of these
+Only ok laws are printed as numbers in report.md; the others read "not determined (why)",
+with the profile-likelihood intervals and conditional exponents beside them.
+`moe-testbed plan` plans only from ok and unbounded laws.
 
 When an interval is unbounded (`bounded: false`, status "unbounded"): the law has no
 residual degree of freedom (as many distinct runs as parameters: the curve interpolates),
 more than half the replicates failed (the interval would describe a minority of
 resamples), or more than (1 - level)/2 of the successful replicates ended on a box bound
 or a degenerate exponent (an exponent at 0 or its cap, an amplitude at its cap): then the
-interval's edge is set by the optimiser's box, not by the data.
+interval's edge is set by the optimiser's box, not by the data. Degenerate and
+unidentified laws are not `bounded` either.
 """
 from __future__ import annotations
 

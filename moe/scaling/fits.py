@@ -16,14 +16,27 @@ every one of the 10 best-scoring grid points already reaches the full-grid optim
 (objective 1.01827e-3) to 1e-11, so the default of 32 starts costs ~0.3 s and is cheap
 enough to re-run in every bootstrap replicate.
 
-Tolerances are scipy's L-BFGS-B defaults on purpose: with them, AVERAGING the Huber loss
-instead of summing it (`reduction="mean"`) stops the optimiser early, far from the optimum
-(summed objective 1.108e-3 from the full grid, 1.29e-3 from the default 32 starts, instead
-of 1.018e-3; the 32-start mean fit lands near Hoffmann et al.'s published E 1.66, beta 0.25,
-B 204), which is the documented
-error in the original Chinchilla fit (Besiroglu et al. 2024). L-BFGS-B's stopping tests
-(ftol relative to max(|f|, 1), gtol absolute) are effectively absolute for f << 1, so an
-objective 240x smaller trips them 240x sooner.
+Tolerances. The summed objective is minimised with tight L-BFGS-B options (TIGHT_LBFGS:
+ftol 1e-15, gtol 1e-11), and every fit records evidence that its point is the optimum
+(`refit_gain`/`refit_ok`: a refit started from it; `starts_agree`/`starts_spread`:
+multi-start agreement). scipy's defaults (ftol relative to max(|f|, 1), gtol absolute) are
+effectively absolute for f << 1: on the CPU ladder's dense L(N) they stopped at E = 0.046,
+alpha 0.225 (objective 8.2602e-5) on a valley whose floor is E ~ 1e-10, alpha 0.221
+(8.2495e-5), and that early stop was reported as a converged E. Measured cost: ~2x the
+iterations per fit (171 against 91 on that ladder's bootstrap resamples). The Chinchilla
+replication's digits are unchanged (tests/test_scaling_identify.py).
+
+`reduction="mean"` keeps scipy's defaults: with them, AVERAGING the Huber loss instead of
+summing it stops the optimiser early, far from the optimum (summed objective 1.108e-3 from
+the full grid, 1.29e-3 from the default 32 starts, instead of 1.018e-3; the 32-start mean
+fit lands near Hoffmann et al.'s published E 1.66, beta 0.25, B 204), which is the
+documented error in the original Chinchilla fit (Besiroglu et al. 2024): an objective 240x
+smaller trips the effectively absolute stopping tests 240x sooner. It exists to reproduce
+that error, not for results.
+
+Profile likelihood (`lse_profile`, `law_profiles`): intervals for exponents and the
+irreducible loss from the least-squares profile with an F(1, m - p) threshold, and the
+exponents conditional on stated irreducible losses, for ladders that cannot determine E.
 
 The MoE joint law of Clark et al. is linear in its coefficients and is fitted by ordinary
 least squares in log loss (as in the paper); its saturation constants are fixed by default.
@@ -469,7 +482,7 @@ def fit_chinchilla(N, D, loss, *, delta: float = HUBER_DELTA, reduction: str = "
     """Chinchilla approach 3: fit L(N, D) = E + A/N^alpha + B/D^beta.
 
     Minimises SUM_i Huber_delta(LSE(a - alpha log N_i, b - beta log D_i, e) - log L_i) with
-    L-BFGS-B (analytic gradient, scipy default tolerances) from the Chinchilla grid
+    L-BFGS-B (analytic gradient, TIGHT_LBFGS; scipy defaults for "mean") from the Chinchilla grid
     (`chinchilla_grid()`, or `grid` as an (G, 5) array of (a, b, e, alpha, beta)) and keeps
     the best start. `n_starts=None` starts from every grid point (exact original procedure,
     ~34 s on the 240 points); an int starts from that many best-scoring grid points after one
