@@ -317,7 +317,8 @@ def lse_profile(logX, logL, theta, *, index: int, limits: tuple[float, float],
     threshold is reported `lo_open`/`hi_open` (the data do not bound it there).
 
     `stated`: values of the parameter at which to also return the conditional fit (the
-    other parameters' values and F), e.g. exponents at a stated irreducible loss;
+    other parameters' values and F), e.g. exponents at a stated irreducible loss, or a
+    function (lo, hi, value) -> such values, called once the interval is known;
     `intervals=False` computes only those (lo/hi are then None).
     Returns {value, lo, hi, lo_open, hi_open, rss_min, dof, f_crit, level, conditional:
     [{value, F, theta}]}, or None when m <= p (no residual degree of freedom).
@@ -351,9 +352,12 @@ def lse_profile(logX, logL, theta, *, index: int, limits: tuple[float, float],
             t[K] = math.log(frac * math.exp(float(logL.min())))
             e_starts.append(t)
 
+    path = [(v_hat, theta_ls)]  # every profiled point: starts for the stated values
+
     def stat(v, start):
         rss, t = _fixed_fit(logX, logL, theta_ls, index, to_int(v), bounds,
                             [start, theta_ls, *e_starts])
+        path.append((v, t))
         return (rss - rss_min) / s2, t
 
     def walk(sign):
@@ -385,9 +389,14 @@ def lse_profile(logX, logL, theta, *, index: int, limits: tuple[float, float],
     if intervals:
         lo, lo_open = walk(-1.0) if v_hat > lo_lim else (lo_lim, True)
         hi, hi_open = walk(+1.0) if v_hat < hi_lim else (hi_lim, True)
+    if callable(stated):
+        stated = stated(lo, hi, v_hat)
     cond = []
     for v in stated:
-        F, t = stat(float(v), theta_ls)
+        # started from the nearest profiled point as well: near the edge of the interval
+        # the fit can need exponents far from the optimum's (continuation found them)
+        near = min(path, key=lambda pt: abs(pt[0] - v))[1]
+        F, t = stat(float(v), near)
         cond.append({"value": float(v), "F": float(F), "theta": t})
     return {"value": v_hat, "lo": lo, "hi": hi, "lo_open": lo_open,
             "hi_open": hi_open, "rss_min": rss_min, "dof": int(dof), "f_crit": crit,
@@ -407,8 +416,10 @@ def law_profiles(p: dict, *, exponents: dict, irreducible: str, level: float = 0
     loss that lie inside the interval (what a reader needs when E is not identified).
 
     exponents: {name: (theta index, sign)}: reported value = sign x internal (a compute
-    law's b is -alpha). Exponents are profiled over [0, max_exponent] (internal units),
-    the irreducible loss over [0, smallest loss). Returns {method, level, dof, rss_min,
+    law's b is -alpha). Exponents are profiled over [0, max_exponent] (internal units) and
+    held in that box while other parameters are profiled (the fitters' box; approach 3,
+    fitted without one, gets it here, as its at-bound rule in analysis.py treats an
+    exponent above it as degenerate), the irreducible loss over [0, smallest loss). Returns {method, level, dof, rss_min,
     <name>: {value, lo, hi, lo_open, hi_open} for each exponent and the irreducible loss,
     conditional: {on, rows: [{<irreducible>, F, <exponent>...}]}}, or None when the law has
     no residual degree of freedom.
@@ -426,8 +437,17 @@ def law_profiles(p: dict, *, exponents: dict, irreducible: str, level: float = 0
         return {"value": sign * pr["value"], "lo": lo, "hi": hi, "lo_open": lo_open,
                 "hi_open": hi_open}
 
+    if bounds is None:  # approach 3 fits unbounded; its profile keeps exponents in the box
+        bounds = [(-np.inf, np.inf)] * (K + 1) + [(0.0, max_exponent)] * K
+
+    def stated(lo, hi, value):
+        vals = sorted({0.0, lo, hi, value}
+                      | {f * lmin for f in stated_fracs if lo <= f * lmin <= hi})
+        # one row per distinct value: a collapsed E (1e-10) is the row at 0
+        return [v for i, v in enumerate(vals) if i == 0 or v - vals[i - 1] > 1e-6 * lmin]
+
     pe = lse_profile(logX, logL, theta, index=K, limits=(0.0, lmin * (1 - 1e-9)),
-                     log_param=True, bounds=bounds, level=level)
+                     log_param=True, bounds=bounds, level=level, stated=stated)
     if pe is None:
         return None
     out.update({"dof": pe["dof"], "rss_min": pe["rss_min"], irreducible: interval(pe)})
@@ -435,18 +455,10 @@ def law_profiles(p: dict, *, exponents: dict, irreducible: str, level: float = 0
         pr = lse_profile(logX, logL, theta, index=idx, limits=(0.0, max_exponent),
                          bounds=bounds, level=level)
         out[name] = interval(pr, sign)
-    stated = {0.0, pe["lo"], pe["hi"], pe["value"]}
-    stated |= {f * lmin for f in stated_fracs if pe["lo"] <= f * lmin <= pe["hi"]}
-    stated = sorted(v for v in stated if pe["lo"] <= v <= pe["hi"] or v == 0.0)
-    # one row per distinct value: a collapsed E (1e-10) is the row at 0
-    stated = [v for i, v in enumerate(stated) if i == 0 or v - stated[i - 1] > 1e-6 * lmin]
-    cond = lse_profile(logX, logL, theta, index=K, limits=(0.0, lmin * (1 - 1e-9)),
-                       log_param=True, bounds=bounds, level=level, stated=stated,
-                       intervals=False)
     out["conditional"] = {"on": irreducible, "rows": [
         {irreducible: c["value"], "F": c["F"],
          **{name: sign * float(c["theta"][idx]) for name, (idx, sign) in exponents.items()}}
-        for c in cond["conditional"]]}
+        for c in pe["conditional"]]}
     return out
 
 

@@ -186,10 +186,13 @@ def _ols(logc: np.ndarray, logy: np.ndarray) -> dict:
 def _profile_interval(fit: dict, level: float) -> dict | None:
     """Profile-likelihood interval of the OLS slope under Gaussian errors in ln N*: for a
     linear model it is exactly the t interval, exponent +- t_(dof, (1+level)/2) x se.
-    None with 2 budgets (no residual degree of freedom)."""
+    None below MIN_BUDGETS_FOR_INTERVAL budgets, as for the bootstrap: with 3 the one
+    residual degree of freedom makes the width itself a single draw (the committed CPU
+    IsoFLOP ladder's 3 budgets gave +-0.002 around a = 0.445, where three points that
+    happen to lie on a line say nothing of how far a fourth would)."""
     from scipy.stats import t as t_dist
 
-    if fit["exponent_se"] is None:
+    if fit["exponent_se"] is None or fit["dof"] + 2 < MIN_BUDGETS_FOR_INTERVAL:
         return None
     half = float(t_dist.ppf(0.5 + level / 2.0, fit["dof"])) * fit["exponent_se"]
     return {"lo": fit["exponent"] - half, "hi": fit["exponent"] + half, "dof": fit["dof"]}
@@ -243,8 +246,8 @@ def fit_isoflop(flops, n, loss, tokens=None, *, nominal: Sequence[float] | None 
       exponent_interval: {lo, hi} percentile interval at `level` (None if every replicate
         failed, n_boot = 0 or fewer than MIN_BUDGETS_FOR_INTERVAL budgets were kept;
         interval_note then says which); exponent_profile_interval: {lo, hi, dof}, the
-        profile-likelihood (= t) interval of the slope at `level`, given from 3 budgets
-        (None with 2); r2, resid_std (ddof 2; None with 2 budgets) of that OLS;
+        profile-likelihood (= t) interval of the slope at `level` (None below
+        MIN_BUDGETS_FOR_INTERVAL kept budgets); r2, resid_std (ddof 2; None with 2 budgets) of that OLS;
       n_budgets; budgets: one dict per KEPT budget, ascending C, {flops, flops_range
         ([min, max] of its runs' FLOPs), n_opt, loss_opt (at N*), n_runs, n_sizes (distinct
         N)} (+ d_opt, d_edge with tokens);

@@ -226,8 +226,7 @@ def _unusable_why(name: str, entry) -> str:
     reason = str(entry.get("reason") or "").strip()
     if st in USABLE_STATUSES:
         return f"{name} (status {st!r}) has no fitted parameter values"
-    return (f"{name} status {st!r} is not usable (the planner uses only "
-            f"{' and '.join(repr(u) for u in USABLE_STATUSES)})" + (f": {reason}" if reason else ""))
+    return f"{name} is {st}" + (f" ({reason})" if reason else "")
 
 
 def law_candidates(fits: dict, experts: int, level: Optional[str]) -> tuple[list, list]:
@@ -836,7 +835,9 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
         for E in s.experts:
             choice, why = laws[E]
             if choice is None:
-                missing.append(f"{'dense' if E == 0 else f'{E} experts'}: {why}")
+                line = f"{'dense' if E == 0 else f'{E} experts'}: {why}"
+                if line not in missing:  # one line per level, not one per budget
+                    missing.append(line)
                 continue
             opt = frontier(choice.point, c_law)
             ext_n, ext_n_basis = _n_extrapolation(fits, E, opt[0])
@@ -926,7 +927,7 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
                 row["config"] = None
             rows.append(row)
     if not rows:
-        raise PlanError("fits.json has no law that can plan these rows: " + "; ".join(missing))
+        raise PlanError(_no_law(missing))
     if all(r["refused"] for r in rows):
         worst = max(rows, key=lambda r: r["passes"])
         raise PlanError(f"every row is refused: {worst['name']} {worst['refused']}"
@@ -1243,7 +1244,12 @@ def make_plan_probe(fits: dict, s: PlanSettings) -> float:
         if ch is not None:
             return frontier(ch.point, s.flops[0] / kappa)[0]
         why.append(f"{'dense' if E == 0 else f'{E} experts'}: {reason}")
-    raise PlanError("fits.json has no law that can plan these rows: " + "; ".join(why))
+    raise PlanError(_no_law(why))
+
+
+def _no_law(why: list[str]) -> str:
+    return ("fits.json has no law that can plan these rows (the planner uses only "
+            f"{' and '.join(repr(u) for u in USABLE_STATUSES)} laws): " + "; ".join(why))
 
 
 def plan_main(argv: list[str] | None = None) -> int:
