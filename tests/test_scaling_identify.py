@@ -133,7 +133,7 @@ def test_split_replicates_make_a_law_unidentified(monkeypatch):
     def fit(x, loss):
         calls["n"] += 1
         first = calls["n"] == 1
-        E = 1.5 if first or calls["n"] % 3 else 0.001
+        E = 1.5 if first or calls["n"] % 3 else 0.6
         return {"E": E, "A": 10.0, "alpha": 0.3, "a_log": 1.0, "objective_sum": 1e-4,
                 "converged": True}
 
@@ -286,3 +286,37 @@ def test_committed_isoflop_ladder_joint_law_is_degenerate():
     assert j["joint"]["status"] == "degenerate", j["joint"]["reason"]
     assert j["joint"]["reason"].startswith("c = ")
     assert j["joint"]["c"]["value"] < COLLAPSE_FRAC * min(r["final_eval_loss"] for r in train)
+
+
+def test_collapsed_and_real_irreducible_replicates_are_a_split():
+    """A point mass at 0 beside a spread of real values: a kernel density smooths it into
+    one broad mode, so the irreducible term has its own rule (collapse_split)."""
+    from moe.scaling.analysis import collapse_split
+
+    rng = np.random.default_rng(2)
+    E = np.concatenate([np.full(30, 1e-11), rng.uniform(0.3, 2.2, 170)])
+    assert replicate_modes(E) is None  # what the density alone says
+    m = collapse_split(E, 2.4)
+    assert m["masses"] == pytest.approx([0.15, 0.85]) and m["medians"][0] == 1e-11
+    assert collapse_split(rng.uniform(0.3, 2.2, 200), 2.4) is None
+    assert collapse_split(np.full(200, 1e-11), 2.4) is None  # all collapsed: degenerate
+
+
+def test_version_1_files_are_rechecked_on_reading(tmp_path):
+    """The committed ladder's version-1 fits.json called its dense L(N) ok, with E at an
+    early stop of 0.046 and 11% of the replicates collapsed to 0; read today it is not ok,
+    and `plan` cannot take it as ok either."""
+    import shutil
+
+    # the file as committed at 4d36eef (benchmarks/results/ladder_cpu/fits.json), kept
+    # here because that one has since been re-rendered as version 2
+    d = tmp_path / "v1"
+    d.mkdir()
+    shutil.copy(REPO / "tests/data/ladder_cpu_fits_v1.json", d / "fits.json")
+    assert json.loads((d / "fits.json").read_text())["schema_version"] == 1
+    a = read_fits(d)
+    dense = a["power_laws"]["dense"]
+    assert dense["status"] == "unidentified" and dense["reason"].startswith("E collapsed to 0")
+    assert not dense["bounded"]
+    assert "rechecked without refitting" in a["notes"][-1]
+    assert (render_report(a, tmp_path / "r")).exists()

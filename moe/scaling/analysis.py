@@ -87,8 +87,10 @@ v2 adds:
               lowered the objective (refit_ok: at most fits.REFIT_RTOL relative), and how
               many multi-start runs reached the best objective and how far apart their
               parameters ended (a flat valley: agreeing objectives, spread parameters)
-    modes     {param: {valley, masses, medians, depth}} for parameters whose replicates
-              split into two modes (`replicate_modes`)
+    modes     {param: split} for parameters whose replicates split into two modes:
+              {valley, masses, medians, depth} (`replicate_modes`), or for the irreducible
+              term {kind: collapse, masses, medians, floors} (`collapse_split`: some
+              replicates at 0, others well above it)
     profile   (L(N), L(C), approach 3, the additive law) profile-likelihood intervals
               (fits.law_profiles): {method, level, dof, rss_min, <exponent> and
               <irreducible>: {value, lo, hi, lo_open, hi_open}, conditional: {on, rows:
@@ -103,8 +105,9 @@ v2 adds:
     degenerate     the point fit's irreducible term (E, c, E0) is below COLLAPSE_FRAC
                    (1e-3) of the smallest fitted loss, or a parameter is on its bound
                    (reason names it): the law did not determine that parameter
-    unidentified   some parameter's bootstrap replicates split into two modes (reason names
-                   it): the runs are consistent with two different laws
+    unidentified   some parameter's bootstrap replicates split into two modes, or the
+                   irreducible term's into collapsed and not (reason names it): the runs
+                   are consistent with different laws
     unbounded      the interval is not a confidence statement (below)
     ok             none of these
 Only ok laws are printed as numbers in report.md; the others read "not determined (why)",
@@ -438,6 +441,51 @@ def replicate_modes(values, *, log: bool = False) -> dict | None:
             "depth": float(depth)}
 
 
+#: An irreducible term's replicates split when at least MODE_MIN_MASS of them collapsed
+#: (< COLLAPSE_FRAC of the smallest loss) and at least MODE_MIN_MASS are above AWAY_FRAC
+#: of it: a point mass at 0 beside a spread of real values, which a kernel density
+#: smooths into one broad mode (the committed CPU ladder's dense E: 11% collapsed, 61%
+#: above 0.25, a density valley only 0.81 of the lower peak).
+AWAY_FRAC = 0.1
+
+
+def collapse_split(values, smallest_loss: float) -> dict | None:
+    """{kind: "collapse", masses [collapsed, away], medians [...], floors [collapse, away]}
+    when an irreducible term's replicates fall both at 0 and well above it, else None."""
+    x = np.asarray(values, float)
+    x = x[np.isfinite(x)]
+    if x.size < MODE_MIN_REPLICATES:
+        return None
+    lo, hi = COLLAPSE_FRAC * smallest_loss, AWAY_FRAC * smallest_loss
+    down, up = x[x < lo], x[x > hi]
+    if min(down.size, up.size) < MODE_MIN_MASS * x.size:
+        return None
+    return {"kind": "collapse", "masses": [down.size / x.size, up.size / x.size],
+            "medians": [float(np.median(down)), float(np.median(up))], "floors": [lo, hi]}
+
+
+def _split_reason(k: str, m: dict) -> str:
+    if m.get("kind") == "collapse":
+        return (f"{k} collapsed to 0 in {100 * m['masses'][0]:.0f}% of the bootstrap "
+                f"replicates and is above {m['floors'][1]:.2g} in {100 * m['masses'][1]:.0f}%")
+    return (f"{k}'s bootstrap replicates split into two modes ({100 * m['masses'][0]:.0f}% "
+            f"near {m['medians'][0]:.3g}, {100 * m['masses'][1]:.0f}% near "
+            f"{m['medians'][1]:.3g})")
+
+
+def _modes_of(reps: dict, names, irreducible, log_scale, smallest_loss) -> dict:
+    """Parameters whose replicates split (the irreducible term first): {param: split}."""
+    out = {}
+    for k in ([irreducible] if irreducible else []) + [k for k in names if k != irreducible]:
+        if k not in reps:
+            continue
+        m = (collapse_split(reps[k], smallest_loss) if k == irreducible else None) \
+            or replicate_modes(reps[k], log=k in log_scale)
+        if m is not None:
+            out[k] = m
+    return out
+
+
 def _boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
               key: Callable, at_bound: Callable, n_boot: int, seed: int, level: float,
               law: str, progress, replicate_fit: Callable | None = None,
@@ -507,11 +555,8 @@ def _boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
     if why_bound:
         degenerate.append(why_bound)
     # unidentified: replicates in separate modes (the irreducible term, then the rest)
-    modes = {}
-    for k in ([irreducible] if irreducible else []) + [k for k in names if k != irreducible]:
-        m = replicate_modes(reps[k], log=k in log_scale) if n_ok else None
-        if m is not None:
-            modes[k] = m
+    modes = _modes_of(reps, names, irreducible, log_scale,
+                      min(float(r["final_eval_loss"]) for r in rows)) if n_ok else {}
     if modes:
         entry["modes"] = modes
     reasons = []
@@ -527,9 +572,7 @@ def _boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
     # a point on a bound or a collapsed term makes the percentile interval no confidence
     # statement either (its edge is the box), so such a law is not "bounded"
     entry["bounded"] = not reasons and not modes and not degenerate
-    split = [f"{k}'s bootstrap replicates split into two modes ({100 * m['masses'][0]:.0f}% "
-             f"near {m['medians'][0]:.3g}, {100 * m['masses'][1]:.0f}% near "
-             f"{m['medians'][1]:.3g})" for k, m in modes.items()]
+    split = [_split_reason(k, m) for k, m in modes.items()]
     if not entry["converged"]:
         entry["status"] = "not_converged"
         reasons.insert(0, "the point fit's optimiser did not report convergence")
@@ -1345,4 +1388,56 @@ def read_fits(path) -> dict:
         got = a.get("schema_version") if isinstance(a, dict) else None
         raise ResultsError(f"{path}: schema_version {got!r}; this version reads "
                            f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if a["schema_version"] == 1:
+        recheck_version_1(a)
+    return a
+
+
+#: (section, law key or None for per-level sections, irreducible parameter, log-scale
+#: parameters): the LAW entries a version-1 file holds and what version 2 checks in them
+_V1_LAWS = (("power_laws", None, "E", ("A",)), ("compute_laws", None, "c", ("a",)),
+            ("chinchilla", "", "E", ("A", "B")), ("chinchilla_levels", None, "E", ("A", "B")),
+            ("overtraining", "", "E", ("a", "beta")), ("joint_laws", "additive", "E0", ("A", "B")),
+            ("joint_laws", "joint", "c", ("a", "b")))
+
+
+def recheck_version_1(a: dict) -> dict:
+    """Give a version-1 fits.json's ok/unbounded laws the version-2 checks that need no
+    refit: a collapsed irreducible term (from the stored point value) makes the law
+    degenerate, replicates in two modes (from the stored replicates) unidentified. The
+    smallest loss is taken over the fitted runs of the law's level (all fitted runs for
+    the joint laws), which is at most the smallest loss the law saw: a conservative
+    floor. Adds a note; returns `a` (changed in place)."""
+    fitted = [r for r in a.get("runs", []) if not r.get("held_out")]
+    changed = []
+    for section, key, irr, logs in _V1_LAWS:
+        sec = a.get(section)
+        if not isinstance(sec, dict):
+            continue
+        entries = ({section: sec} if key == "" else {f"{section}.{key}": sec.get(key)}
+                   if key else {f"{section}.{g}": e for g, e in sec.items()})
+        for name, e in entries.items():
+            if not isinstance(e, dict) or e.get("status") not in ("ok", "unbounded"):
+                continue
+            level = name.split(".", 1)[1] if key is None else None
+            losses = [r["loss"] for r in fitted if level is None or r.get("level") == level]
+            point = (e.get(irr) or {}).get("value")
+            why = []
+            if losses and point is not None and point < COLLAPSE_FRAC * min(losses):
+                why.append(f"{irr} = {point:.2g} has collapsed to 0 (below {COLLAPSE_FRAC:g} "
+                           "of the smallest fitted loss)")
+            reps = e.get("replicates") or {}
+            modes = _modes_of(reps, list(reps), irr, logs, min(losses)) if losses else {}
+            if why or modes:
+                e["status"] = "degenerate" if why else "unidentified"
+                e["bounded"] = False
+                e["reason"] = "; ".join(why + [_split_reason(k, m) for k, m in modes.items()]
+                                        + [e.get("reason") or ""]).strip("; ")
+                if modes:
+                    e["modes"] = modes
+                changed.append(name)
+    if changed:
+        a.setdefault("notes", []).append(
+            "read from a schema_version 1 file: rechecked without refitting; now "
+            "degenerate or unidentified: " + ", ".join(changed))
     return a

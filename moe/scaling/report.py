@@ -411,6 +411,15 @@ def _seed_noise(f) -> list[str]:
     return md + [""]
 
 
+def _gap_test(g: dict) -> str:
+    """The gap's test; a version-1 file judged it against the pooled seed std instead."""
+    if "test" in g:
+        return g["test"]
+    return {True: "within the pooled seed std (version-1 file)",
+            False: "beyond the pooled seed std (version-1 file)"}.get(
+                g.get("within_noise"), "not tested")
+
+
 def _sparsity_comparison(f) -> list[str]:
     rows = f.get("sparsity_comparison") or []
     if not rows:
@@ -430,7 +439,7 @@ def _sparsity_comparison(f) -> list[str]:
     for r in rows:
         cells = []
         for g in r["gaps"]:
-            cells.append(f"{g['to']} {fmt_iv(g['gap'])} ({g['test']})")
+            cells.append(f"{g['to']} {fmt_iv(g['gap'])} ({_gap_test(g)})")
             if g.get("paired"):
                 paired.append((r, g))
         md.append(f"| {r['size']} | {_fmt(r['params_active'])} | "
