@@ -168,8 +168,9 @@ def _profile_lines(name: str, e: dict) -> list[str]:
         rows = "; ".join(f"{irr} = {_fmt(r[irr], 3)}: "
                          + ", ".join(f"{k} = {_fmt(r[k])}" for k in exps)
                          for r in cond["rows"])
-        md.append(f"  {irr} is not identified: every value in its interval fits as well "
-                  f"(F below the {pct} threshold), and the exponents depend on it: {rows}.")
+        md.append(f"  {irr} is not identified: every value in its interval is consistent "
+                  f"with the runs (F below the {pct} threshold), and the exponents depend on "
+                  f"it: {rows}.")
     return md
 
 
@@ -232,7 +233,12 @@ def _power_laws(f) -> list[str]:
            "converged |", "| --- | --- | --- | --- | --- | --- |"]
     for g, e in f["power_laws"].items():
         for key, c in (e.get("conventions") or {}).items():
-            if c["status"] != "ok":
+            if c["status"] == "degenerate":
+                cond = (f"{_fmt(c['alpha'])} if E = 0" if "collapsed" in c["reason"]
+                        else "not determined")
+                md.append(f"| {g} | {key} | not determined ({c['reason']}) | {cond} | "
+                          f"{_fmt(c['objective'])} | {c['converged']} |")
+            elif c["status"] != "ok":
                 md.append(f"| {g} | {key} | not fitted: {c['reason']} | | | |")
             else:
                 md.append(f"| {g} | {key} | {_fmt(c['E'])} | {_fmt(c['alpha'])} | "
@@ -376,10 +382,12 @@ def _efficiency_leverage(f) -> list[str]:
         return md + [f"Not computed: {why}.\n"]
     md += ["EL(params) = active size a dense model needs to reach the run's loss / the run's "
            "active size; EL(compute) the same with FLOPs. The dense curve (basis) is the "
-           "dense L(N) and L(C) fits when they are bounded, else the dense Chinchilla "
-           "L(N, D) at the run's tokens. Intervals: EL recomputed from every bootstrap "
-           "replicate of that dense fit, so they cover the dense curve's uncertainty, not "
-           "the MoE run's own seed noise (see the seed repeats below).\n",
+           "dense L(N) and L(C) fits when fitted and converged (a status in brackets: its "
+           "irreducible term is not determined, which matters most where EL extrapolates "
+           "beyond the dense runs' losses), else the dense Chinchilla L(N, D) at the "
+           "run's tokens. Intervals: EL recomputed from every bootstrap replicate of that "
+           "dense fit, so they cover the dense curve's uncertainty, not the MoE run's own "
+           "seed noise (see the seed repeats below).\n",
            "| run | level | EL(params) [interval] | EL(compute) [interval] | basis | note |",
            "| --- | --- | --- | --- | --- | --- |"]
 
