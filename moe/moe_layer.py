@@ -204,6 +204,16 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return dx, dw13, dw2, None, dw_M
 
 
+def grouped_mm_aligned(w2_EFD: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these expert shapes: it needs every row stride a
+    multiple of 16 bytes (torch 2.13: "strides should be multiple of 16 bytes"), so D and
+    F (hence 2F) times the element size. A planned geometry such as d_model 42 in fp32
+    is not; the layer then runs the per-expert loop instead."""
+    F_, D = w2_EFD.shape[1], w2_EFD.shape[2]
+    es = w2_EFD.element_size()
+    return (D * es) % 16 == 0 and (F_ * es) % 16 == 0
+
+
 def experts_grouped_mm(x_MD, offsets_E, w13_ED2F, w2_EFD, weights_M=None):
     """SwiGLU experts over contiguous segments via torch._grouped_mm (forward and backward).
     ``weights_M`` (one routing weight per row, optional) scales each row's output."""
@@ -302,7 +312,9 @@ class MoEFeedForward(nn.Module):
                 counts_E = torch.bincount(indices_TK.reshape(-1), minlength=self.n_experts)
             return out_TD, counts_E
         x_MD, order_M, inv_M, counts_E, offsets_E = dispatch(x_TD, indices_TK, self.n_experts)
-        if c.dispatch == "loop":  # the reference: experts, then the weighted combine
+        if c.dispatch == "loop" or not grouped_mm_aligned(self.w2_EFD):
+            # the reference: experts, then the weighted combine (also for shapes that
+            # torch._grouped_mm refuses)
             y_MD = experts_loop(x_MD, counts_E, self.w13_ED2F, self.w2_EFD)
             return combine(y_MD, weights_TK, order_M, inv_M), counts_E
         # routing weights folded into the experts' activation; the combine is a plain sum

@@ -59,12 +59,13 @@ def test_single_expert_top1_equals_dense_swiglu():
     dict(top_k=1, n_shared=0),                        # k=1
     dict(n_routed=12, top_k=3, n_groups=4, topk_groups=2, score_fn="softmax"),  # E=12, groups
     dict(n_routed=64, top_k=2),                       # many experts: several get zero tokens
+    dict(D=30, expert_ffn_dim=10),                    # rows not 16-byte aligned: loop inside
 ])
 def test_grouped_mm_equals_loop(kw):
     a = _layer(dispatch="grouped_mm", **kw)
     b = _layer(dispatch="loop", **kw)
     b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 13, 32, requires_grad=True)
+    x = torch.randn(2, 13, kw.get("D", 32), requires_grad=True)
     xb = x.detach().clone().requires_grad_(True)
     oa, _ = a(x)
     ob, _ = b(xb)

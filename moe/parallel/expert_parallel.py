@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..moe_layer import (MoEFeedForward, _resolve_backend, combine, dispatch, experts_grouped_mm,
-                         experts_loop, sum_per_token, weights_by_row)
+                         experts_loop, grouped_mm_aligned, sum_per_token, weights_by_row)
 
 
 def guarded(what: str, fn, group=None):
@@ -104,7 +104,7 @@ def _ep_routed_experts(self: MoEFeedForward, x_TD, weights_TK, indices_TK, count
     x_local = x_RD.index_select(0, perm_R)
     offsets_local = torch.cumsum(local_counts, 0).to(torch.int32)
     backend = _resolve_backend(self.cfg.kernels, x_local.device)
-    if backend == "torch" and self.cfg.dispatch != "loop":
+    if backend == "torch" and self.cfg.dispatch != "loop" and grouped_mm_aligned(self.w2_EFD):
         # as on one device: each row's routing weight travels with it (one all-to-all of
         # M scalars) and scales the experts' activation; the combine is a per-token sum
         weights_M = weights_by_row(weights_TK, order_M).to(x_MD.dtype)  # sent in x's dtype
