@@ -176,10 +176,8 @@ def test_plan_from_the_committed_isoflop_ladder(tmp_path, capsys):
                                                  "moe8_1e14"]
     for r in plan["rows"]:
         assert set(r) == ROW_KEYS
-        # the law the approach-2 check chose (these fits have IsoFLOP optima per level);
-        # the joint law is the only candidate for the MoE level (no chinchilla_levels)
+        # the law the approach-2 check chose (these fits have IsoFLOP optima per level)
         assert r["isoflop_check"]["law"] == r["law"]
-        assert not r["experts"] or r["law"].startswith("Ludziejewski")
         lo, hi = r["loss"]["lo"], r["loss"]["hi"]
         assert lo < r["loss"]["value"] < hi
         assert r["intervals"]["n_active"]["lo"] < r["n_active"] < r["intervals"]["n_active"]["hi"]
@@ -192,7 +190,9 @@ def test_plan_from_the_committed_isoflop_ladder(tmp_path, capsys):
         assert cfg.moe.n_routed == r["experts"] and cfg.model.vocab_size == 384
         assert cfg.train.token_budget >= r["tokens"] * 0.99
     moe = [r for r in plan["rows"] if r["experts"]]
-    assert all(r["el"] > 1 for r in moe) and all(r["n_total"] > r["n_active"] for r in moe)
+    # EL against the dense form of the row's own law: a number, or no number with the reason
+    assert all((r["el"] is not None and r["el"] > 0) or r["el_reason"] for r in moe)
+    assert all(r["n_total"] > r["n_active"] for r in moe)
     md = (out / "plan.md").read_text()
     assert "99.8x** the largest run" in md and "ASSUMED" in md
     assert (out / "plan.png").stat().st_size > 10_000

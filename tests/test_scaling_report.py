@@ -11,6 +11,7 @@ import pytest
 
 from moe.scaling import (ResultsError, chinchilla_rows, fit_main, load_results, split_holdout,
                          write_report, write_results)
+from moe.scaling.report import fmt_iv
 
 
 def ladder(noise=0.003, seed=0, sizes=(1e6, 3e6, 1e7, 3e7, 1e8),
@@ -203,7 +204,8 @@ def test_write_report_on_ladder(ladder_report):
     assert dense["status"] == "ok" and dense["bounded"] and dense["converged"]
     a = dense["alpha"]
     assert 0 < a["lo"] <= a["value"] <= a["hi"] < 1
-    assert f"{a['value']:.4g} [{a['lo']:.4g}, {a['hi']:.4g}]" in text
+    # printed to the digits its interval supports (report.fmt_iv)
+    assert fmt_iv(a["value"], a["lo"], a["hi"]) in text
 
 
 def test_fits_json_schema(ladder_report):
@@ -260,8 +262,10 @@ def test_report_is_rendered_from_fits_json_alone(ladder_report, tmp_path):
         sorted(p.name for p in out.glob("*.png"))
     # ... and what the report prints comes from the file: change a number, see it rendered.
     f = read_fits(out)
-    f["power_laws"]["dense"]["alpha"]["value"] = 0.123456
-    assert "0.1235 [" in render_report(f, tmp_path / "edited").read_text()
+    a = f["power_laws"]["dense"]["alpha"]
+    a["value"] = 0.123456
+    assert fmt_iv(0.123456, a["lo"], a["hi"]) + " |" in render_report(
+        f, tmp_path / "edited").read_text()
     bad = tmp_path / "old.json"
     bad.write_text(json.dumps({**f, "schema_version": 0}))
     with pytest.raises(ResultsError, match="schema_version 0"):
@@ -367,7 +371,13 @@ def test_write_report_on_chinchilla_table(tmp_path):
     iso = json.loads((tmp_path / "rep" / "fits.json").read_text())["isoflop"]["dense"]
     assert iso["grouping"] == "flop_budget column" and len(iso["budgets"]) == 9
     assert iso["exponent"] == pytest.approx(0.486, abs=0.001)
-    assert (tmp_path / "rep" / "isoflop.png").exists() and "- dense: a = 0.4859 [" in text
+    i = iso["exponent_interval"]
+    assert (tmp_path / "rep" / "isoflop.png").exists()
+    assert f"- dense: a = {fmt_iv(iso['exponent'], i['lo'], i['hi'])} (bootstrap)" in text
+    # and its profile-likelihood (t) interval from the nine budgets beside it
+    pi = iso["exponent_profile_interval"]
+    assert pi["lo"] < iso["exponent"] < pi["hi"]
+    assert f"{fmt_iv(iso['exponent'], pi['lo'], pi['hi'])} (profile likelihood, 7 dof)" in text
     assert "| chinchilla_239 | loss | Chinchilla L(N, D) |" in text
 
 

@@ -971,12 +971,13 @@ def _el_interval(samples: Sequence[float], level: float) -> tuple:
         int(s.size), n_inf
 
 
-#: Dense-curve statuses efficiency leverage may read. EL inverts the dense curve at a MoE
-#: run's loss, mostly inside the dense runs' range, where a curve whose irreducible term
-#: is not determined (degenerate, unidentified) still fits the runs; its bootstrap
-#: replicates carry that uncertainty into EL's interval, and `basis` names the status.
-#: A fit that did not converge is not a curve to read.
-EL_CURVE_STATUSES = ("ok", "unbounded", "degenerate", "unidentified")
+#: Dense-curve statuses efficiency leverage may read (an ok one preferred). EL inverts the
+#: dense curve at a MoE run's loss, mostly inside the dense runs' range, where a curve
+#: whose irreducible term is not determined (degenerate, unidentified) still fits the
+#: runs; its bootstrap replicates carry that uncertainty into EL's interval, and `basis`
+#: names the status. An unbounded curve (no residual dof, or replicates failed or on the
+#: box) or one that did not converge is not a curve to read.
+EL_CURVE_STATUSES = ("ok", "degenerate", "unidentified")
 
 
 def _basis(name: str, entry: dict) -> str:
@@ -1000,9 +1001,15 @@ def _efficiency_leverage(rows, power, compute, chinchilla=None, level=0.95):
     among those, it is None (unbounded above) and `interval_note` says how many."""
     moe = [r for r in rows if r["kind"] == "moe"]
     dense_p = power.get("dense")
-    power_ok = dense_p is not None and dense_p["status"] in EL_CURVE_STATUSES
+    def status(e):
+        return e.get("status") if isinstance(e, dict) else None
+
+    # an ok curve first (L(N), then approach 3), then one whose irreducible term is not
+    # determined (same order); an unbounded or unconverged curve gives no number
+    power_ok = status(dense_p) == "ok" or (status(dense_p) in EL_CURVE_STATUSES
+                                            and status(chinchilla) != "ok")
     chin = chin_reps = None
-    if not power_ok and chinchilla and chinchilla.get("status") in EL_CURVE_STATUSES:
+    if not power_ok and status(chinchilla) in EL_CURVE_STATUSES:
         # an IsoFLOP ladder: L(N) along one recipe may not even be fitted (too few sizes
         # share a tokens/param ratio), while approach 3 over every dense run is
         chin = _params_of(chinchilla, CHIN)

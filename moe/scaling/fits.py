@@ -958,7 +958,8 @@ def compare_joint_laws(train_rows: Sequence[dict], heldout_rows: Sequence[dict],
                          "heldout_rmse_log": float("nan"), "predictions": []}
             continue
         out[name] = {
-            "params": p, "error": None,
+            # without the fit's internal problem (arrays): params are the law's values
+            "params": {k: v for k, v in p.items() if k != "_problem"}, "error": None,
             "train_rmse_log": rmse(tr_pred, y_tr),
             "heldout_rmse_log": rmse(ho_pred, y_ho),
             "predictions": [{"name": r.get("name"), "actual": float(r["final_eval_loss"]),
