@@ -640,12 +640,13 @@ def _one_d_laws(groups, held_groups, n_boot, seed, level, progress):
         sub, selection, recipe = one_recipe_subset(gr, held_groups.get(g, []))
         distinct = len({r["params_active"] for r in sub})
         xs_all = gr + held_groups.get(g, [])
-        for key, out, law, names, fit, predict, xkey, seed_off, at_bound, prof in (
+        for key, out, law, names, fit, predict, xkey, seed_off, at_bound, irr, amp in (
                 ("power", power, "L = E + A / N_active^alpha", POWER, fit_power_law,
-                 _pl_predict, "params_active", 0, _pl_at_bound,
-                 _profiler({"alpha": (2, 1.0)}, "E", level)),
+                 _pl_predict, "params_active", 0, _pl_at_bound, "E", "A"),
                 ("compute", compute, "L = a C^b + c", COMPUTE, fit_compute_law, _cl_predict,
-                 "flops", 100, _cl_at_bound, _profiler({"b": (2, -1.0)}, "c", level))):
+                 "flops", 100, _cl_at_bound, "c", "a")):
+            # the exponent is theta[2] of fit_power_law (a compute law's b is -alpha)
+            expo = {"alpha": (2, 1.0)} if key == "power" else {"b": (2, -1.0)}
             if distinct < 3:
                 out[g] = _not_fitted(law, len(gr), f"{distinct} distinct size(s) along one "
                                      "recipe; a 3-parameter law needs >= 3 (" + selection + ")")
@@ -655,8 +656,8 @@ def _one_d_laws(groups, held_groups, n_boot, seed, level, progress):
                 lambda rs, f=fit, k=xkey: f(_col(rs, k), _col(rs, "final_eval_loss")),
                 sub, names, n_params=3, key=lambda r, k=xkey: r[k], at_bound=at_bound,
                 n_boot=n_boot, seed=seed + seed_off + gi, level=level, law=law,
-                progress=progress, irreducible=names[0] if key == "power" else "c",
-                log_scale=(names[1],) if key == "power" else ("a",), profile=prof)
+                progress=progress, irreducible=irr, log_scale=(amp,),
+                profile=_profiler(expo, irr, level))
             out[g] = entry
             entry["selection"] = selection
             if entry["status"] == "not_fitted":

@@ -452,7 +452,9 @@ def law_profiles(p: dict, *, exponents: dict, irreducible: str, level: float = 0
         return None
     out.update({"dof": pe["dof"], "rss_min": pe["rss_min"], irreducible: interval(pe)})
     for name, (idx, sign) in exponents.items():
-        pr = lse_profile(logX, logL, theta, index=idx, limits=(0.0, max_exponent),
+        # started at the least-squares optimum the first profile found: its refit is
+        # then a check of a few iterations, not the whole least-squares fit again
+        pr = lse_profile(logX, logL, pe["theta_ls"], index=idx, limits=(0.0, max_exponent),
                          bounds=bounds, level=level)
         out[name] = interval(pr, sign)
     out["conditional"] = {"on": irreducible, "rows": [
