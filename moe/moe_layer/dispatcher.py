@@ -134,14 +134,14 @@ def combine(y_MD: torch.Tensor, weights_TK: torch.Tensor, order_M: torch.Tensor,
 
 
 def weights_by_row(weights_TK: torch.Tensor, order_M: torch.Tensor) -> torch.Tensor:
-    """Each sorted row's routing weight (the ``weights_M`` of :func:`experts_grouped_mm`)."""
+    """Each sorted row's routing weight (the ``weights_M`` of experts.experts_grouped_mm)."""
     return weights_TK.reshape(-1).index_select(0, order_M)
 
 
 def sum_per_token(y_MD: torch.Tensor, order_M: torch.Tensor, inv_M: torch.Tensor,
                   top_k: int) -> torch.Tensor:
     """Sum of each token's K expert outputs that already carry their routing weights
-    (:func:`experts_grouped_mm` with ``weights_M``); the inverse of :func:`dispatch`."""
+    (experts.experts_grouped_mm with ``weights_M``); the inverse of :func:`dispatch`."""
     return _SumPerToken.apply(y_MD, order_M // top_k, inv_M, inv_M.numel() // top_k)
 
 
