@@ -26,7 +26,7 @@ import os
 import torch
 
 # Kernel modules load on first use (PEP 562): ``import kernels`` and the torch-only
-# ``kernels._checks`` (used by moe.router) never import triton, and TRITON_INTERPRET set
+# ``kernels._checks`` (used by moe.moe_layer.router) never import triton, and TRITON_INTERPRET set
 # any time before the first kernel use still takes effect.
 _LAZY = {"route": "routing", "route_ref": "routing", "permute": "permute",
          "permute_ref": "permute", "unpermute": "permute", "unpermute_ref": "permute",

@@ -16,7 +16,7 @@ Backward:
 FLOPs: forward 2*M*D*2F + 2*M*F*D = 6 M D F; backward 12 M D F (18 M D F per step).
 Bytes (bf16, forward): read x (2MD) + weights (6EDF), write h (4MF), a (2MF), y (2MD);
 with M/E rows per expert the arithmetic intensity is ~M/E FLOP/byte on weights, so
-experts with fewer than ~300 rows are memory bound on H100 (ANCHORS.md roofline).
+experts with fewer than ~300 rows are memory bound on H100 (docs/anchors.md, "Kernel roofline").
 
 Kernels:
   * ``_grouped_gemm_kernel``: C = A @ B[e] over row tiles that never straddle two experts.
@@ -366,7 +366,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return dx, None, dw13, dw2, None
 
 
-def _grouped_swiglu_mlp(x_MD, offsets_E, w13_ED2F, w2_EFD, tail=True):
+def grouped_swiglu_mlp_unchecked(x_MD, offsets_E, w13_ED2F, w2_EFD, tail=True):
     """Unchecked entry (offsets valid by construction, e.g. from permute)."""
     return _GroupedSwiGLU.apply(x_MD.contiguous(), offsets_E.to(torch.int32).contiguous(),
                                 w13_ED2F.contiguous(), w2_EFD.contiguous(), tail)
@@ -392,20 +392,20 @@ class _GatheredSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_MD):
-        from .permute import _combine
+        from .permute import combine_rows
 
         x_TD, slot, row_map_TK, offs, w13, w2, h_M2F, a_MF = ctx.saved_tensors
         need_x, _, _, _, need_w13, need_w2, _ = ctx.needs_input_grad
         dx_MD, dw13, dw2 = _mlp_backward(dy_MD, x_TD, offs, w13, w2, h_M2F, a_MF, need_x,
                                          need_w13, need_w2, ctx.tail,
                                          gather=(slot, row_map_TK.shape[1]))
-        dx = _combine(dx_MD, row_map_TK, None, x_TD.dtype) if dx_MD is not None else None
+        dx = combine_rows(dx_MD, row_map_TK, None, x_TD.dtype) if dx_MD is not None else None
         return dx, None, None, None, dw13, dw2, None
 
 
-def _gathered_swiglu_mlp(x_TD, slot_of_row_M, row_map_TK, offsets_E, w13_ED2F, w2_EFD,
-                         tail=True):
-    """Unchecked: (slot_of_row_M, row_map_TK, offsets_E) from permute's ``_sort_slots``."""
+def gathered_swiglu_mlp_unchecked(x_TD, slot_of_row_M, row_map_TK, offsets_E, w13_ED2F,
+                                  w2_EFD, tail=True):
+    """Unchecked: (slot_of_row_M, row_map_TK, offsets_E) from permute's ``sort_slots``."""
     return _GatheredSwiGLU.apply(x_TD.contiguous(), slot_of_row_M, row_map_TK.contiguous(),
                                  offsets_E.to(torch.int32).contiguous(), w13_ED2F.contiguous(),
                                  w2_EFD.contiguous(), tail)
@@ -442,4 +442,4 @@ def grouped_swiglu_mlp(x_MD: torch.Tensor, offsets_E: torch.Tensor, w13_ED2F: to
         raise ValueError(f"E={E} experts is unsupported: allowed 1..{MAX_EXPERTS}")
     check_same_device(x_MD=x_MD, offsets_E=offsets_E, w13_ED2F=w13_ED2F, w2_EFD=w2_EFD)
     check_offsets("offsets_E", offsets_E, E, x_MD.shape[0], allow_tail_padding)
-    return _grouped_swiglu_mlp(x_MD, offsets_E, w13_ED2F, w2_EFD, tail=allow_tail_padding)
+    return grouped_swiglu_mlp_unchecked(x_MD, offsets_E, w13_ED2F, w2_EFD, tail=allow_tail_padding)

@@ -24,8 +24,10 @@ from typing import Optional
 import torch
 
 from ._checks import check_2d, check_float
-from .grouped_mlp import _gathered_swiglu_mlp, _grouped_swiglu_mlp, grouped_swiglu_mlp_ref
-from .permute import _permute, _sort_slots, _unpermute, permute_ref, unpermute_ref
+from .grouped_mlp import (gathered_swiglu_mlp_unchecked, grouped_swiglu_mlp_ref,
+                          grouped_swiglu_mlp_unchecked)
+from .permute import (permute_ref, permute_unchecked, sort_slots, unpermute_ref,
+                      unpermute_unchecked)
 from .routing import route, route_ref
 
 
@@ -98,10 +100,10 @@ def routed_experts_unchecked(x_TD, weights_TK, indices_TK, w13_ED2F, w2_EFD, pad
     kernel multiplies in fp32 and returns their gradient in their dtype, so casting them
     to a bf16 x's dtype first would only round them (to 8 bits of mantissa) for nothing."""
     if fuse_gather:
-        row_map_TK, slot_of_row_M, offs_E = _sort_slots(indices_TK, w13_ED2F.shape[0], pad_to)
-        y_MD = _gathered_swiglu_mlp(x_TD, slot_of_row_M, row_map_TK, offs_E, w13_ED2F, w2_EFD,
-                                    tail=pad_to > 1)
-        return _unpermute(y_MD, row_map_TK, weights_TK)
-    x_MD, row_map_TK, offs_E = _permute(x_TD, indices_TK, w13_ED2F.shape[0], pad_to)
-    y_MD = _grouped_swiglu_mlp(x_MD, offs_E, w13_ED2F, w2_EFD, tail=pad_to > 1)
-    return _unpermute(y_MD, row_map_TK, weights_TK)
+        row_map_TK, slot_of_row_M, offs_E = sort_slots(indices_TK, w13_ED2F.shape[0], pad_to)
+        y_MD = gathered_swiglu_mlp_unchecked(x_TD, slot_of_row_M, row_map_TK, offs_E, w13_ED2F,
+                                             w2_EFD, tail=pad_to > 1)
+        return unpermute_unchecked(y_MD, row_map_TK, weights_TK)
+    x_MD, row_map_TK, offs_E = permute_unchecked(x_TD, indices_TK, w13_ED2F.shape[0], pad_to)
+    y_MD = grouped_swiglu_mlp_unchecked(x_MD, offs_E, w13_ED2F, w2_EFD, tail=pad_to > 1)
+    return unpermute_unchecked(y_MD, row_map_TK, weights_TK)

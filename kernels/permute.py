@@ -166,7 +166,7 @@ def _block_d(D):
     return min(256, triton.next_power_of_2(max(D, 16)))
 
 
-def _sort_slots(indices_TK, n_experts, pad_to):
+def sort_slots(indices_TK, n_experts, pad_to):
     """Expert-sorted order from a histogram + prefix sums: (row_map_TK int64,
     slot_of_row_M int32 with -1 on padding rows, offsets_E int32). No host sync."""
     T, K = indices_TK.shape
@@ -206,7 +206,9 @@ def _gather_rows(x_TD, slot_of_row_M, K):
     return out
 
 
-def _combine(y_MD, row_map_TK, w_TK, out_dtype):
+def combine_rows(y_MD, row_map_TK, w_TK, out_dtype):
+    """out_TD[t] = sum_k w_TK[t, k] * y_MD[row_map_TK[t, k]] (w None: plain sum), fp32
+    accumulation, in ``out_dtype``. No autograd, no checks (the kernels' shared gather-sum)."""
     (T, K), D = row_map_TK.shape, y_MD.shape[1]
     out = torch.empty(T, D, device=y_MD.device, dtype=out_dtype)
     BT, BD = 16, _block_d(D)
@@ -243,14 +245,14 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dx_MD):
         (row_map_TK,) = ctx.saved_tensors
-        return _combine(dx_MD.contiguous(), row_map_TK, None, dx_MD.dtype), None, None
+        return combine_rows(dx_MD.contiguous(), row_map_TK, None, dx_MD.dtype), None, None
 
 
 class _Unpermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_MD, row_map_TK, w_TK):
         ctx.save_for_backward(y_MD, row_map_TK, w_TK)
-        return _combine(y_MD, row_map_TK, w_TK, y_MD.dtype)
+        return combine_rows(y_MD, row_map_TK, w_TK, y_MD.dtype)
 
     @staticmethod
     def backward(ctx, dout_TD):
@@ -260,14 +262,15 @@ class _Unpermute(torch.autograd.Function):
         return dy, None, dw
 
 
-def _permute(x_TD, indices_TK, n_experts, pad_to=1):
+def permute_unchecked(x_TD, indices_TK, n_experts, pad_to=1):
     """Unchecked permute (for callers whose indices are valid by construction)."""
-    row_map_TK, slot_of_row_M, offsets_E = _sort_slots(indices_TK, n_experts, pad_to)
+    row_map_TK, slot_of_row_M, offsets_E = sort_slots(indices_TK, n_experts, pad_to)
     x_MD = _Permute.apply(x_TD.contiguous(), slot_of_row_M, row_map_TK)
     return x_MD, row_map_TK, offsets_E
 
 
-def _unpermute(y_MD, row_map_TK, weights_TK):
+def unpermute_unchecked(y_MD, row_map_TK, weights_TK):
+    """Unchecked :func:`unpermute` (row_map_TK int64 from permute; T from its shape)."""
     return _Unpermute.apply(y_MD.contiguous(), row_map_TK.contiguous(), weights_TK.contiguous())
 
 
@@ -300,7 +303,7 @@ def permute(x_TD: torch.Tensor, indices_TK: torch.Tensor, n_experts: int, pad_to
         raise ValueError(f"pad_to={pad_to!r} is invalid: allowed an int >= 1")
     check_index("indices_TK", indices_TK, n_experts)
     check_same_device(x_TD=x_TD, indices_TK=indices_TK)
-    return _permute(x_TD, indices_TK, n_experts, pad_to)
+    return permute_unchecked(x_TD, indices_TK, n_experts, pad_to)
 
 
 def unpermute(y_MD: torch.Tensor, row_map_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -322,4 +325,4 @@ def unpermute(y_MD: torch.Tensor, row_map_TK: torch.Tensor, weights_TK: torch.Te
                          f"{row_map_TK.numel()}")
     check_index("row_map_TK", row_map_TK, y_MD.shape[0])
     check_same_device(y_MD=y_MD, row_map_TK=row_map_TK, weights_TK=weights_TK)
-    return _unpermute(y_MD, row_map_TK.long(), weights_TK)
+    return unpermute_unchecked(y_MD, row_map_TK.long(), weights_TK)

@@ -2,7 +2,8 @@
 
 Shape legend: T tokens, E routed experts, K top_k, G expert groups.
 
-Math (identical to the model's torch ``moe.router.route``; see shared/SPEC.md, Gating):
+Math (identical to the model's torch ``moe.moe_layer.router.route``; see docs/model.md,
+"Gating"):
     s_TE   = sigmoid(l) | softmax(l)                      fp32 always
     sel_TE = s + b                                        the bias chooses, never weighs
     if G > 1: group score = sum of the top-2 of sel in each group of E/G contiguous experts
@@ -48,7 +49,9 @@ MAX_TOP_K = 64      # the arg-max loop is unrolled K times
 # ------------------------------------------------------------------------------ reference
 def route_ref(logits_TE, *, top_k, score_fn="sigmoid", expert_bias=None, n_groups=1,
               topk_groups=1, route_scale=1.0):
-    """Plain-torch reference: (weights_TK fp32, indices_TK int64, tokens_per_expert_E int32).
+    """Plain-torch REFERENCE of :func:`route` for tests and benchmarks (the model routes
+    with ``moe.moe_layer.router``): (weights_TK fp32, indices_TK int64, tokens_per_expert_E
+    int32).
 
     Uses a stable descending sort (not torch.topk, whose tie order is unspecified) so the
     lowest expert id wins ties, exactly like the kernel."""

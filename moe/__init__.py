@@ -8,7 +8,7 @@ from .accounting import ParamCounts, count_params
 from .config import (Config, ConfigError, DataConfig, ModelConfig, MoEConfig, MTPConfig,
                      ParallelConfig, TrainConfig, load_config)
 from .model import Transformer, build_model
-from .router import route
+from .moe_layer.router import route
 
 
 def load_model(path, device: str = "cpu"):

@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import Config
 from .layers import SwiGLU, make_attention
-from .moe_layer import MoEFeedForward
+from .moe_layer.layer import MoEFeedForward
 
 
 class Block(nn.Module):

@@ -249,13 +249,13 @@ def test_routing_weights_reach_the_combine_unrounded(monkeypatch, fuse_gather):
     import kernels.moe_layer as ml
 
     seen = []
-    real = ml._unpermute
+    real = ml.unpermute_unchecked
 
     def spy(y, row_map, w):
         seen.append(w.dtype)
         return real(y, row_map, w)
 
-    monkeypatch.setattr(ml, "_unpermute", spy)
+    monkeypatch.setattr(ml, "unpermute_unchecked", spy)
     gen = torch.Generator().manual_seed(3)
     T, D, Fh, E, K = 8, 16, 8, 4, 2
     x = torch.randn(T, D, generator=gen).to(DEV, torch.bfloat16)

@@ -62,7 +62,7 @@ def test_route_forward_and_grad_match_reference(T, E, K, G, TG, fn, bias, dtype)
 
 @pytest.mark.parametrize("T,E,K,G,TG,fn,bias", ROUTE_CASES)
 def test_route_indices_equal_model_router(T, E, K, G, TG, fn, bias):
-    from moe.router import route as moe_route  # the model's torch implementation
+    from moe.moe_layer.router import route as moe_route  # the model's torch implementation
 
     gen = torch.Generator().manual_seed(T * E)
     logits = (torch.randn(T, E, generator=gen) * 2).to(DEV)

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from moe import MoEConfig
 from moe.layers import SwiGLU
-from moe.moe_layer import MoEFeedForward, sort_by_expert
-from moe.router import compute_scores
+from moe.moe_layer.dispatcher import sort_by_expert
+from moe.moe_layer.layer import MoEFeedForward
+from moe.moe_layer.router import compute_scores
 
 
 def _layer(D=32, **kw):
@@ -110,7 +111,7 @@ def test_bias_update_balances_a_skewed_router():
     assert layer.expert_bias.abs().max() > 0.1
     # gates still come from the UNBIASED scores: recompute them from the router alone
     logits = F.linear(x.reshape(T, D), layer.router.weight)
-    w, idx = layer._route(x.reshape(T, D))[1:3]
+    w, idx = layer.route(x.reshape(T, D))[1:3]
     s = compute_scores(logits, "sigmoid").gather(1, idx)
     torch.testing.assert_close(w, s / s.sum(-1, keepdim=True))
 
@@ -183,7 +184,7 @@ def test_balance_losses_reach_the_router(balancing, key):
     "sum_per_token",  # grouped_mm path: rows already scaled by their weight, plain sum
 ])
 def test_dispatch_combine_gradcheck(ends):
-    from moe.moe_layer import combine, dispatch, sum_per_token
+    from moe.moe_layer.dispatcher import combine, dispatch, sum_per_token
 
     gen = torch.Generator().manual_seed(3)
     T, K, E, D = 7, 3, 5, 4
@@ -204,7 +205,7 @@ def test_dispatch_combine_gradcheck(ends):
 def test_sum_per_token_index_add_equals_gather_sum():
     # CPU takes index_add_, CUDA the deterministic gather + sum: same sums (exact here:
     # integers), so the branch CI cannot run on a GPU is checked against the one it runs
-    from moe.moe_layer import _sum_rows_per_token, sort_by_expert
+    from moe.moe_layer.dispatcher import _sum_rows_per_token, sort_by_expert
 
     T, K, E, D = 11, 4, 6, 5
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
@@ -226,7 +227,7 @@ def test_layer_equals_naive_per_token_reference():
     x = torch.randn(1, 9, 32, requires_grad=True)
     out, _ = layer(x)
     x2 = x.detach().clone().requires_grad_(True)
-    w, idx = layer._route(x2[0])[1:3]
+    w, idx = layer.route(x2[0])[1:3]
     Fh = 16
     rows = []
     for t in range(9):
@@ -276,7 +277,7 @@ def test_import_moe_stays_light():
     import subprocess
     import sys
 
-    code = ("import sys, moe, moe.router; "
+    code = ("import sys, moe, moe.moe_layer.layer; "
             "bad = [m for m in ('triton', 'deepspeed', 'megatron') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

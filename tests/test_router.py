@@ -4,8 +4,36 @@ import pytest
 import torch
 
 from moe import route
-from moe.router import (max_violation, route_loop_reference, sequence_balance_loss,
-                        switch_aux_loss)
+from moe.moe_layer.router import (compute_scores, max_violation, sequence_balance_loss,
+                                  switch_aux_loss)
+
+
+def route_loop_reference(logits_TE, *, top_k, score_fn="sigmoid", expert_bias=None,
+                         n_groups=1, topk_groups=1, route_scale=1.0):
+    """Token-by-token Python reference of :func:`route` (slow; for tests)."""
+    T, E = logits_TE.shape
+    per = E // n_groups
+    weights, indices = [], []
+    for t in range(T):
+        s = compute_scores(logits_TE[t:t + 1], score_fn)[0].tolist()
+        b = expert_bias.tolist() if expert_bias is not None else [0.0] * E
+        sel = [s[i] + b[i] for i in range(E)]
+        if n_groups > 1:
+            gscore = []
+            for g in range(n_groups):
+                vals = sorted(sel[g * per:(g + 1) * per], reverse=True)
+                gscore.append(sum(vals[:2]))
+            order = sorted(range(n_groups), key=lambda g: (-gscore[g], g))
+            keep = set(order[:topk_groups])
+            sel = [sel[i] if i // per in keep else float("-inf") for i in range(E)]
+        chosen = sorted(range(E), key=lambda i: (-sel[i], i))[:top_k]
+        g = [s[i] for i in chosen]
+        if top_k > 1:
+            tot = sum(g) + 1e-20
+            g = [x / tot for x in g]
+        weights.append([route_scale * x for x in g])
+        indices.append(chosen)
+    return torch.tensor(weights, dtype=torch.float32), torch.tensor(indices, dtype=torch.int64)
 
 # (T, E, K, n_groups, topk_groups, score_fn, bias) -- each case names its edge
 CASES = [
@@ -83,7 +111,7 @@ def test_k1_keeps_router_gradient():
 def test_group_rules_differ_when_k_over_topk_groups_is_not_2():
     # Group A = experts 0-3 has top-2 sum 1.8 but top-3 sum 1.8 (third is 0);
     # group B = 4-7 has top-2 sum 1.6 and top-3 sum 2.4. Our rule (top-2) keeps A;
-    # megatron's (top K/topk_groups = 3) would keep B. Documented in moe/router.py.
+    # megatron's (top K/topk_groups = 3) would keep B. Documented in moe/moe_layer/router.py.
     s = torch.tensor([[0.9, 0.9, 0.0, 0.0, 0.8, 0.8, 0.8, 0.0]])
     logits = torch.logit(s.clamp(1e-6, 1 - 1e-6))
     _, idx = route(logits, top_k=3, n_groups=2, topk_groups=1)
@@ -158,7 +186,7 @@ def test_megatron_switch_aux_loss_agrees():
 
 
 def test_fast_stable_topk_equals_full_stable_sort():
-    from moe.router import _stable_topk
+    from moe.moe_layer.router import _stable_topk
 
     gen = torch.Generator().manual_seed(7)
     # small integer values: many ties inside the top-k and straddling the k-th place

@@ -29,15 +29,14 @@ ranks (= dp world size) and then averaged only over their expert-data-parallel r
 
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..moe_layer import (MoEFeedForward, _resolve_backend, combine, dispatch, experts_grouped_mm,
-                         experts_loop, grouped_mm_aligned, sum_per_token, weights_by_row)
+from ..moe_layer.dispatcher import ExpertRows, sort_tokens
+from ..moe_layer.layer import MoEFeedForward
 
 
 def guarded(what: str, fn, group=None):
@@ -81,56 +80,66 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
-def _ep_routed_experts(self: MoEFeedForward, x_TD, weights_TK, indices_TK, counts_E=None):
-    """Replacement for MoEFeedForward.routed_experts on an EP rank (bound per instance).
-    The router's ``counts_E`` is not needed: dispatch() counts while sorting."""
-    P, E, El = self.ep_size, self.n_experts, self.n_local_experts
-    group = self.ep_group
-    x_MD, order_M, inv_M, counts_E, _ = dispatch(x_TD, indices_TK, E)
-    send_PEl = counts_E.view(P, El)
-    recv_PEl = torch.empty_like(send_PEl)
-    guarded("all_to_all(counts)", lambda: dist.all_to_all_single(
-        recv_PEl, send_PEl.contiguous(), group=group), group)
-    send_splits = send_PEl.sum(1).tolist()
-    recv_splits = recv_PEl.sum(1).tolist()
-    x_RD = all_to_all(x_MD, recv_splits, send_splits, group)
-    # received rows: by source rank, then by local expert -> stable sort by local expert
-    local_expert_R = torch.repeat_interleave(
-        torch.arange(El, device=x_RD.device).repeat(P), recv_PEl.reshape(-1))
-    perm_R = torch.argsort(local_expert_R, stable=True)
-    inv_perm_R = torch.empty_like(perm_R)
-    inv_perm_R[perm_R] = torch.arange(perm_R.numel(), device=perm_R.device)
-    local_counts = recv_PEl.sum(0)
-    x_local = x_RD.index_select(0, perm_R)
-    offsets_local = torch.cumsum(local_counts, 0).to(torch.int32)
-    backend = _resolve_backend(self.cfg.kernels, x_local.device)
-    if backend == "torch" and self.cfg.dispatch != "loop" and grouped_mm_aligned(self.w2_EFD):
-        # as on one device: each row's routing weight travels with it (one all-to-all of
-        # M scalars) and scales the experts' activation; the combine is a per-token sum
-        weights_M = weights_by_row(weights_TK, order_M).to(x_MD.dtype)  # sent in x's dtype
-        w_local = all_to_all(weights_M.unsqueeze(1), recv_splits, send_splits,
-                             group).squeeze(1).index_select(0, perm_R)
-        y_local = experts_grouped_mm(x_local, offsets_local, self.w13_ED2F, self.w2_EFD, w_local)
-        y_MD = all_to_all(y_local.index_select(0, inv_perm_R), send_splits, recv_splits, group)
-        return sum_per_token(y_MD, order_M, inv_M, indices_TK.shape[1]), counts_E
-    if backend == "triton":
-        from kernels.grouped_mlp import _grouped_swiglu_mlp  # offsets valid by construction
+class AllToAllDispatcher:
+    """The token dispatcher of a layer whose routed experts are sharded over an EP group
+    (steps 2-6 of the module doc): sorts this rank's token copies by global expert, sends
+    each rank the rows of its experts, sorts the received rows by local expert for the
+    experts, and brings the experts' rows back. Backend-independent: the experts (torch
+    grouped_mm, loop or Triton) run on the local rows in between."""
 
-        y_local = _grouped_swiglu_mlp(x_local, offsets_local, self.w13_ED2F, self.w2_EFD)
-    else:
-        y_local = experts_loop(x_local, local_counts, self.w13_ED2F, self.w2_EFD)
-    y_RD = y_local.index_select(0, inv_perm_R)
-    y_MD = all_to_all(y_RD, send_splits, recv_splits, group)
-    return combine(y_MD, weights_TK, order_M, inv_M), counts_E
+    def __init__(self, group, n_experts: int, ep_size: int):
+        self.group, self.n_experts, self.ep_size = group, n_experts, ep_size
+        self.n_local_experts = n_experts // ep_size
+
+    def for_backend(self, backend: str) -> "AllToAllDispatcher":
+        return self
+
+    def dispatch(self, x_TD, weights_TK, indices_TK, fold_weights: bool) -> ExpertRows:
+        P, El, group = self.ep_size, self.n_local_experts, self.group
+        # rows sorted by GLOBAL expert: the rows for EP rank p are contiguous
+        x_MD, counts_E, _, weights_M, slots = sort_tokens(x_TD, weights_TK, indices_TK,
+                                                          self.n_experts, fold_weights)
+        send_PEl = counts_E.view(P, El)
+        recv_PEl = torch.empty_like(send_PEl)
+        guarded("all_to_all(counts)", lambda: dist.all_to_all_single(
+            recv_PEl, send_PEl.contiguous(), group=group), group)
+        send_splits = send_PEl.sum(1).tolist()
+        recv_splits = recv_PEl.sum(1).tolist()
+        x_RD = all_to_all(x_MD, recv_splits, send_splits, group)
+        # received rows: by source rank, then by local expert -> stable sort by local expert
+        local_expert_R = torch.repeat_interleave(
+            torch.arange(El, device=x_RD.device).repeat(P), recv_PEl.reshape(-1))
+        perm_R = torch.argsort(local_expert_R, stable=True)
+        inv_perm_R = torch.empty_like(perm_R)
+        inv_perm_R[perm_R] = torch.arange(perm_R.numel(), device=perm_R.device)
+        local_counts = recv_PEl.sum(0)
+        x_local = x_RD.index_select(0, perm_R)
+        offsets_local = torch.cumsum(local_counts, 0).to(torch.int32)
+        if weights_M is not None:
+            # each row's routing weight travels with it (one all-to-all of M scalars, in
+            # x's dtype) and scales the experts' activation; the combine is a per-token sum
+            weights_M = all_to_all(weights_M.to(x_MD.dtype).unsqueeze(1), recv_splits,
+                                   send_splits, group).squeeze(1).index_select(0, perm_R)
+        return ExpertRows(x_local, local_counts, offsets_local, weights_M, counts_E,
+                          (inv_perm_R, send_splits, recv_splits, slots))
+
+    def combine(self, y_local: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
+        """Undo the local sort, send the rows back (splits swapped), combine per token
+        exactly as on one device."""
+        inv_perm_R, send_splits, recv_splits, slots = rows.undo
+        y_MD = all_to_all(y_local.index_select(0, inv_perm_R), send_splits, recv_splits,
+                          self.group)
+        return slots.combine(y_MD)
 
 
 def apply_expert_parallel(model: nn.Module, ep_group=None) -> nn.Module:
     """Shard every MoE layer's routed experts over ``ep_group`` (default: the world).
 
-    Rank r of the group keeps experts [r*E/P, (r+1)*E/P) as its parameters; the router,
-    shared experts and expert bias stay replicated. Call on a model that holds the full
-    single-device weights (built from the same seed or loaded from a checkpoint) so the
-    sharded model computes the same function. In place; returns ``model``.
+    Rank r of the group keeps experts [r*E/P, (r+1)*E/P) as its parameters and the layer
+    gets an :class:`AllToAllDispatcher`; the router, shared experts and expert bias stay
+    replicated. Call on a model that holds the full single-device weights (built from the
+    same seed or loaded from a checkpoint) so the sharded model computes the same
+    function. In place; returns ``model``.
     """
     P = dist.get_world_size(ep_group)
     r = dist.get_rank(ep_group)
@@ -144,8 +153,7 @@ def apply_expert_parallel(model: nn.Module, ep_group=None) -> nn.Module:
             w2 = layer.w2_EFD[r * El:(r + 1) * El].clone()
         layer.w13_ED2F = nn.Parameter(w13)
         layer.w2_EFD = nn.Parameter(w2)
-        layer.ep_size, layer.ep_rank, layer.ep_group, layer.n_local_experts = P, r, ep_group, El
-        layer.routed_experts = types.MethodType(_ep_routed_experts, layer)
+        layer.dispatcher = AllToAllDispatcher(ep_group, E, P)
     return model
 
 

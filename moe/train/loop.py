@@ -53,7 +53,7 @@ from ..config import (FINGERPRINT_IGNORES, Config, changed_fields, config_finger
                       flatten)
 from ..cpu_malloc import keep_freed_memory, malloc_mode
 from ..model import build_model
-from ..router import max_violation
+from ..moe_layer.router import max_violation
 from ..rundir import RunDirError, lock_dir
 from . import checkpoint as ckpt
 from .opbuild import OpBuildError

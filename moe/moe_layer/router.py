@@ -1,9 +1,14 @@
-"""Router math (pure torch): scoring, group-limited top-k, balance losses and metrics.
+"""The router (pure torch): scoring, group-limited top-k, gates; balance losses and MaxVio.
+
+The MoE layer's first stage (router -> token dispatcher -> experts, as megatron-core's
+moe/router.py). The routing rule is written once, here; the Triton routing kernel
+(kernels.routing) computes the same rule and :class:`Router` runs it on the layer's
+Triton backend.
 
 Shape legend: T tokens, E routed experts, K top_k, B batch, S sequence length,
 G expert groups.
 
-Semantics follow ../shared/SPEC.md ("Gating"):
+Semantics follow docs/model.md, "Gating":
 
     scores_TE  = sigmoid(logits) | softmax(logits)           fp32 always
     select_TE  = scores + expert_bias                         bias for SELECTION only
@@ -24,11 +29,16 @@ rule. Sigmoid saturates to exactly 1.0 in fp32 for logits above ~17, so ties are
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from kernels._checks import check_route_args  # torch-only module: no triton import
+
+from ..config import MoEConfig
 
 
 def _stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -109,38 +119,69 @@ def route(
             select_TE = select_TE + expert_bias.float()
         select_TE = group_limited_mask(select_TE, n_groups, topk_groups)
         indices_TK = _stable_topk(select_TE, top_k)
+    return expert_gates(scores_TE, indices_TK, route_scale), indices_TK
+
+
+def expert_gates(scores_TE: torch.Tensor, indices_TK: torch.Tensor,
+                 route_scale: float) -> torch.Tensor:
+    """weights_TK = route_scale * scores[indices] (the UNBIASED scores), normalised over
+    the K chosen experts when K > 1 (with K = 1 normalising makes every gate 1.0: no router
+    gradient; docs/model.md, "Gating")."""
     gates_TK = scores_TE.gather(1, indices_TK)
-    if top_k > 1:  # with K = 1 normalising makes every gate 1.0: no router gradient (SPEC.md)
+    if indices_TK.shape[1] > 1:
         gates_TK = gates_TK / (gates_TK.sum(-1, keepdim=True) + 1e-20)
-    return gates_TK * route_scale, indices_TK
+    return gates_TK * route_scale
 
 
-def route_loop_reference(logits_TE, *, top_k, score_fn="sigmoid", expert_bias=None,
-                         n_groups=1, topk_groups=1, route_scale=1.0):
-    """Token-by-token Python reference of :func:`route` (slow; for tests)."""
+def route_uniform(logits_TE: torch.Tensor, *, top_k: int, score_fn: str = "sigmoid",
+                  route_scale: float = 1.0, **_ignored) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forced-uniform routing (moe.force_uniform, a debug/benchmark switch): slot t*K + k
+    goes to expert (t*K + k) mod E whatever the scores; the gates are still the router's
+    (:func:`expert_gates`). Bias and groups do not apply."""
     T, E = logits_TE.shape
-    per = E // n_groups
-    weights, indices = [], []
-    for t in range(T):
-        s = compute_scores(logits_TE[t:t + 1], score_fn)[0].tolist()
-        b = expert_bias.tolist() if expert_bias is not None else [0.0] * E
-        sel = [s[i] + b[i] for i in range(E)]
-        if n_groups > 1:
-            gscore = []
-            for g in range(n_groups):
-                vals = sorted(sel[g * per:(g + 1) * per], reverse=True)
-                gscore.append(sum(vals[:2]))
-            order = sorted(range(n_groups), key=lambda g: (-gscore[g], g))
-            keep = set(order[:topk_groups])
-            sel = [sel[i] if i // per in keep else float("-inf") for i in range(E)]
-        chosen = sorted(range(E), key=lambda i: (-sel[i], i))[:top_k]
-        g = [s[i] for i in chosen]
-        if top_k > 1:
-            tot = sum(g) + 1e-20
-            g = [x / tot for x in g]
-        weights.append([route_scale * x for x in g])
-        indices.append(chosen)
-    return torch.tensor(weights, dtype=torch.float32), torch.tensor(indices, dtype=torch.int64)
+    slots = torch.arange(T * top_k, device=logits_TE.device)
+    indices_TK = (slots % E).view(T, top_k)
+    return expert_gates(compute_scores(logits_TE, score_fn), indices_TK, route_scale), indices_TK
+
+
+def route_triton(logits_TE: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`route` by the fused Triton kernel (kernels.route: same rule, same ties; its
+    per-expert counts are left to the dispatcher)."""
+    import kernels  # lazy: moe works without triton installed
+
+    weights_TK, indices_TK, _ = kernels.route(logits_TE, **kw)
+    return weights_TK, indices_TK
+
+
+class Router(nn.Module):
+    """The router's weight (E, D) and its rule: logits in fp32, then :func:`route` (or the
+    Triton kernel, or forced-uniform routing), picked by :meth:`use_backend` when the layer
+    is built or moved to another device, never per call. The expert bias is the layer's
+    (its balancing state) and comes in with every call."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed, d_model))
+        # nn.Linear's own initialisation: the same random draws, so a model built from a
+        # seed has the same weights as when the router was an nn.Linear
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.use_backend("torch")
+
+    def use_backend(self, backend: str) -> None:
+        """"torch" (:func:`route`) or "triton" (:func:`route_triton`); forced-uniform
+        routing (cfg.force_uniform) whatever the backend."""
+        self.rule = (route_uniform if self.cfg.force_uniform
+                     else route_triton if backend == "triton" else route)
+
+    def forward(self, x_TD: torch.Tensor, expert_bias: Optional[torch.Tensor]):
+        """(logits_TE fp32, weights_TK fp32, indices_TK int64); the router runs in fp32."""
+        c = self.cfg
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        weights_TK, indices_TK = self.rule(
+            logits_TE, top_k=c.top_k, score_fn=c.score_fn, expert_bias=expert_bias,
+            n_groups=c.n_groups, topk_groups=c.topk_groups, route_scale=c.route_scale)
+        return logits_TE, weights_TK, indices_TK
 
 
 # --------------------------------------------------------------------------------------
@@ -149,7 +190,8 @@ def route_loop_reference(logits_TE, *, top_k, score_fn="sigmoid", expert_bias=No
 
 
 def sequence_balance_loss(scores_BSE: torch.Tensor, top_k: int, alpha: float) -> torch.Tensor:
-    """DeepSeek-V3 complementary sequence-wise balance loss (SPEC.md).
+    """DeepSeek-V3 complementary sequence-wise balance loss (docs/model.md, "Sequence-wise
+    balance loss").
 
     f_i = E / (K S) * #{t : i in plain TopK(s_t)}   (no bias), per sequence
     P_i = mean_t s_{i,t} / sum_j s_{j,t}
@@ -188,7 +230,8 @@ def router_z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:
 
 
 def max_violation(counts_E: torch.Tensor) -> float:
-    """MaxVio = (max_i load_i - mean_i load_i) / mean_i load_i (SPEC.md)."""
+    """MaxVio = (max_i load_i - mean_i load_i) / mean_i load_i (docs/model.md,
+    "Load-balance metrics")."""
     c = counts_E.double()
     mean = c.mean()
     if mean <= 0:
@@ -201,6 +244,6 @@ def topk_counts(indices_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.bincount(indices_TK.reshape(-1), minlength=n_experts)
 
 
-__all__ = ["route", "route_loop_reference", "compute_scores", "group_limited_mask",
-           "sequence_balance_loss", "switch_aux_loss", "router_z_loss", "max_violation",
+__all__ = ["Router", "route", "route_uniform", "route_triton", "expert_gates", "compute_scores",
+           "group_limited_mask", "sequence_balance_loss", "switch_aux_loss", "router_z_loss", "max_violation",
            "topk_counts"]
