@@ -103,7 +103,8 @@ class MoEConfig:
     topk_groups: int = 1
     route_scale: float = 1.0
     balancing: Literal["none", "aux_loss", "aux_free", "aux_free+seq_aux"] = "aux_free"
-    gamma: float = 1e-3  # expert-bias update speed (sign update), SPEC.md
+    # expert-bias update speed (sign update): docs/model.md, "Expert-bias balancing"
+    gamma: float = 1e-3
     alpha: float = 1e-4  # sequence-wise balance loss coefficient
     aux_loss_coef: float = 1e-2  # classic Switch/GShard aux loss coefficient (balancing=aux_loss)
     z_loss_coef: float = 0.0  # router z-loss coefficient (any balancing)
