@@ -1,6 +1,6 @@
 """CPU MoE-layer benchmark (issue: CPU target of the torch backend).
 
-    python benchmarks/bench_moe_layer_cpu.py [--rounds 15] [--tokens 4096] [--upstream sum|random]
+    python -m benchmarks.bench_moe_layer_cpu [--rounds 15] [--tokens 4096] [--upstream sum|random]
 
 Forward+backward of one MoE FFN at E=64, k=8, expert FFN 128, d_model 256, fp32 against,
 in the same run and interleaved round by round (so background load hits all alike):
@@ -20,19 +20,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_malloc_option, append_rows, apply_malloc_option, environment  # noqa: E402
-
-from moe import MoEConfig  # noqa: E402
-from moe.layers import SwiGLU  # noqa: E402
-from moe.moe_layer import MoEFeedForward  # noqa: E402
+from benchmarks.common import add_malloc_option, append_rows, apply_malloc_option, environment
+from moe import MoEConfig
+from moe.layers import SwiGLU
+from moe.moe_layer import MoEFeedForward
 
 
 class NaiveMoE(torch.nn.Module):

@@ -1,7 +1,7 @@
 """MTP speculative decoding vs plain greedy decoding on the held-out split.
 
     moe-testbed train configs/tiny-moe.yaml --out runs/bench-tiny-moe      # README main job
-    python benchmarks/bench_mtp_decoding.py runs/bench-tiny-moe [--prompts 32] [--prompt-len 64] [--new 64]
+    python -m benchmarks.bench_mtp_decoding runs/bench-tiny-moe [--prompts 32] [--prompt-len 64] [--new 64]
 
 For each of ``--prompts`` prompts cut at evenly spaced offsets of the run's validation
 split, both decoders generate ``--new`` tokens greedily (moe/generate.py, KV cache, batch
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, environment
 
 
 @torch.no_grad()
@@ -61,8 +61,6 @@ def call_costs(model, prompt, n: int = 200) -> dict:
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.common import environment
     from moe.generate import generate
     from moe.hf import load_model
 

@@ -1,4 +1,4 @@
-"""python benchmarks/bench_train_step.py [--config configs/tiny-moe.yaml] [--steps 8] [--rounds 3]
+"""python -m benchmarks.bench_train_step [--config configs/tiny-moe.yaml] [--steps 8] [--rounds 3]
 
 Training-step throughput (tokens/s) and MFU on this machine for three models, measured in
 the same process, interleaved round by round (so load from other processes on a shared
@@ -16,13 +16,13 @@ box hits all three alike), each through the same DeepSpeed engine as ``moe-testb
 MFU = model FLOPs/s (accounting.count_params(...).flops_per_token_train x tokens/s, the
 same numerator for moe and ds_moe) / a measured fp32 matmul peak (best 2048^3 matmul,
 measured before every round; the maximum is used). Rows are appended to
-benchmarks/results/train_step_cpu.jsonl with device, versions, git commit and config.
+benchmarks/results/train_step_cpu.jsonl with the environment record (device, versions,
+commit: benchmarks/common.py) and the config.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -33,15 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from common import add_malloc_option, apply_malloc_option, cpu_name, git_commit  # noqa: E402
-from moe.accounting import count_params  # noqa: E402
-from moe.config import load_config  # noqa: E402
-from moe.layers import SwiGLU  # noqa: E402
-from moe.model import build_model  # noqa: E402
+from benchmarks.common import ROOT, add_malloc_option, apply_malloc_option, environment
+from moe.accounting import count_params
+from moe.config import load_config
+from moe.layers import SwiGLU
+from moe.model import build_model
 
 
 def dense_equivalent(cfg_path: str, overrides: list[str]):
@@ -94,12 +90,12 @@ def build_variant(name: str, cfg):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(REPO / "configs" / "tiny-moe.yaml"))
+    p.add_argument("--config", default=str(ROOT / "configs" / "tiny-moe.yaml"))
     p.add_argument("overrides", nargs="*")
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step_cpu.jsonl"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step_cpu.jsonl"))
     add_malloc_option(p)
     a = p.parse_args(argv)
     malloc = apply_malloc_option(p, a)
@@ -144,19 +140,15 @@ def main(argv=None) -> int:
                 step(st)
                 st["times"].append(time.perf_counter() - t0)
 
-    import deepspeed
-
     peak = max(peaks)
     rows = []
-    base = {"bench": "train_step", "device": cpu_name(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__, "git_commit": git_commit(),
-            "config": os.path.relpath(a.config, REPO), "overrides": a.overrides,
+    base = {"bench": "train_step", **environment(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "config": os.path.relpath(a.config, ROOT), "overrides": a.overrides,
             "precision": "fp32", "cpu_malloc": malloc,
             "peak_flops_fp32_matmul_measured": peak,
             "peak_flops_all_measurements": peaks,
-            "load_avg_1m": os.getloadavg()[0],
-            "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "load_avg_1m": os.getloadavg()[0]}
     for name, st in state.items():
         vcfg = st["cfg"]
         c = count_params(vcfg)
@@ -176,9 +168,8 @@ def main(argv=None) -> int:
     with open(out, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    print(f"device: {base['device']} ({base['cores']} cores, {base['torch_threads']} torch "
-          f"threads, load {base['load_avg_1m']:.2f}); fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; "
-          f"malloc {base['cpu_malloc']}")
+    print(f"device: {base['device']}, load {base['load_avg_1m']:.2f}; fp32 matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s; malloc {base['cpu_malloc']}")
     print("| variant | active params | total params | tokens/s | step s (median) | MFU |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

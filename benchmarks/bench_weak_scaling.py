@@ -3,7 +3,7 @@ at a fixed per-process micro-batch, pure data parallel (every rank holds all exp
 against expert parallel (parallel.ep = processes: experts sharded, tokens exchanged by
 all-to-all), both measured in the same invocation. Tokens/s from each run's summary.json.
 
-    python benchmarks/bench_weak_scaling.py [--procs 1 2 4] [--modes dp ep] [--steps 40]
+    python -m benchmarks.bench_weak_scaling [--procs 1 2 4] [--modes dp ep] [--steps 40]
 
 Each process gets torch threads = cores / processes (equal hardware for every row).
 One process is the same run in both modes (ep=1), measured once.
@@ -22,9 +22,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from common import append_rows, environment  # noqa: E402
+from benchmarks.common import ROOT, append_rows, environment
 
 
 def main(argv=None):
@@ -32,7 +30,7 @@ def main(argv=None):
     p.add_argument("--procs", nargs="*", type=int, default=[1, 2, 4])
     p.add_argument("--modes", nargs="*", choices=["dp", "ep"], default=["dp", "ep"])
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--config", default=str(REPO / "configs" / "tiny-moe.yaml"))
+    p.add_argument("--config", default=str(ROOT / "configs" / "tiny-moe.yaml"))
     a = p.parse_args(argv)
     cores = os.cpu_count() or 1
     rows = []
@@ -53,7 +51,7 @@ def main(argv=None):
         cfg = yaml.safe_load((out / "config.yaml").read_text())
         rows.append({**environment(), "bench": "weak_scaling", "mode": "dp" if ep == 1 else "ep",
                      "procs": n, "ep": ep, "threads_per_proc": max(1, cores // n),
-                     "config": os.path.relpath(a.config, REPO),
+                     "config": os.path.relpath(a.config, ROOT),
                      "micro_batch_per_proc": cfg["train"]["micro_batch_size"],
                      "seq_len": cfg["train"]["seq_len"], "n_routed": cfg["moe"]["n_routed"],
                      "steps": s["steps"], "tokens": s["tokens"],

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Build the wheel folder that benchmarks/gpu_check.py --wheels installs on the GPU image
+# Build the wheel folder that `python -m benchmarks.gpu_check --wheels` installs on the GPU image
 # (Python 3.12, torch, triton, pytest, tokenizers; no deepspeed, megatron-core, pydantic or
 # hjson, and no network). Run here, where the package registries are reachable; the
 # versions are those installed in this environment, so the GPU runs the tested set.
 #   bash benchmarks/build_gpu_wheels.sh [DIR]     (default benchmarks/gpu_wheels, ignored by git)
-# Then carry DIR to the device and run: python benchmarks/gpu_check.py --wheels DIR
+# Then carry DIR to the device and run, in the repository root:
+#   python3 -m benchmarks.gpu_check --wheels DIR
 set -euo pipefail
 dir=${1:-benchmarks/gpu_wheels}
 mkdir -p "$dir"

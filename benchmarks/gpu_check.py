@@ -1,4 +1,4 @@
-"""python benchmarks/gpu_check.py [--out DIR] [--wheels DIR] [--smoke] [--only STAGE ...]
+"""python -m benchmarks.gpu_check [--out DIR] [--wheels DIR] [--smoke] [--only STAGE ...]
 
 One prepared command for a short GPU window (one H100/H200, <= ~8 minutes): validates
 and measures the Triton kernels and bf16 training, writing at most 8 files to one folder
@@ -7,14 +7,15 @@ already measured:
 
     file              stage  what
     stages.jsonl      all    one row per stage: name, status (ok|failed|timeout), seconds
-    env.json          a      versions, GPU name and clocks (nvidia-smi), `import kernels`
+    env.json          a      the environment record (benchmarks/common.py), GPU clocks
+                             (nvidia-smi), which carried wheels import, `import kernels`
     pytest_gpu.txt    b      `pytest -m gpu` over the kernel tests (tail of the output)
     correctness.json  b      grouped MLP forward, dx, dW13, dW2 and the whole routed layer
                              at the Qwen3-30B-A3B expert shape (D 2048, F 768, 128 experts,
                              top-8, T 32768), bf16, balanced and skewed routing: relative
                              error of the Triton kernels and of torch._grouped_mm, each
                              against an fp32 reference
-    kernels.jsonl/.csv c     benchmarks/kernels/bench_kernels.py at that shape: grouped MLP
+    kernels.jsonl/.csv c     benchmarks.kernels.bench_kernels at that shape: grouped MLP
                              fwd/bwd/fwd+bwd TFLOP/s on active FLOPs, route/permute/unpermute
                              times, torch._grouped_mm and torch baselines, fused gather on
                              and off, the dense bf16 matmul of the same run
@@ -31,8 +32,10 @@ temporary site directory put on PYTHONPATH for every stage. --smoke: the same st
 CPU at tiny shapes (Triton interpreter, fp32, a few training steps), so the GPU window is
 never spent on an import error; tests/test_gpu_check.py runs it.
 
-On the device (benchmarks/gpu_wheels built here first, carried as an ignored path):
-    python3 benchmarks/gpu_check.py --wheels benchmarks/gpu_wheels      (timeout ~540 s)
+Run it from the repository root as a module (``benchmarks`` is a package; the root's
+``kernels`` and ``moe`` are imported from the working tree). On the device
+(benchmarks/gpu_wheels built here first, carried as an ignored path):
+    python3 -m benchmarks.gpu_check --wheels benchmarks/gpu_wheels      (timeout ~540 s)
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, environment
+
 STAGES = ("env", "pytest", "correctness", "kernels", "train")
 # seconds per stage on the GPU (sum ~8 min) and in --smoke mode on a 2-core CPU
 LIMITS = {"env": 30, "pytest": 90, "correctness": 60, "kernels": 150, "train": 150}
@@ -63,20 +67,14 @@ def _tail(text: str, n: int = 4000) -> str:
 def stage_env(out: Path, smoke: bool) -> None:
     import torch
 
-    info = {"python": sys.version.split()[0], "torch": torch.__version__,
-            "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-            "smoke": smoke, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError as e:
-        info["triton"] = f"not importable: {e}"
-    info["TRITON_CACHE_AUTOTUNING"] = os.environ.get("TRITON_CACHE_AUTOTUNING")
+    info = {**environment(), "cuda_available": torch.cuda.is_available(), "smoke": smoke,
+            "TRITON_CACHE_AUTOTUNING": os.environ.get("TRITON_CACHE_AUTOTUNING")}
     from importlib import metadata
 
-    # the carried wheels (--wheels) and what they need from the image: importable, and which
-    # distribution version (typing_extensions has no __version__)
-    for mod, dist in (("deepspeed", "deepspeed"), ("megatron.core", "megatron-core"),
+    # triton, the carried wheels (--wheels) and what they need from the image: importable,
+    # and which distribution version (typing_extensions has no __version__)
+    for mod, dist in (("triton", "triton"), ("deepspeed", "deepspeed"),
+                      ("megatron.core", "megatron-core"),
                       ("pydantic", "pydantic"), ("hjson", "hjson"),
                       ("typing_extensions", "typing-extensions")):
         try:
@@ -86,21 +84,9 @@ def stage_env(out: Path, smoke: bool) -> None:
             info[mod] = f"not importable: {e}"
         except metadata.PackageNotFoundError:
             info[mod] = "importable (no distribution metadata)"
-    sys.path.insert(0, str(ROOT))
     import kernels
 
     info["kernels_available"] = bool(kernels.available())
-    try:
-        info["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT,
-                                                 text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        info["commit"] = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info.update(device=torch.cuda.get_device_name(), sm_count=p.multi_processor_count,
-                    memory_gib=round(p.total_memory / 2**30, 1))
-    else:
-        info["device"] = f"cpu ({os.cpu_count()} cores)"
     if shutil.which("nvidia-smi"):
         q = ("name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,"
              "temperature.gpu,persistence_mode")
@@ -119,10 +105,8 @@ def stage_correctness(out: Path, smoke: bool) -> None:
     """Triton and torch._grouped_mm against an fp32 reference at the Qwen3 expert shape."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "benchmarks" / "kernels"))
     import kernels
-    from bench_kernels import SHAPES, SMOKE_SHAPE, grouped_mm_mlp, make_logits
+    from benchmarks.kernels.bench_kernels import SHAPES, SMOKE_SHAPE, grouped_mm_mlp, make_logits
 
     s = SMOKE_SHAPE["smoke"] if smoke else SHAPES["qwen3-30b-a3b"]
     T = 64 if smoke else 32768
@@ -180,7 +164,7 @@ def _pytest_cmd(smoke: bool) -> list[str]:
 
 
 def _kernels_cmd(out: Path, smoke: bool) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "benchmarks/kernels/bench_kernels.py"),
+    cmd = [sys.executable, "-m", "benchmarks.kernels.bench_kernels",
            "--out", str(out / "kernels.jsonl")]
     return cmd + (["--cpu-smoke"] if smoke else
                   ["--shapes", "qwen3-30b-a3b", "--tokens", "32768", "--no-expert-loop"])
@@ -279,7 +263,8 @@ def main(argv=None) -> int:
         env["PYTHONPATH"] = os.pathsep.join([site, env["PYTHONPATH"]])
     limits = SMOKE_LIMITS if a.smoke else LIMITS
     smoke = ["--smoke"] if a.smoke else []
-    cmds = {name: [sys.executable, __file__, "--stage", name, "--out", str(out), *smoke]
+    cmds = {name: [sys.executable, "-m", "benchmarks.gpu_check", "--stage", name, "--out",
+                   str(out), *smoke]
             for name in IN_PROCESS}
     cmds["pytest"] = _pytest_cmd(a.smoke)
     cmds["kernels"] = _kernels_cmd(out, a.smoke)

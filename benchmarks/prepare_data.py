@@ -1,6 +1,6 @@
 """Streaming data preparation at scale: throughput and peak memory of ``prepare_data``.
 
-    python benchmarks/prepare_data.py --mb 256 --huge-doc-mb 50 --vocab 32768
+    python -m benchmarks.prepare_data --mb 256 --huge-doc-mb 50 --vocab 32768
 
 Generates a corpus of ``--mb`` MB of real text (the running Python's stdlib sources,
 cycled, each copy made unique by a header line) as shards of ``--shard-mb`` MB cycling
@@ -33,8 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import append_rows, environment  # noqa: E402
+from benchmarks.common import ROOT, append_rows, environment
 
 CHILD = r"""
 import json, resource, sys, time
@@ -150,7 +149,7 @@ def main() -> int:
         for workers in a.workers.split(","):
             cache = tmp / f"cache-{workers}"
             env = {**os.environ, "MOE_TESTBED_CACHE": str(cache),
-                   "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+                   "PYTHONPATH": str(ROOT)}
             res = subprocess.run([sys.executable, "-c", CHILD, str(corpus), str(a.vocab),
                                   a.tokenizer, str(int(a.sample_mb * 1e6)), workers],
                                  env=env, capture_output=True, text=True)

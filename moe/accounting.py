@@ -1,6 +1,6 @@
 """Parameter and FLOP accounting from the config alone (no module is built).
 
-Conventions (ANCHORS.md, "Scaling laws"):
+Conventions (docs/anchors.md, "Scaling-law conventions"):
   * ``*_nonembed`` (Kaplan): excludes the vocabulary matrices -- the input embedding and
     the output head (which is the same matrix when tied). Norm gains are included.
   * ``*`` plain totals (Chinchilla): every parameter, embeddings included.

@@ -103,7 +103,8 @@ class MoEConfig:
     topk_groups: int = 1
     route_scale: float = 1.0
     balancing: Literal["none", "aux_loss", "aux_free", "aux_free+seq_aux"] = "aux_free"
-    gamma: float = 1e-3  # expert-bias update speed (sign update), SPEC.md
+    # expert-bias update speed (sign update): docs/model.md, "Expert-bias balancing"
+    gamma: float = 1e-3
     alpha: float = 1e-4  # sequence-wise balance loss coefficient
     aux_loss_coef: float = 1e-2  # classic Switch/GShard aux loss coefficient (balancing=aux_loss)
     z_loss_coef: float = 0.0  # router z-loss coefficient (any balancing)
@@ -220,24 +221,22 @@ class Config:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> "Config":
-        """Raise :class:`ConfigError` for the first impossible setting; return self."""
-        m, e, t, p = self.model, self.moe, self.train, self.parallel
+        """Raise :class:`ConfigError` for the first impossible setting; return self.
 
-        def positive(section: str, obj: Any, *names: str) -> None:
-            for n in names:
-                v = getattr(obj, n)
-                if v is not None and v <= 0:
-                    _fail(f"{section}.{n}", v, "a value > 0")
+        The sections are checked in this order: model, moe, mtp, data, train, parallel."""
+        self._validate_model()
+        self._validate_moe()
+        self._validate_mtp()
+        self._validate_data()
+        self._validate_train()
+        self._validate_parallel()
+        return self
 
-        def non_negative(section: str, obj: Any, *names: str) -> None:
-            for n in names:
-                v = getattr(obj, n)
-                if v is not None and v < 0:
-                    _fail(f"{section}.{n}", v, "a value >= 0")
-
-        positive("model", m, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
-                 "head_dim", "ffn_dim", "norm_eps", "rope_theta", "init_std")
-        non_negative("model", m, "first_k_dense")
+    def _validate_model(self) -> None:
+        m = self.model
+        _positive("model", m, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                  "head_dim", "ffn_dim", "norm_eps", "rope_theta", "init_std")
+        _non_negative("model", m, "first_k_dense")
         if not m.is_mla and m.head_dim is None and m.d_model % m.n_heads:
             _fail("model.n_heads", m.n_heads,
                   f"a divisor of model.d_model={m.d_model} (or set model.head_dim)")
@@ -245,21 +244,7 @@ class Config:
             _fail("model.n_kv_heads", m.n_kv_heads,
                   f"a divisor of model.n_heads={m.n_heads} (GQA groups)")
         if m.is_mla:
-            non_negative("model", m, "q_lora_rank", "qk_nope_head_dim")
-            for n in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
-                if getattr(m, n) is None or getattr(m, n) <= 0:
-                    _fail(f"model.{n}", getattr(m, n), "a value > 0 with model.attention=mla")
-            if m.qk_nope_head_dim is None:
-                _fail("model.qk_nope_head_dim", None, "a value >= 0 with model.attention=mla")
-            if m.qk_rope_head_dim % 2:
-                _fail("model.qk_rope_head_dim", m.qk_rope_head_dim,
-                      "an even size (RoPE rotates pairs)")
-            if m.n_kv_heads is not None and m.n_kv_heads != m.n_heads:
-                _fail("model.n_kv_heads", m.n_kv_heads, "null (or = model.n_heads) with "
-                      "model.attention=mla: keys and values come per head from the latent")
-            if m.head_dim is not None:
-                _fail("model.head_dim", m.head_dim, "null with model.attention=mla (set "
-                      "model.qk_nope_head_dim, qk_rope_head_dim and v_head_dim)")
+            self._validate_mla()
         else:
             for n in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                       "v_head_dim"):
@@ -271,43 +256,71 @@ class Config:
         if m.first_k_dense > m.n_layers:
             _fail("model.first_k_dense", m.first_k_dense, f"<= model.n_layers={m.n_layers}")
 
-        non_negative("moe", e, "n_routed", "n_shared", "route_scale", "gamma", "alpha",
-                     "aux_loss_coef", "z_loss_coef")
-        if e.enabled:
-            positive("moe", e, "expert_ffn_dim", "top_k", "n_groups", "topk_groups", "route_scale")
-            if e.top_k > e.n_routed:
-                _fail("moe.top_k", e.top_k, f"<= moe.n_routed={e.n_routed}")
-            if e.n_routed % e.n_groups:
-                _fail("moe.n_groups", e.n_groups, f"a divisor of moe.n_routed={e.n_routed}")
-            if e.topk_groups > e.n_groups:
-                _fail("moe.topk_groups", e.topk_groups, f"<= moe.n_groups={e.n_groups}")
-            per_group = e.n_routed // e.n_groups
-            if e.top_k > e.topk_groups * per_group:
-                _fail("moe.top_k", e.top_k,
-                      f"<= moe.topk_groups * experts per group = {e.topk_groups}*{per_group}")
-            if m.first_k_dense == m.n_layers and self.mtp.depth == 0:
-                _fail("model.first_k_dense", m.first_k_dense,
-                      f"< model.n_layers={m.n_layers} when moe.n_routed > 0 "
-                      "(set moe.n_routed=0 for a dense model)")
-        non_negative("mtp", self.mtp, "depth", "weight", "weight_late")
+    def _validate_mla(self) -> None:
+        """Multi-head latent attention's fields (model.attention=mla)."""
+        m = self.model
+        _non_negative("model", m, "q_lora_rank", "qk_nope_head_dim")
+        for n in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(m, n) is None or getattr(m, n) <= 0:
+                _fail(f"model.{n}", getattr(m, n), "a value > 0 with model.attention=mla")
+        if m.qk_nope_head_dim is None:
+            _fail("model.qk_nope_head_dim", None, "a value >= 0 with model.attention=mla")
+        if m.qk_rope_head_dim % 2:
+            _fail("model.qk_rope_head_dim", m.qk_rope_head_dim,
+                  "an even size (RoPE rotates pairs)")
+        if m.n_kv_heads is not None and m.n_kv_heads != m.n_heads:
+            _fail("model.n_kv_heads", m.n_kv_heads, "null (or = model.n_heads) with "
+                  "model.attention=mla: keys and values come per head from the latent")
+        if m.head_dim is not None:
+            _fail("model.head_dim", m.head_dim, "null with model.attention=mla (set "
+                  "model.qk_nope_head_dim, qk_rope_head_dim and v_head_dim)")
+
+    def _validate_moe(self) -> None:
+        m, e = self.model, self.moe
+        _non_negative("moe", e, "n_routed", "n_shared", "route_scale", "gamma", "alpha",
+                      "aux_loss_coef", "z_loss_coef")
+        if not e.enabled:
+            return
+        _positive("moe", e, "expert_ffn_dim", "top_k", "n_groups", "topk_groups", "route_scale")
+        if e.top_k > e.n_routed:
+            _fail("moe.top_k", e.top_k, f"<= moe.n_routed={e.n_routed}")
+        if e.n_routed % e.n_groups:
+            _fail("moe.n_groups", e.n_groups, f"a divisor of moe.n_routed={e.n_routed}")
+        if e.topk_groups > e.n_groups:
+            _fail("moe.topk_groups", e.topk_groups, f"<= moe.n_groups={e.n_groups}")
+        per_group = e.n_routed // e.n_groups
+        if e.top_k > e.topk_groups * per_group:
+            _fail("moe.top_k", e.top_k,
+                  f"<= moe.topk_groups * experts per group = {e.topk_groups}*{per_group}")
+        if m.first_k_dense == m.n_layers and self.mtp.depth == 0:
+            _fail("model.first_k_dense", m.first_k_dense,
+                  f"< model.n_layers={m.n_layers} when moe.n_routed > 0 "
+                  "(set moe.n_routed=0 for a dense model)")
+
+    def _validate_mtp(self) -> None:
+        _non_negative("mtp", self.mtp, "depth", "weight", "weight_late")
         if not 0.0 <= self.mtp.switch_at <= 1.0:
             _fail("mtp.switch_at", self.mtp.switch_at, "a fraction in [0, 1]")
 
-        positive("data", self.data, "tokenizer_sample_bytes", "workers")
-        if not self.data.text_field:
-            _fail("data.text_field", self.data.text_field, "a non-empty field/column name")
-        if not 0.0 < self.data.val_fraction < 1.0:
-            _fail("data.val_fraction", self.data.val_fraction, "a fraction in (0, 1)")
-        if self.data.tokenizer == "bytes" and m.vocab_size < 257:
+    def _validate_data(self) -> None:
+        m, d = self.model, self.data
+        _positive("data", d, "tokenizer_sample_bytes", "workers")
+        if not d.text_field:
+            _fail("data.text_field", d.text_field, "a non-empty field/column name")
+        if not 0.0 < d.val_fraction < 1.0:
+            _fail("data.val_fraction", d.val_fraction, "a fraction in (0, 1)")
+        if d.tokenizer == "bytes" and m.vocab_size < 257:
             _fail("model.vocab_size", m.vocab_size, ">= 257 with data.tokenizer=bytes")
-        if self.data.tokenizer == "bpe" and m.vocab_size < 300:
+        if d.tokenizer == "bpe" and m.vocab_size < 300:
             _fail("model.vocab_size", m.vocab_size, ">= 300 with data.tokenizer=bpe "
                   "(256 byte symbols + merges + special tokens)")
 
-        positive("train", t, "seq_len", "micro_batch_size", "grad_accum", "max_steps",
-                 "token_budget", "flop_budget", "lr", "log_every", "eval_every",
-                 "eval_batches", "ckpt_every", "peak_flops", "eps")
-        non_negative("train", t, "warmup_steps", "weight_decay", "grad_clip", "seed")
+    def _validate_train(self) -> None:
+        t = self.train
+        _positive("train", t, "seq_len", "micro_batch_size", "grad_accum", "max_steps",
+                  "token_budget", "flop_budget", "lr", "log_every", "eval_every",
+                  "eval_batches", "ckpt_every", "peak_flops", "eps")
+        _non_negative("train", t, "warmup_steps", "weight_decay", "grad_clip", "seed")
         if t.max_steps is None and t.token_budget is None and t.flop_budget is None:
             _fail("train.max_steps", None, "a stopping rule: set train.max_steps, "
                   "train.token_budget or train.flop_budget")
@@ -319,7 +332,9 @@ class Config:
         if t.zero_stage not in (0, 1, 2):
             _fail("train.zero_stage", t.zero_stage, "one of 0, 1, 2")
 
-        positive("parallel", p, "tp", "ep", "timeout_s")
+    def _validate_parallel(self) -> None:
+        m, e, p = self.model, self.moe, self.parallel
+        _positive("parallel", p, "tp", "ep", "timeout_s")
         if p.tp > 1:
             if m.n_heads % p.tp or m.kv_heads % p.tp:
                 _fail("parallel.tp", p.tp, f"a divisor of model.n_heads={m.n_heads} "
@@ -334,7 +349,6 @@ class Config:
                 _fail("parallel.ep", p.ep, "1 for a dense model (moe.n_routed=0)")
             if e.n_routed % p.ep:
                 _fail("parallel.ep", p.ep, f"a divisor of moe.n_routed={e.n_routed}")
-        return self
 
     # ---------------------------------------------------------------- io
     def to_dict(self) -> dict:
@@ -352,6 +366,22 @@ class Config:
 
 def _fail(field_name: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"{field_name}={value!r} is invalid: allowed {allowed}")
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    """Fail on the first of ``names`` (in order) set to a value <= 0 (None passes)."""
+    for n in names:
+        v = getattr(obj, n)
+        if v is not None and v <= 0:
+            _fail(f"{section}.{n}", v, "a value > 0")
+
+
+def _non_negative(section: str, obj: Any, *names: str) -> None:
+    """Fail on the first of ``names`` (in order) set to a value < 0 (None passes)."""
+    for n in names:
+        v = getattr(obj, n)
+        if v is not None and v < 0:
+            _fail(f"{section}.{n}", v, "a value >= 0")
 
 
 # --------------------------------------------------------------------------------------
@@ -441,17 +471,7 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against annotation ``tp``; return it (ints widen to float)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(path, value, a)
-            except ConfigError:
-                continue
-        _fail(path, value, _type_name(tp))
+        return _coerce_union(path, value, tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
             _fail(path, value, _type_name(tp))
@@ -473,40 +493,63 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             _fail(path, value, "true or false")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            # 1e6 in YAML is a string/float; accept integral floats written in e-notation
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            if isinstance(value, str):
-                try:
-                    f = float(value)
-                    if f.is_integer():
-                        return int(f)
-                except ValueError:
-                    pass
-            _fail(path, value, "an integer")
-        return value
+        return _coerce_int(path, value)
     if tp is float:
-        if isinstance(value, bool):
-            _fail(path, value, "a number")
-        if isinstance(value, (int, float)):
-            if not math.isfinite(float(value)):
-                _fail(path, value, "a finite number")
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-3" as a string (YAML 1.1)
-            try:
-                f = float(value)
-            except ValueError:
-                _fail(path, value, "a number")
-            if not math.isfinite(f):
-                _fail(path, value, "a finite number")
-            return f
-        _fail(path, value, "a number")
+        return _coerce_float(path, value)
     if tp is str:
         if not isinstance(value, str):
             _fail(path, value, "a string")
         return value
     raise TypeError(f"unsupported annotation {tp} at {path}")  # programming error
+
+
+def _coerce_union(path: str, value: Any, tp: Any) -> Any:
+    """The first of the union's types that ``value`` passes (null where it allows None)."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(path, value, a)
+        except ConfigError:
+            continue
+    _fail(path, value, _type_name(tp))
+
+
+def _coerce_int(path: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        # 1e6 in YAML is a string/float; accept integral floats written in e-notation
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+        _fail(path, value, "an integer")
+    return value
+
+
+def _coerce_float(path: str, value: Any) -> float:
+    if isinstance(value, bool):
+        _fail(path, value, "a number")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(float(value)):
+            _fail(path, value, "a finite number")
+        return float(value)
+    if isinstance(value, str):  # PyYAML reads "1e-3" as a string (YAML 1.1)
+        try:
+            f = float(value)
+        except ValueError:
+            _fail(path, value, "a number")
+        if not math.isfinite(f):
+            _fail(path, value, "a finite number")
+        return f
+    _fail(path, value, "a number")
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:

@@ -73,6 +73,30 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
              max_len: Optional[int] = None) -> GenerationResult:
     """New tokens after ``prompt`` (see the module doc). ``max_len``: stop when the whole
     sequence reaches it (the model's context)."""
+    _check_request(model, prompt, speculative, max_len)
+    model.eval()
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
+    limit = max_new_tokens if max_len is None else min(max_new_tokens, max_len - len(prompt))
+    caches = [KVCache() for _ in model.layers]
+    t0 = time.perf_counter()
+    x = torch.tensor([prompt], device=dev)
+    h = model.hidden(x, caches)  # prefill
+    logits = model.head(model.norm(h[:, -1]))[0]
+    tok, _ = _pick(logits, temperature, gen)
+    out = [tok]
+    if speculative is None:
+        passes = 1 + _decode_plain(model, out, limit, caches, temperature, gen, dev)
+        return GenerationResult(out[:limit], seconds=time.perf_counter() - t0,
+                                main_passes=passes)
+    passes, drafted, accepted = _decode_mtp(model, prompt, h, out, limit, caches, temperature,
+                                            gen, dev)
+    return GenerationResult(out[:limit], drafted=drafted, accepted=accepted,
+                            seconds=time.perf_counter() - t0, main_passes=1 + passes)
+
+
+def _check_request(model, prompt: list[int], speculative: Optional[str],
+                   max_len: Optional[int]) -> None:
     if not prompt:
         raise GenerateError("the prompt is empty: give at least one token")
     if max_len is not None and len(prompt) > max_len:
@@ -83,33 +107,32 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     if speculative == "mtp" and len(model.mtp) == 0:
         raise GenerateError("--speculative mtp needs a model with an MTP module (mtp.depth "
                             "= 0 in this run's config)")
-    model.eval()
-    dev = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
-    limit = max_new_tokens if max_len is None else min(max_new_tokens, max_len - len(prompt))
-    caches = [KVCache() for _ in model.layers]
-    t0 = time.perf_counter()
-    x = torch.tensor([prompt], device=dev)
-    h = model.hidden(x, caches)  # prefill
-    passes = 1
-    logits = model.head(model.norm(h[:, -1]))[0]
-    tok, _ = _pick(logits, temperature, gen)
-    out = [tok]
-    if speculative is None:
-        while len(out) < limit:
-            h = model.hidden(torch.tensor([[out[-1]]], device=dev), caches)
-            passes += 1
-            tok, _ = _pick(model.head(model.norm(h[:, -1]))[0], temperature, gen)
-            out.append(tok)
-        return GenerationResult(out[:limit], seconds=time.perf_counter() - t0,
-                                main_passes=passes)
 
-    # ---- MTP speculative decoding (depth-1 draft)
+
+def _decode_plain(model, out: list[int], limit: int, caches: list, temperature: float,
+                  gen: Optional[torch.Generator], dev: torch.device) -> int:
+    """One main pass per new token, appended to ``out`` until it holds ``limit``; returns
+    the passes."""
+    passes = 0
+    while len(out) < limit:
+        h = model.hidden(torch.tensor([[out[-1]]], device=dev), caches)
+        passes += 1
+        tok, _ = _pick(model.head(model.norm(h[:, -1]))[0], temperature, gen)
+        out.append(tok)
+    return passes
+
+
+def _decode_mtp(model, prompt: list[int], h: torch.Tensor, out: list[int], limit: int,
+                caches: list, temperature: float, gen: Optional[torch.Generator],
+                dev: torch.device) -> tuple[int, int, int]:
+    """MTP speculative decoding (depth-1 draft) after the prefill (``h``: its hidden states;
+    ``out``: its one token), appending to ``out`` until it holds ``limit``; returns (main
+    passes, drafted, accepted)."""
     mcache = KVCache()
-    seq = list(prompt) + [tok]  # accepted tokens; main cache holds positions < len(seq) - 1
+    seq = list(prompt) + [out[-1]]  # accepted tokens; main cache holds positions < len(seq) - 1
     # MTP inputs for positions 0..n-1: (t_{i+1}, h_i); its output at n-1 drafts t_{n+1}
     hk = model.mtp_hidden(0, torch.tensor([seq[1:]], device=dev), h, mcache)
-    drafted = accepted = 0
+    passes = drafted = accepted = 0
     while len(out) < limit:
         d_logits = model.mtp_logits(0, hk[:, -1])[0]
         draft, q = _pick(d_logits, temperature, gen)
@@ -118,23 +141,11 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
         hv = model.hidden(torch.tensor([[seq[-1], draft]], device=dev), caches)
         passes += 1
         lv = model.head(model.norm(hv))[0]  # (2, V): predictions for n+1 and n+2
-        if temperature <= 0:
-            top = int(torch.argmax(lv[0]))
-            ok = top == draft
-        else:
-            p = _probs(lv[0], temperature)
-            ok = bool(torch.rand(1, generator=gen) < torch.clamp(p[draft] / q[draft], max=1.0))
+        ok, nxt = _verify(lv, draft, q, temperature, gen)
         if ok:
             accepted += 1
-            nxt, _ = _pick(lv[1], temperature, gen)
             new, hidden = [draft, nxt], hv  # positions n, n+1 are now final
         else:
-            if temperature <= 0:
-                nxt = top
-            else:
-                resid = torch.clamp(p - q, min=0.0)
-                resid = resid / resid.sum() if resid.sum() > 0 else p
-                nxt = int(torch.multinomial(resid, 1, generator=gen))
             for c in caches:
                 c.truncate(n + 1)  # drop the draft's position n+1
             new, hidden = [nxt], hv[:, :1]
@@ -143,8 +154,28 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
         # MTP positions n.. : inputs (t_{i+1}, h_i) for the newly final main positions
         hk = model.mtp_hidden(0, torch.tensor([seq[n + 1:n + 1 + hidden.shape[1]]],
                                               device=dev), hidden, mcache)
-    return GenerationResult(out[:limit], drafted=drafted, accepted=accepted,
-                            seconds=time.perf_counter() - t0, main_passes=passes)
+    return passes, drafted, accepted
+
+
+def _verify(lv: torch.Tensor, draft: int, q, temperature: float,
+            gen: Optional[torch.Generator]) -> tuple[bool, int]:
+    """Accept or reject ``draft`` (drawn from ``q``) against the main model's predictions
+    ``lv`` for the draft's position and the one after; returns (accepted, the next token:
+    the one after the draft when accepted, else the draft's replacement)."""
+    if temperature <= 0:
+        top = int(torch.argmax(lv[0]))
+        ok = top == draft
+    else:
+        p = _probs(lv[0], temperature)
+        ok = bool(torch.rand(1, generator=gen) < torch.clamp(p[draft] / q[draft], max=1.0))
+    if ok:
+        nxt, _ = _pick(lv[1], temperature, gen)
+        return True, nxt
+    if temperature <= 0:
+        return False, top
+    resid = torch.clamp(p - q, min=0.0)
+    resid = resid / resid.sum() if resid.sum() > 0 else p
+    return False, int(torch.multinomial(resid, 1, generator=gen))
 
 
 # ------------------------------------------------------------------------------ CLI

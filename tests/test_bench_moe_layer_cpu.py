@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import bench_moe_layer_cpu
 
 
 def test_bench_moe_layer_cpu_writes_rows(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_moe_layer_cpu",
-                                                  ROOT / "benchmarks" / "bench_moe_layer_cpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     out = tmp_path / "rows.jsonl"
-    mod.main(["--tokens", "64", "--rounds", "2", "--no-deepspeed", "--gemm-floor",
+    bench_moe_layer_cpu.main(["--tokens", "64", "--rounds", "2", "--no-deepspeed", "--gemm-floor",
               "--upstream", "random", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     layer = {r["variant"]: r for r in rows if r["bench"] == "moe_layer_fwd_bwd"}

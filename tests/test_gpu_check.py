@@ -1,6 +1,7 @@
-"""benchmarks/gpu_check.py, the one command for a GPU window, run end to end on CPU in its
---smoke mode (tiny shapes, Triton interpreter, fp32): every stage must pass here so the
-GPU minutes are never spent on an import or path error."""
+"""benchmarks/gpu_check.py (`python -m benchmarks.gpu_check` from the repository root), the
+one command for a GPU window, run end to end on CPU in its --smoke mode (tiny shapes,
+Triton interpreter, fp32): every stage must pass here so the GPU minutes are never spent
+on an import or path error."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+SCRIPT = ["-m", "benchmarks.gpu_check"]  # run from ROOT, as on the device
 
 
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_every_stage(tmp_path):
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=1500)
+    r = subprocess.run([sys.executable, *SCRIPT, "--smoke", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout + r.stderr + (out / "log.txt").read_text()
     files = sorted(p.name for p in out.iterdir())
     assert files == ["correctness.json", "env.json", "kernels.csv", "kernels.jsonl",
@@ -45,11 +46,11 @@ def test_gpu_check_refuses_without_cuda_or_wheels(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only refusal")
-    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, *SCRIPT, "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--smoke" in r.stderr
     (tmp_path / "w").mkdir()
-    r = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--wheels", str(tmp_path / "w"),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, *SCRIPT, "--smoke", "--wheels", str(tmp_path / "w"),
+                        "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode != 0 and "no .whl files" in r.stderr

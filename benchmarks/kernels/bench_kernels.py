@@ -1,4 +1,4 @@
-"""python benchmarks/kernels/bench_kernels.py [--shapes qwen3-30b-a3b olmoe ...] [--tokens 4096 ...]
+"""python -m benchmarks.kernels.bench_kernels [--shapes qwen3-30b-a3b olmoe ...] [--tokens 4096 ...]
 
 Kernel microbenchmarks for the MoE layer, each beside baselines measured in the same run:
 
@@ -34,10 +34,10 @@ matmul loop warms the clocks before the first row. Correctness at the benchmark 
 the triton MLP and layer outputs are compared with the grouped_mm / torch baselines of the
 same row (`max_rel_err_vs_baseline`) and permute/unpermute with the torch ones
 (`matches_baseline`), so a fast wrong kernel is visible in its own row.
-Rows: benchmarks/results/kernels_<device>.jsonl and .csv, each with device name,
-torch/triton versions, git commit ("uncommitted" when kernels/ or this script differ from
-HEAD; base_commit then holds HEAD), shape and routing. Summarise with
-benchmarks/kernels/summarize.py.
+Rows: benchmarks/results/kernels_<device>.jsonl and .csv, each with the environment
+record of benchmarks/common.py (device name, torch/triton versions, commit: HEAD, marked
+-dirty when tracked files have changes), shape and routing. Summarise with
+``python -m benchmarks.kernels.summarize``.
 
 Without CUDA it refuses to run, unless given --cpu-smoke: one tiny shape on CPU under the
 Triton interpreter, timed with perf_counter, rows marked "smoke": true and written to
@@ -50,15 +50,15 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[2]
+from benchmarks.common import RESULTS, environment
 
 SHAPES = {
     # D, F, local experts E, top-k K; routing over E_route experts (groups G, keep TG)
@@ -68,30 +68,6 @@ SHAPES = {
     "mixtral": dict(D=4096, F=14336, E=8, K=2, E_route=8, G=1, TG=1, score_fn="softmax"),
 }
 SMOKE_SHAPE = {"smoke": dict(D=32, F=16, E=4, K=2, E_route=8, G=2, TG=1, score_fn="sigmoid")}
-
-
-# ------------------------------------------------------------------------------ environment
-def environment() -> dict:
-    import triton
-
-    def git(*args):
-        return subprocess.check_output(["git", *args], cwd=ROOT, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    try:
-        head = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--", "kernels", "benchmarks/kernels")
-    except Exception:
-        head, dirty = None, "no git"
-    info = {"commit": head if head and not dirty else "uncommitted", "base_commit": head,
-            "torch": torch.__version__, "triton": triton.__version__,
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info.update(device=torch.cuda.get_device_name(), sm_count=p.multi_processor_count,
-                    cuda=torch.version.cuda)
-    else:
-        info.update(device=f"cpu ({os.cpu_count()} cores), triton interpreter")
-    return info
 
 
 # ------------------------------------------------------------------------------ timing
@@ -181,8 +157,249 @@ def max_over_mean(counts_E) -> float:
     return float(c.max() / c.mean())
 
 
+# ------------------------------------------------------------------------------ one run
+@dataclass
+class Case:
+    """One (shape, tokens, routing) that rows are measured at."""
+
+    name: str
+    s: dict
+    T: int
+    routing: str
+
+    @property
+    def flops_fwd(self) -> int:
+        """Active forward FLOPs of the expert MLP: 6*T*K*D*F."""
+        return 6 * self.T * self.s["K"] * self.s["D"] * self.s["F"]
+
+
+class Run:
+    """One invocation: device, dtype, timer, environment record, the unchecked kernel entry
+    points training calls, and the rows measured so far."""
+
+    def __init__(self, smoke: bool, expert_loop: bool):
+        # imported here: in smoke mode TRITON_INTERPRET must be set first
+        from kernels.grouped_mlp import _grouped_swiglu_mlp
+        from kernels.permute import _permute, _unpermute
+
+        def permute_unchecked(x_TD, idx_TK, n_experts):
+            return _permute(x_TD, idx_TK, n_experts)
+
+        def unpermute_unchecked(y_MD, row_map_TK, w_TK):
+            return _unpermute(y_MD, row_map_TK, w_TK)
+
+        def mlp_unchecked(x_MD, offs_E, w13, w2):
+            return _grouped_swiglu_mlp(x_MD, offs_E, w13, w2, tail=False)
+
+        self.permute, self.unpermute, self.mlp = (permute_unchecked, unpermute_unchecked,
+                                                  mlp_unchecked)
+        self.smoke, self.expert_loop = smoke, expert_loop
+        self.device = "cpu" if smoke else "cuda"
+        self.dtype = torch.float32 if smoke else torch.bfloat16
+        self.bench = make_timer(smoke)
+        self.info = environment()
+        self.gen = torch.Generator().manual_seed(0)
+        self.rows: list[dict] = []
+
+    def leaf(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` on the run's device and dtype, a leaf that takes gradients."""
+        return w.to(self.device, self.dtype).requires_grad_(True)
+
+    def record(self, c: Case, op, impl, fn, flops=None, nbytes=None, dense=None, extra=None,
+               graph=False):
+        """Time ``fn`` and append its row (a failure is kept as a row with its error)."""
+        head = {**self.info, "shape": c.name, **c.s, "T": c.T, "routing": c.routing, "op": op,
+                "impl": impl, "dtype": str(self.dtype).removeprefix("torch.")}
+        label = f"{c.name:14s} T={c.T:6d} {c.routing:8s} {op:17s} {impl:12s}"
+        try:
+            ms, timer = self.bench(fn, graph)
+        except Exception as e:  # keep the failure as a row (e.g. OOM, unsupported on CPU)
+            if not self.smoke and isinstance(e, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            r = {**head, "smoke": self.smoke,
+                 "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+            self.rows.append(r)
+            print(f"{label} FAILED {r['error']}")
+            return None
+        r = {**head, "median_ms": ms[0], "p20_ms": ms[1], "p80_ms": ms[2],
+             "median_us": ms[0] * 1e3, "timer": timer, "smoke": self.smoke, **(extra or {})}
+        if flops:
+            r["tflops"] = flops / ms[0] / 1e9
+            if dense:
+                r["pct_of_dense"] = 100.0 * r["tflops"] / dense
+        if nbytes:
+            r["gb_per_s"] = nbytes / ms[0] / 1e6
+        self.rows.append(r)
+        print(f"{label} {ms[0]:9.3f} ms"
+              + (f" {r['tflops']:7.1f} TFLOP/s" if flops else "")
+              + (f" ({r['pct_of_dense']:4.0f}% dense)" if "pct_of_dense" in r else "")
+              + (f" {r['gb_per_s']:8.1f} GB/s" if nbytes else ""), flush=True)
+        return r
+
+
+@dataclass
+class Routed:
+    """One case's routing over the GPU's local experts and its permuted tokens."""
+
+    lk: dict  # route keywords
+    logits: torch.Tensor
+    x: torch.Tensor
+    w_TK: torch.Tensor  # detached gates
+    xm: torch.Tensor
+    row_map: torch.Tensor
+    offs: torch.Tensor
+    extra: dict  # fields of every row of the case (max/mean expert load)
+
+
+# ------------------------------------------------------------------------------ cases
+def dense_case(run: Run, name: str, s: dict, T: int):
+    """The roofline: one dense GEMM of the same forward FLOPs, (T*K) x D x 3F."""
+    M, D, Fh = T * s["K"], s["D"], s["F"]
+    xa = torch.randn(M, D, device=run.device, dtype=run.dtype)
+    wd = torch.randn(D, 3 * Fh, device=run.device, dtype=run.dtype)
+    r = run.record(Case(name, s, T, "-"), "dense_matmul", "torch", lambda: xa @ wd,
+                   6 * M * D * Fh, graph=True)
+    return r["tflops"] if r else None
+
+
+def routed_case(run: Run, c: Case, dense, w13, w2) -> None:
+    """Every op for one (shape, T, routing); tensors die when this returns."""
+    rkw = route_rows(run, c)
+    r = permute_rows(run, c, rkw)
+    unpermute_rows(run, c, r)
+    mlp_rows(run, c, r, dense, w13, w2)
+    layer_rows(run, c, r, dense, w13, w2)
+
+
+def route_rows(run: Run, c: Case) -> dict:
+    """route and route_bwd over the model's full expert set (DeepSeek-V3: 256, grouped);
+    returns the route keywords."""
+    import kernels
+
+    T, K, ER, fn = c.T, c.s["K"], c.s["E_route"], c.s["score_fn"]
+    lr = make_logits(T, ER, c.routing == "skewed", run.device, run.gen).requires_grad_(True)
+    rkw = dict(top_k=K, score_fn=fn, n_groups=c.s["G"], topk_groups=c.s["TG"],
+               expert_bias=torch.zeros(ER, device=run.device) if fn == "sigmoid" else None,
+               route_scale=2.5 if fn == "sigmoid" else 1.0)
+    rbytes = T * ER * 4 + T * K * 12
+    for impl, f in (("triton", kernels.route), ("torch_ref", kernels.route_ref)):
+        with torch.no_grad():
+            run.record(c, "route", impl, lambda f=f: f(lr, **rkw), nbytes=rbytes, graph=True)
+        w_ = f(lr, **rkw)[0]
+        gw = torch.randn_like(w_)
+        run.record(c, "route_bwd", impl,
+                   lambda w_=w_, gw=gw: torch.autograd.grad(w_, lr, gw, retain_graph=True),
+                   nbytes=2 * T * ER * 4 + T * K * 12)
+    return rkw
+
+
+def permute_rows(run: Run, c: Case, rkw: dict) -> Routed:
+    """Route over the GPU's local experts (groups kept where they divide E), then the
+    permute rows (triton checked against the torch baseline)."""
+    import kernels
+
+    T, D, E, G, TG, fn = c.T, c.s["D"], c.s["E"], c.s["G"], c.s["TG"], c.s["score_fn"]
+    M, el = T * c.s["K"], run.dtype.itemsize
+    grouped = E % G == 0
+    lk = dict(rkw, n_groups=G if grouped else 1, topk_groups=TG if grouped else 1,
+              expert_bias=torch.zeros(E, device=run.device) if fn == "sigmoid" else None)
+    logits = make_logits(T, E, c.routing == "skewed", run.device, run.gen).requires_grad_(True)
+    w_TK, idx_TK, counts = kernels.route(logits, **lk)
+    extra = {"max_over_mean_load": max_over_mean(counts)}
+    x = run.leaf(torch.randn(T, D, generator=run.gen) * 0.5)
+    xd = x.detach()
+    xm, rm, offs = run.permute(xd, idx_TK, E)
+    xt, rt, ot = permute_torch(xd, idx_TK, E)
+    perm_ok = {"matches_baseline": bool(torch.equal(xm, xt) and torch.equal(offs, ot))}
+    for impl, f in (("triton", run.permute), ("torch", permute_torch)):
+        with torch.no_grad():
+            run.record(c, "permute", impl, lambda f=f: f(xd, idx_TK, E),
+                       nbytes=2 * M * D * el, extra={**extra, **perm_ok}, graph=True)
+    return Routed(lk, logits, x, w_TK.detach(), xm, rm, offs, extra)
+
+
+def unpermute_rows(run: Run, c: Case, r: Routed) -> None:
+    T, D, M, el = c.T, c.s["D"], c.T * c.s["K"], run.dtype.itemsize
+    unpermute, xm, rm, wts = run.unpermute, r.xm, r.row_map, r.w_TK
+    un_ok = {"max_rel_err_vs_baseline": rel_err(unpermute(xm, rm, wts),
+                                                unpermute_torch(xm, rm, wts))}
+    for impl, f in (("triton", lambda: unpermute(xm, rm, wts)),
+                    ("torch", lambda: unpermute_torch(xm, rm, wts))):
+        with torch.no_grad():
+            run.record(c, "unpermute", impl, f, nbytes=(M * D + T * D) * el,
+                       extra={**r.extra, **un_ok}, graph=True)
+
+
+def mlp_rows(run: Run, c: Case, r: Routed, dense, w13, w2) -> None:
+    """mlp_fwd, mlp_bwd, mlp_fwd_bwd of each grouped MLP (triton checked against
+    grouped_mm)."""
+    import kernels
+
+    M, D, flops_fwd = c.T * c.s["K"], c.s["D"], c.flops_fwd
+    mlp, xm, offs = run.mlp, r.xm, r.offs
+    mlps = [("triton", mlp), ("grouped_mm", grouped_mm_mlp)]
+    if run.expert_loop:
+        mlps.append(("expert_loop", kernels.grouped_swiglu_mlp_ref))
+    xg = xm.detach().requires_grad_(True)
+    gy = torch.randn(M, D, device=run.device, dtype=run.dtype)
+    with torch.no_grad():
+        mlp_err = rel_err(mlp(xm, offs, w13, w2), grouped_mm_mlp(xm, offs, w13, w2))
+    fk = dict(dense=dense, extra={**r.extra, "max_rel_err_vs_baseline": mlp_err})
+    for impl, f in mlps:
+        with torch.no_grad():
+            run.record(c, "mlp_fwd", impl, lambda f=f: f(xm, offs, w13, w2), flops_fwd,
+                       graph=True, **fk)
+        try:
+            y = f(xg, offs, w13, w2)
+        except Exception as e:  # e.g. a baseline without autograd support here
+            print(f"{c.name} {impl}: forward with grad failed: {e}")
+            continue
+        run.record(c, "mlp_bwd", impl,
+                   lambda y=y: torch.autograd.grad(y, (xg, w13, w2), gy, retain_graph=True),
+                   2 * flops_fwd, **fk)
+        y = None  # free the graph before the fwd+bwd run
+
+        def full(f=f):
+            torch.autograd.grad(f(xg, offs, w13, w2), (xg, w13, w2), gy)
+        run.record(c, "mlp_fwd_bwd", impl, full, 3 * flops_fwd, **fk)
+
+
+def layer_rows(run: Run, c: Case, r: Routed, dense, w13, w2) -> None:
+    """The whole routed layer (route, permute, MLP, combine), forward and forward+backward:
+    moe_layer_triton without and with the fused gather, and the torch baseline."""
+    import kernels
+
+    x, logits, lk, E = r.x, r.logits, r.lk, c.s["E"]
+
+    def layer_triton():
+        return kernels.moe_layer_triton(x, logits, w13, w2, **lk)[0]
+
+    def layer_triton_fused():
+        return kernels.moe_layer_triton(x, logits, w13, w2, fuse_gather=True, **lk)[0]
+
+    def layer_torch():
+        w, i, _ = kernels.route_ref(logits, **lk)
+        a_, r_, o_ = permute_torch(x, i, E)
+        return unpermute_torch(grouped_mm_mlp(a_, o_, w13, w2), r_, w)
+    go = torch.randn(c.T, c.s["D"], device=run.device, dtype=run.dtype)
+    with torch.no_grad():
+        ref = layer_torch()
+        errs = {"triton": rel_err(layer_triton(), ref),
+                "triton_fused_gather": rel_err(layer_triton_fused(), ref), "torch": 0.0}
+        ref = None
+    for impl, f in (("triton", layer_triton), ("triton_fused_gather", layer_triton_fused),
+                    ("torch", layer_torch)):
+        fk = dict(dense=dense, extra={**r.extra, "max_rel_err_vs_baseline": errs[impl]})
+        with torch.no_grad():
+            run.record(c, "moe_layer_fwd", impl, f, c.flops_fwd, graph=True, **fk)
+
+        def full(f=f):
+            torch.autograd.grad(f(), (x, logits, w13, w2), go)
+        run.record(c, "moe_layer_fwd_bwd", impl, full, 3 * c.flops_fwd, **fk)
+
+
 # ------------------------------------------------------------------------------ main
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -194,196 +411,24 @@ def main(argv=None):
     p.add_argument("--cpu-smoke", action="store_true",
                    help="one tiny shape on CPU under the Triton interpreter (proves the script runs)")
     p.add_argument("--out", default=None, help="JSONL path (a .csv is written beside it)")
-    a = p.parse_args(argv)
-    smoke = a.cpu_smoke
-    if not smoke and not torch.cuda.is_available():
-        print("error: no CUDA device. These are GPU benchmarks; to check the script on CPU "
-              "run it with --cpu-smoke (tiny shape, Triton interpreter, rows marked smoke).",
-              file=sys.stderr)
-        return 2
-    if smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules load (lazily)
-    sys.path.insert(0, str(ROOT))
-    import kernels
-    from kernels.grouped_mlp import _grouped_swiglu_mlp
-    from kernels.permute import _permute, _unpermute
+    return p.parse_args(argv)
 
-    def permute_unchecked(x_TD, idx_TK, n_experts):
-        return _permute(x_TD, idx_TK, n_experts)
 
-    def unpermute_unchecked(y_MD, row_map_TK, w_TK):
-        return _unpermute(y_MD, row_map_TK, w_TK)
+def output_path(out: str | None, smoke: bool, device: str) -> Path:
+    """--out, else /tmp/kernels_smoke.jsonl (smoke) or results/kernels_<device>.jsonl."""
+    slug = "".join(ch if ch.isalnum() else "_" for ch in device).strip("_")
+    path = Path(out) if out else (Path("/tmp/kernels_smoke.jsonl") if smoke else
+                                  RESULTS / f"kernels_{slug}.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
-    def mlp_unchecked(x_MD, offs_E, w13, w2):
-        return _grouped_swiglu_mlp(x_MD, offs_E, w13, w2, tail=False)
 
-    device = "cpu" if smoke else "cuda"
-    dtype = torch.float32 if smoke else torch.bfloat16
-    shapes = SMOKE_SHAPE if smoke else {k: SHAPES[k] for k in a.shapes}
-    tokens = [64] if smoke else a.tokens
-    bench = make_timer(smoke)
-    info = environment()
-    slug = "".join(ch if ch.isalnum() else "_" for ch in info["device"]).strip("_")
-    out = Path(a.out) if a.out else (Path("/tmp/kernels_smoke.jsonl") if smoke else
-                                     ROOT / "benchmarks" / "results" / f"kernels_{slug}.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-
-    def record(name, s, T, routing, op, impl, fn, flops=None, nbytes=None, dense=None,
-               extra=None, graph=False):
-        try:
-            ms, timer = bench(fn, graph)
-        except Exception as e:  # keep the failure as a row (e.g. OOM, unsupported on CPU)
-            if not smoke and isinstance(e, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            r = {**info, "shape": name, **s, "T": T, "routing": routing, "op": op, "impl": impl,
-                 "dtype": str(dtype).removeprefix("torch."), "smoke": smoke,
-                 "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
-            rows.append(r)
-            print(f"{name:14s} T={T:6d} {routing:8s} {op:17s} {impl:12s} FAILED {r['error']}")
-            return None
-        r = {**info, "shape": name, **s, "T": T, "routing": routing, "op": op, "impl": impl,
-             "dtype": str(dtype).removeprefix("torch."), "median_ms": ms[0], "p20_ms": ms[1],
-             "p80_ms": ms[2], "median_us": ms[0] * 1e3, "timer": timer, "smoke": smoke,
-             **(extra or {})}
-        if flops:
-            r["tflops"] = flops / ms[0] / 1e9
-            if dense:
-                r["pct_of_dense"] = 100.0 * r["tflops"] / dense
-        if nbytes:
-            r["gb_per_s"] = nbytes / ms[0] / 1e6
-        rows.append(r)
-        print(f"{name:14s} T={T:6d} {routing:8s} {op:17s} {impl:12s} {ms[0]:9.3f} ms"
-              + (f" {r['tflops']:7.1f} TFLOP/s" if flops else "")
-              + (f" ({r['pct_of_dense']:4.0f}% dense)" if "pct_of_dense" in r else "")
-              + (f" {r['gb_per_s']:8.1f} GB/s" if nbytes else ""), flush=True)
-        return r
-
-    def dense_case(name, s, T):
-        """The roofline: one dense GEMM of the same forward FLOPs, (T*K) x D x 3F."""
-        M, D, Fh = T * s["K"], s["D"], s["F"]
-        xa = torch.randn(M, D, device=device, dtype=dtype)
-        wd = torch.randn(D, 3 * Fh, device=device, dtype=dtype)
-        r = record(name, s, T, "-", "dense_matmul", "torch", lambda: xa @ wd, 6 * M * D * Fh,
-                   graph=True)
-        return r["tflops"] if r else None
-
-    def routed_case(name, s, T, routing, dense, w13, w2):
-        """Every op for one (shape, T, routing); tensors die when this returns."""
-        D, Fh, E, K = s["D"], s["F"], s["E"], s["K"]
-        ER, G, TG, fn = s["E_route"], s["G"], s["TG"], s["score_fn"]
-        M, el = T * K, dtype.itemsize
-        flops_fwd = 6 * M * D * Fh
-        skewed = routing == "skewed"
-        # routing over the model's full expert set (DeepSeek-V3: 256, grouped)
-        lr = make_logits(T, ER, skewed, device, gen).requires_grad_(True)
-        rkw = dict(top_k=K, score_fn=fn, n_groups=G, topk_groups=TG,
-                   expert_bias=torch.zeros(ER, device=device) if fn == "sigmoid" else None,
-                   route_scale=2.5 if fn == "sigmoid" else 1.0)
-        rbytes = T * ER * 4 + T * K * 12
-        for impl, f in (("triton", kernels.route), ("torch_ref", kernels.route_ref)):
-            with torch.no_grad():
-                record(name, s, T, routing, "route", impl, lambda f=f: f(lr, **rkw),
-                       nbytes=rbytes, graph=True)
-            w_ = f(lr, **rkw)[0]
-            gw = torch.randn_like(w_)
-            record(name, s, T, routing, "route_bwd", impl,
-                   lambda w_=w_, gw=gw: torch.autograd.grad(w_, lr, gw, retain_graph=True),
-                   nbytes=2 * T * ER * 4 + T * K * 12)
-        # the GPU's local experts: routing over E_local (groups kept where they divide E)
-        grouped = E % G == 0
-        lk = dict(rkw, n_groups=G if grouped else 1, topk_groups=TG if grouped else 1,
-                  expert_bias=torch.zeros(E, device=device) if fn == "sigmoid" else None)
-        logits = make_logits(T, E, skewed, device, gen).requires_grad_(True)
-        w_TK, idx_TK, counts = kernels.route(logits, **lk)
-        extra = {"max_over_mean_load": max_over_mean(counts)}
-        x = (torch.randn(T, D, generator=gen) * 0.5).to(device, dtype).requires_grad_(True)
-        xd = x.detach()
-        xm, rm, offs = permute_unchecked(xd, idx_TK, E)
-        xt, rt, ot = permute_torch(xd, idx_TK, E)
-        perm_ok = {"matches_baseline": bool(torch.equal(xm, xt) and torch.equal(offs, ot))}
-        for impl, f in (("triton", permute_unchecked), ("torch", permute_torch)):
-            with torch.no_grad():
-                record(name, s, T, routing, "permute", impl, lambda f=f: f(xd, idx_TK, E),
-                       nbytes=2 * M * D * el, extra={**extra, **perm_ok}, graph=True)
-        wts = w_TK.detach()
-        un_ok = {"max_rel_err_vs_baseline": rel_err(unpermute_unchecked(xm, rm, wts),
-                                                    unpermute_torch(xm, rm, wts))}
-        for impl, f in (("triton", lambda: unpermute_unchecked(xm, rm, wts)),
-                        ("torch", lambda: unpermute_torch(xm, rm, wts))):
-            with torch.no_grad():
-                record(name, s, T, routing, "unpermute", impl, f,
-                       nbytes=(M * D + T * D) * el, extra={**extra, **un_ok}, graph=True)
-        mlps = [("triton", mlp_unchecked), ("grouped_mm", grouped_mm_mlp)]
-        if not a.no_expert_loop:
-            mlps.append(("expert_loop", kernels.grouped_swiglu_mlp_ref))
-        xg = xm.detach().requires_grad_(True)
-        gy = torch.randn(M, D, device=device, dtype=dtype)
-        with torch.no_grad():
-            mlp_err = rel_err(mlp_unchecked(xm, offs, w13, w2), grouped_mm_mlp(xm, offs, w13, w2))
-        fk = dict(dense=dense, extra={**extra, "max_rel_err_vs_baseline": mlp_err})
-        for impl, f in mlps:
-            with torch.no_grad():
-                record(name, s, T, routing, "mlp_fwd", impl, lambda f=f: f(xm, offs, w13, w2),
-                       flops_fwd, graph=True, **fk)
-            try:
-                y = f(xg, offs, w13, w2)
-            except Exception as e:  # e.g. a baseline without autograd support here
-                print(f"{name} {impl}: forward with grad failed: {e}")
-                continue
-            record(name, s, T, routing, "mlp_bwd", impl,
-                   lambda y=y: torch.autograd.grad(y, (xg, w13, w2), gy, retain_graph=True),
-                   2 * flops_fwd, **fk)
-            y = None  # free the graph before the fwd+bwd run
-
-            def full(f=f):
-                torch.autograd.grad(f(xg, offs, w13, w2), (xg, w13, w2), gy)
-            record(name, s, T, routing, "mlp_fwd_bwd", impl, full, 3 * flops_fwd, **fk)
-
-        def layer_triton():
-            return kernels.moe_layer_triton(x, logits, w13, w2, **lk)[0]
-
-        def layer_triton_fused():
-            return kernels.moe_layer_triton(x, logits, w13, w2, fuse_gather=True, **lk)[0]
-
-        def layer_torch():
-            w, i, _ = kernels.route_ref(logits, **lk)
-            a_, r_, o_ = permute_torch(x, i, E)
-            return unpermute_torch(grouped_mm_mlp(a_, o_, w13, w2), r_, w)
-        go = torch.randn(T, D, device=device, dtype=dtype)
-        with torch.no_grad():
-            ref = layer_torch()
-            errs = {"triton": rel_err(layer_triton(), ref),
-                    "triton_fused_gather": rel_err(layer_triton_fused(), ref), "torch": 0.0}
-            ref = None
-        for impl, f in (("triton", layer_triton), ("triton_fused_gather", layer_triton_fused),
-                        ("torch", layer_torch)):
-            fk = dict(dense=dense, extra={**extra, "max_rel_err_vs_baseline": errs[impl]})
-            with torch.no_grad():
-                record(name, s, T, routing, "moe_layer_fwd", impl, f, flops_fwd, graph=True, **fk)
-
-            def full(f=f):
-                torch.autograd.grad(f(), (x, logits, w13, w2), go)
-            record(name, s, T, routing, "moe_layer_fwd_bwd", impl, full, 3 * flops_fwd, **fk)
-
-    if not smoke:
-        info["clock_warmup_s"] = round(warm_up_clocks(), 2)
-    for name, s in shapes.items():
-        D, Fh, E = s["D"], s["F"], s["E"]
-        w13 = (torch.randn(E, D, 2 * Fh, generator=gen) * 0.02).to(device, dtype).requires_grad_(True)
-        w2 = (torch.randn(E, Fh, D, generator=gen) * 0.02).to(device, dtype).requires_grad_(True)
-        for T in tokens:
-            dense = dense_case(name, s, T)
-            for routing in a.routing:
-                routed_case(name, s, T, routing, dense, w13, w2)
-                if not smoke:
-                    torch.cuda.empty_cache()
-
+def write_rows(rows: list[dict], out: Path, smoke: bool) -> None:
+    """Append ``rows`` to the JSONL ``out``; rewrite the CSV beside it from the whole file
+    (so its header covers every field)."""
     with out.open("a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    # the CSV mirrors the whole JSONL (rewritten, so its header covers every field)
     csv_path = out.with_suffix(".csv")
     all_rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     fields = sorted({k for r in all_rows for k in r})
@@ -393,6 +438,35 @@ def main(argv=None):
         w.writerows(all_rows)
     print(f"{len(rows)} rows appended to {out} and {csv_path}"
           + (" (SMOKE rows: not results, do not commit)" if smoke else ""))
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    smoke = a.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        print("error: no CUDA device. These are GPU benchmarks; to check the script on CPU "
+              "run it with --cpu-smoke (tiny shape, Triton interpreter, rows marked smoke).",
+              file=sys.stderr)
+        return 2
+    if smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules load (lazily)
+    run = Run(smoke, expert_loop=not a.no_expert_loop)
+    shapes = SMOKE_SHAPE if smoke else {k: SHAPES[k] for k in a.shapes}
+    tokens = [64] if smoke else a.tokens
+    out = output_path(a.out, smoke, run.info["device"])
+    if not smoke:
+        run.info["clock_warmup_s"] = round(warm_up_clocks(), 2)
+    for name, s in shapes.items():
+        D, Fh, E = s["D"], s["F"], s["E"]
+        w13 = run.leaf(torch.randn(E, D, 2 * Fh, generator=run.gen) * 0.02)
+        w2 = run.leaf(torch.randn(E, Fh, D, generator=run.gen) * 0.02)
+        for T in tokens:
+            dense = dense_case(run, name, s, T)
+            for routing in a.routing:
+                routed_case(run, Case(name, s, T, routing), dense, w13, w2)
+                if not smoke:
+                    torch.cuda.empty_cache()
+    write_rows(run.rows, out, smoke)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""python benchmarks/kernels/summarize.py benchmarks/results/kernels_<device>.jsonl [--out DIR] [--include-smoke]
+"""python -m benchmarks.kernels.summarize benchmarks/results/kernels_<device>.jsonl [--out DIR] [--include-smoke]
 
 Markdown summary and a plot of the rows written by bench_kernels.py:
 <DIR>/<stem>_summary.md (per op: median and p20-p80 ms, TFLOP/s or GB/s, % of the dense

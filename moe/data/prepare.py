@@ -39,6 +39,7 @@ import numpy as np
 from .corpus import (BAD_RECORD_MODES, HF_KINDS, BadRecords, CorpusSource, StreamSplit,
                      corpus_files, iter_file_documents, list_files, resolve_corpus,
                      source_fingerprint, split_hash, split_keys)
+from ..runs.atomic import atomic_path, atomic_write
 from .errors import DataError
 from .indexed import IndexedWriter, TokenSplit, megatron_indexed, open_indexed, token_dtype
 from .tokenizer import (BPETokenizer, ByteTokenizer, Tokenizer, batched_by_bytes,
@@ -363,12 +364,10 @@ def _bins_stamp(folder: Path) -> dict:
 
 def _write_max_id(memo: Path, max_id: int, **key) -> None:
     """Remember ``max_id`` in ``memo`` (JSON) with ``key``; only a speed-up, so a read-only
-    cache is fine."""
+    cache is fine, and a memo lost to a power cut is only scanned again (not durable)."""
     with contextlib.suppress(OSError):
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".tmp-{memo.name}-{os.getpid()}")
-        tmp.write_text(json.dumps({"max_id": max_id, **key}))
-        os.replace(tmp, memo)
+        atomic_write(memo, json.dumps({"max_id": max_id, **key}), durable=False)
 
 
 def _memo_max_id(memo: Path, scan, **key) -> int:
@@ -421,6 +420,48 @@ def _load_cached(final: Path, fp: str, t0: float, built: bool,
     return PreparedData(tok, splits["train"], splits["val"], fp, stats, final)
 
 
+@dataclass
+class _CorpusPasses:
+    """The corpus' documents, readable in several streaming passes over the same files."""
+
+    source: CorpusSource
+    files: list
+    text_field: str
+    bad: BadRecords
+
+    def docs(self, counted: bool = False):
+        """``(file index, document)`` in corpus order. Bad records are counted once (the
+        split pass, ``counted``); later passes see the same records."""
+        return iter_file_documents(self.source, self.text_field,
+                                   self.bad if counted else BadRecords("skip"), files=self.files)
+
+
+@dataclass
+class _Layout:
+    """What the split pass found: the split, characters per split, documents and
+    characters per file (the file ranges of parallel tokenisation)."""
+
+    split: StreamSplit
+    chars: dict[str, int]
+    docs_per_file: list[int]
+    chars_per_file: list[int]
+
+
+class _Stages:
+    """Seconds and peak RSS (MB, this process) at the end of each build stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.rss: dict[str, Optional[float]] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t
+        self.rss[name] = _peak_rss_mb()
+
+
 def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float, fp: str,
            root: Path, final: Path, progress: bool, text_field: str = "text",
            on_bad_record: str = "error",
@@ -444,127 +485,143 @@ def _build(source: CorpusSource, kind: str, vocab_size: int, val_fraction: float
        PARALLEL_MIN_CHARS) in worker processes, each over a contiguous range of files
        into its own .bin/.idx shards, merged in file order -- the same bytes either way.
     """
-    from tqdm.auto import tqdm
-
-    seconds: dict[str, float] = {}
-    rss: dict[str, float] = {}  # peak RSS (MB) of this process at the end of each stage
-    t = time.perf_counter()
-    megatron_indexed()  # import once up front (seconds) so stage timings are honest
-    seconds["import"] = time.perf_counter() - t
-    rss["import"] = _peak_rss_mb()
-
+    stages = _Stages()
+    with stages.stage("import"):
+        megatron_indexed()  # import once up front (seconds) so stage timings are honest
     bad = BadRecords(on_bad_record)
-    files = corpus_files(source)
-
-    def docs(counted: bool = False):
-        # bad records are counted once (pass 1); later passes see the same records
-        return iter_file_documents(source, text_field, bad if counted else BadRecords("skip"),
-                                   files=files)
-
-    t = time.perf_counter()
-    split = StreamSplit(val_fraction)
-    chars = {"train": 0, "val": 0}
-    docs_per_file = [0] * len(files)
-    chars_per_file = [0] * len(files)
-    for fi, d in docs(counted=True):
-        chars["val" if split.observe(d.key) else "train"] += len(d.text)
-        docs_per_file[fi] += 1
-        chars_per_file[fi] += len(d.text)
-    split.finish()
-    if split.n == 0:
-        raise DataError(f"data.corpus {source.spec!r} is empty: no non-empty documents found in "
-                        f"{source.path}")
-    if split.overrides:  # the guarantee moved one document; fix the character counts
-        chars = {"train": 0, "val": 0}
-        for i, (_, d) in enumerate(docs()):
-            chars["val" if split.is_val(i, d.key) else "train"] += len(d.text)
-    seconds["read"] = time.perf_counter() - t
-    rss["read"] = _peak_rss_mb()
-
-    def split_docs(which: str):
-        for i, (_, d) in enumerate(docs()):
-            if split.is_val(i, d.key) == (which == "val"):
-                yield d
-
-    t = time.perf_counter()
-    trained = False
-    sample_chars = 0
-    if kind == "bytes":
-        tok: Tokenizer = ByteTokenizer()
-    else:
-        tok_path = root / "tokenizers" / f"bpe-{vocab_size}-{fp[:16]}.json"
-        if tok_path.is_file():
-            tok = BPETokenizer.load(tok_path)
-        else:
-            rate = tokenizer_sample_bytes / max(1, chars["train"])
-
-            def sample():
-                nonlocal sample_chars
-                for d in split_docs("train"):
-                    if rate >= 1.0 or split_hash("sample:" + d.key) < rate:
-                        sample_chars += len(d.text)
-                        yield from split_text(d.text)
-
-            tok = BPETokenizer.train(sample(), vocab_size, show_progress=progress)
-            TRAIN_COUNTER["bpe"] += 1
-            trained = True
-            # Saved at once (atomically), so a prepare killed while tokenising resumes
-            # without retraining.
-            _atomic_save(tok, tok_path)
-    seconds["train_tokenizer"] = time.perf_counter() - t
-    rss["train_tokenizer"] = _peak_rss_mb()
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by killed builds; we hold the lock
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    corpus = _CorpusPasses(source, corpus_files(source), text_field, bad)
+    with stages.stage("read"):
+        layout = _split_pass(corpus, val_fraction)
+    with stages.stage("train_tokenizer"):
+        tok, trained, sample_chars = _build_tokenizer(corpus, layout, kind, vocab_size, fp, root,
+                                                      tokenizer_sample_bytes, progress)
+    tmp = _new_build_folder(final)
     try:
-        t = time.perf_counter()
-        dtype = token_dtype(max(vocab_size, tok.vocab_size))
-        total_chars = chars["train"] + chars["val"]
-        parts = _file_ranges(docs_per_file, chars_per_file, workers * PARTS_PER_WORKER)
-        used = min(workers, len(parts))
-        if used > 1 and (total_chars < PARALLEL_MIN_CHARS or not _can_fork()):
-            used = 1
-        with tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenize",
-                  disable=not progress) as bar:
-            if used <= 1:
-                w = _SplitWriter(tok, tmp, "", dtype, on_flush=bar.update)
-                for i, (_, d) in enumerate(docs()):
-                    w.add(split.is_val(i, d.key), d.text)
-                counts, max_id = w.close(), w.max_id
-            else:
-                counts, max_id = _tokenize_parallel(source, files, parts, split, tok, dtype,
-                                                    text_field, tmp, used, bar)
-        seconds["tokenize"] = time.perf_counter() - t
-        seconds["total"] = sum(seconds.values())
-        rss["tokenize"] = _peak_rss_mb()
+        with stages.stage("tokenize"):
+            dtype = token_dtype(max(vocab_size, tok.vocab_size))
+            counts, max_id, used, n_parts = _tokenize(corpus, layout, tok, dtype, tmp, workers,
+                                                      progress)
+        stages.seconds["total"] = sum(stages.seconds.values())
         if used > 1:
-            rss["tokenize_worker_max"] = _peak_rss_mb(children=True)
+            stages.rss["tokenize_worker_max"] = _peak_rss_mb(children=True)
         tok.save(tmp / "tokenizer.json")
         # what the first load would scan the .bin files for (renaming tmp keeps the stamp)
         _write_max_id(tmp / "max_id.json", max_id, bins=_bins_stamp(tmp))
         stats = {"corpus": source.describe(), "tokenizer": kind, "vocab_size": tok.vocab_size,
                  "requested_vocab_size": vocab_size, "val_fraction": val_fraction,
-                 **counts, "seconds": seconds, "tokenizer_trained": trained,
-                 "bad_records": bad.as_dict(), "peak_rss_mb": rss,
-                 "workers": used, "parts": len(parts) if used > 1 else 1}
+                 **counts, "seconds": stages.seconds, "tokenizer_trained": trained,
+                 "bad_records": bad.as_dict(), "peak_rss_mb": stages.rss,
+                 "workers": used, "parts": n_parts}
         if trained:
             stats["tokenizer_sample_chars"] = sample_chars
         meta = {"version": PIPELINE_VERSION, "fingerprint": fp, "tokenizer": kind,
                 "eos_id": tok.eos_id, "dtype": np.dtype(dtype).name, "stats": stats}
         # meta.json is written last inside tmp, and the folder becomes visible in one rename.
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if (final / "meta.json").is_file():  # a builder without flock got there first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            if final.exists():  # a damaged cache folder (no meta.json): replace it
-                shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+        _publish(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _split_pass(corpus: _CorpusPasses, val_fraction: float) -> _Layout:
+    """Pass 1: every document's key through the split, counting per split and per file."""
+    split = StreamSplit(val_fraction)
+    chars = {"train": 0, "val": 0}
+    docs_per_file = [0] * len(corpus.files)
+    chars_per_file = [0] * len(corpus.files)
+    for fi, d in corpus.docs(counted=True):
+        chars["val" if split.observe(d.key) else "train"] += len(d.text)
+        docs_per_file[fi] += 1
+        chars_per_file[fi] += len(d.text)
+    split.finish()
+    if split.n == 0:
+        source = corpus.source
+        raise DataError(f"data.corpus {source.spec!r} is empty: no non-empty documents found in "
+                        f"{source.path}")
+    if split.overrides:  # the guarantee moved one document; fix the character counts
+        chars = {"train": 0, "val": 0}
+        for i, (_, d) in enumerate(corpus.docs()):
+            chars["val" if split.is_val(i, d.key) else "train"] += len(d.text)
+    return _Layout(split, chars, docs_per_file, chars_per_file)
+
+
+def _build_tokenizer(corpus: _CorpusPasses, layout: _Layout, kind: str, vocab_size: int,
+                     fp: str, root: Path, tokenizer_sample_bytes: int,
+                     progress: bool) -> tuple[Tokenizer, bool, int]:
+    """Pass 2 (BPE without a saved tokenizer): train on a uniform sample of the training
+    split and save it at once. Returns (tokenizer, trained, characters sampled)."""
+    if kind == "bytes":
+        return ByteTokenizer(), False, 0
+    tok_path = root / "tokenizers" / f"bpe-{vocab_size}-{fp[:16]}.json"
+    if tok_path.is_file():
+        return BPETokenizer.load(tok_path), False, 0
+    rate = tokenizer_sample_bytes / max(1, layout.chars["train"])
+    sample_chars = 0
+
+    def sample():
+        nonlocal sample_chars
+        for i, (_, d) in enumerate(corpus.docs()):
+            if layout.split.is_val(i, d.key):
+                continue
+            if rate >= 1.0 or split_hash("sample:" + d.key) < rate:
+                sample_chars += len(d.text)
+                yield from split_text(d.text)
+
+    tok = BPETokenizer.train(sample(), vocab_size, show_progress=progress)
+    TRAIN_COUNTER["bpe"] += 1
+    # Saved at once (atomically), so a prepare killed while tokenising resumes without
+    # retraining.
+    tok_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(tok_path) as tmp:
+        tok.save(tmp)
+    return tok, True, sample_chars
+
+
+def _new_build_folder(final: Path) -> Path:
+    """A fresh ``.tmp-<name>-<pid>-<random>`` folder beside ``final``, after removing the
+    ones killed builds left (the caller holds the lock)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _tokenize(corpus: _CorpusPasses, layout: _Layout, tok: Tokenizer, dtype, tmp: Path,
+              workers: int, progress: bool) -> tuple[dict, int, int, int]:
+    """Pass 3: tokenise every document into ``tmp/train`` and ``tmp/val``, here or in
+    worker processes. Returns (counts per split, largest id, processes used, parts)."""
+    from tqdm.auto import tqdm
+
+    total_chars = layout.chars["train"] + layout.chars["val"]
+    parts = _file_ranges(layout.docs_per_file, layout.chars_per_file, workers * PARTS_PER_WORKER)
+    used = min(workers, len(parts))
+    if used > 1 and (total_chars < PARALLEL_MIN_CHARS or not _can_fork()):
+        used = 1
+    with tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenize",
+              disable=not progress) as bar:
+        if used <= 1:
+            w = _SplitWriter(tok, tmp, "", dtype, on_flush=bar.update)
+            for i, (_, d) in enumerate(corpus.docs()):
+                w.add(layout.split.is_val(i, d.key), d.text)
+            counts, max_id = w.close(), w.max_id
+        else:
+            counts, max_id = _tokenize_parallel(corpus.source, corpus.files, parts,
+                                                layout.split, tok, dtype, corpus.text_field,
+                                                tmp, used, bar)
+    return counts, max_id, used, len(parts) if used > 1 else 1
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete build folder ``tmp`` to ``final`` (one atomic rename)."""
+    if (final / "meta.json").is_file():  # a builder without flock got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        if final.exists():  # a damaged cache folder (no meta.json): replace it
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
 
 
 def _can_fork() -> bool:
@@ -670,10 +727,11 @@ def _tokenize_part(j: int, lo: int, hi: int, first_doc: int) -> None:
         n_chars += len(d.text)
         i += 1
     counts = w.close()
-    done = st["out_dir"] / f"{j:05d}.json"
-    tmp = done.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"counts": counts, "chars": n_chars, "max_id": w.max_id}))
-    os.replace(tmp, done)  # the parent never reads a half-written file
+    # atomic: the parent never reads a half-written file (nothing to make durable: the
+    # parts go with the build folder)
+    atomic_write(st["out_dir"] / f"{j:05d}.json",
+                 json.dumps({"counts": counts, "chars": n_chars, "max_id": w.max_id}),
+                 durable=False)
 
 
 def _worker_main(parts: list, next_part, lock) -> None:
@@ -713,7 +771,6 @@ def _tokenize_parallel(source: CorpusSource, files: list, parts: list, split: St
     with ``tmp``.
     """
     import multiprocessing as mp
-    import signal
 
     out_dir = tmp / "parts"
     out_dir.mkdir()
@@ -725,37 +782,11 @@ def _tokenize_parallel(source: CorpusSource, files: list, parts: list, split: St
     next_part, lock = ctx.RawValue("i", 0), ctx.Lock()
     procs = [ctx.Process(target=_worker_main, args=(parts, next_part, lock), daemon=True)
              for _ in range(workers)]
-    results: dict[int, dict] = {}
     gc.freeze()  # forked workers then share the parent's objects without copying their pages
     try:
         for proc in procs:
             proc.start()
-        while True:
-            exits = [proc.exitcode for proc in procs]  # before the scan: no exit is missed
-            for j in range(len(parts)):
-                done = out_dir / f"{j:05d}.json"
-                if j not in results and done.is_file():
-                    results[j] = json.loads(done.read_text())
-                    bar.update(results[j]["chars"])
-            if len(results) == len(parts):
-                break
-            failed = [proc for proc, code in zip(procs, exits) if code not in (None, 0)]
-            if failed or all(code is not None for code in exits):
-                errors = sorted(out_dir.glob("*.error"))
-                if errors:
-                    raise DataError(errors[0].read_text())
-                code = failed[0].exitcode if failed else 0
-                if code < 0:
-                    why = (f"was killed by signal {signal.Signals(-code).name}"
-                           + (" (out of memory?)" if code == -signal.SIGKILL else ""))
-                elif code > 0:
-                    why = f"exited with code {code} (see its traceback above)"
-                else:  # every worker exited cleanly, yet a part has no result
-                    why = "exited without writing every part"
-                raise DataError(f"a data.workers tokenisation process {why}; "
-                                f"{len(results)}/{len(parts)} parts done, nothing was "
-                                "published; rerun (with fewer data.workers if memory ran out)")
-            procs[0].join(0.05)
+        results = _collect_parts(procs, len(parts), out_dir, bar)
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -768,18 +799,59 @@ def _tokenize_parallel(source: CorpusSource, files: list, parts: list, split: St
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = before
+    return _merge_parts(results, out_dir, tmp, dtype)
+
+
+def _collect_parts(procs: list, n_parts: int, out_dir: Path, bar) -> dict[int, dict]:
+    """Wait until every part's ``<j>.json`` is written (ticking ``bar`` by its characters)
+    and return them by part; raise a DataError once a worker fails or all exit short."""
+    import signal
+
+    results: dict[int, dict] = {}
+    while True:
+        exits = [proc.exitcode for proc in procs]  # before the scan: no exit is missed
+        for j in range(n_parts):
+            done = out_dir / f"{j:05d}.json"
+            if j not in results and done.is_file():
+                results[j] = json.loads(done.read_text())
+                bar.update(results[j]["chars"])
+        if len(results) == n_parts:
+            return results
+        failed = [proc for proc, code in zip(procs, exits) if code not in (None, 0)]
+        if failed or all(code is not None for code in exits):
+            errors = sorted(out_dir.glob("*.error"))
+            if errors:
+                raise DataError(errors[0].read_text())
+            code = failed[0].exitcode if failed else 0
+            if code < 0:
+                why = (f"was killed by signal {signal.Signals(-code).name}"
+                       + (" (out of memory?)" if code == -signal.SIGKILL else ""))
+            elif code > 0:
+                why = f"exited with code {code} (see its traceback above)"
+            else:  # every worker exited cleanly, yet a part has no result
+                why = "exited without writing every part"
+            raise DataError(f"a data.workers tokenisation process {why}; "
+                            f"{len(results)}/{n_parts} parts done, nothing was "
+                            "published; rerun (with fewer data.workers if memory ran out)")
+        procs[0].join(0.05)
+
+
+def _merge_parts(results: dict[int, dict], out_dir: Path, tmp: Path, dtype) -> tuple[dict, int]:
+    """Merge the parts' shards in part (= file) order into ``tmp/train`` and ``tmp/val``,
+    remove them; returns the splits' counts and the largest id written."""
+    n_parts = len(results)
     idx = megatron_indexed()
     total: dict[str, dict[str, int]] = {"docs": {}, "tokens": {}, "bytes": {}}
     for s in SPLITS:
         builder = idx.IndexedDatasetBuilder(idx.get_bin_path(str(tmp / s)), dtype=dtype)
-        for j in range(len(parts)):
+        for j in range(n_parts):
             if results[j]["counts"]["docs"][s]:
                 builder.add_index(str(out_dir / f"{j:05d}-{s}"))
         builder.finalize(idx.get_idx_path(str(tmp / s)))
         for key in total:
-            total[key][s] = sum(results[j]["counts"][key][s] for j in range(len(parts)))
+            total[key][s] = sum(results[j]["counts"][key][s] for j in range(n_parts))
     shutil.rmtree(out_dir)
-    return total, max(results[j]["max_id"] for j in range(len(parts)))
+    return total, max(results[j]["max_id"] for j in range(n_parts))
 
 
 def _peak_rss_mb(children: bool = False) -> Optional[float]:
@@ -795,17 +867,6 @@ def _peak_rss_mb(children: bool = False) -> Optional[float]:
         return round(r / (1 << 20) if sys.platform == "darwin" else r / 1024, 1)
     except (ImportError, OSError):
         return None
-
-
-def _atomic_save(tok: BPETokenizer, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tok.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _prepare_indexed(source: CorpusSource, vocab_size: int, val_fraction: float, root: Path,
