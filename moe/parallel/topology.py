@@ -6,9 +6,9 @@ over data-parallel (DP) groups (stride tp). Each EP group is a subset of one DP 
 (same TP rank, different data), and the expert-data-parallel (EDP) group holds the
 replicas of the same experts. World = tp * dp, dp = ep * expert_dp.
 
-:func:`import_deepspeed` is the one way this project imports DeepSpeed (its accelerator
-must be chosen first): the trainer's engine calls it, and so does ParallelPlan.parallelize
-before expert parallelism touches DeepSpeed.
+:func:`import_deepspeed` makes the first import of DeepSpeed, after choosing its accelerator
+(the trainer's engine calls it, and so does ParallelPlan.parallelize before expert
+parallelism touches DeepSpeed); later ``import deepspeed...`` statements find it loaded.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ Layout under ``RUN_DIR/checkpoints/``::
 Writing is atomic at the directory level: every rank writes into ``.tmp-step_...``; after
 a barrier rank 0 fsyncs the files and the directory, renames it to ``step_...`` and only
 then replaces ``latest`` (:func:`moe.runs.atomic.atomic_write`: temp file, fsync,
-``os.replace``, directory fsync). A crash at any point leaves
-``latest`` naming the previous complete checkpoint; leftover ``.tmp-*`` directories are
-removed by the next save.
+``os.replace``, directory fsync). A crash at any point leaves ``latest`` naming the
+previous complete checkpoint; leftover ``.tmp-*`` directories are removed by the next save.
+Model shard file names and their merging: :mod:`moe.runs.shards`.
 
 Every file is ``torch.save``-d plain data (dicts, lists, numbers, strings, tensors) so it
 loads with ``torch.load(weights_only=True)``: no pickle, no code execution from a

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CKPT_DIR, check_checkpoint, load_file, read_meta, save_file, usable_checkpoint
+from .checkpoint import (CKPT_DIR, check_checkpoint, load_file, read_meta, save_file,
+                         usable_checkpoint)
 
 # Which projections are sharded how over the TP ranks, per module kind.
 ATTN_COLUMN, ATTN_ROW = ("wq", "wk", "wv"), ("wo",)
