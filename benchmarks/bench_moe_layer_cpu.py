@@ -5,7 +5,7 @@
 Forward+backward of one MoE FFN at E=64, k=8, expert FFN 128, d_model 256, fp32 against,
 in the same run and interleaved round by round (so background load hits all alike):
   * dense      : a SwiGLU FFN with the same ACTIVE params (hidden k*F = 1024)
-  * ours       : moe.moe_layer.MoEFeedForward, torch backend, torch._grouped_mm
+  * ours       : moe.moe_layer.layer.MoEFeedForward, torch backend, torch._grouped_mm
   * ours-loop  : the same layer with the per-expert loop
   * naive      : argsort + x[idx] + torch._grouped_mm + index_add (autograd-generic indexing)
   * deepspeed  : deepspeed.moe.layer.MoE, dropless (drop_tokens=False), same expert shape
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from benchmarks.common import add_malloc_option, append_rows, apply_malloc_option, environment
 from moe import MoEConfig
 from moe.layers import SwiGLU
-from moe.moe_layer import MoEFeedForward
+from moe.moe_layer.layer import MoEFeedForward
 
 
 class NaiveMoE(torch.nn.Module):
@@ -41,7 +41,7 @@ class NaiveMoE(torch.nn.Module):
     def forward(self, x_BSD):
         r = self.ref
         x = x_BSD.reshape(-1, x_BSD.shape[-1])
-        _, w, idx, _ = r._route(x)
+        _, w, idx = r.route(x)
         K = idx.shape[1]
         order = torch.argsort(idx.reshape(-1))
         tok = order // K
@@ -74,7 +74,7 @@ def gemm_floor(layer: MoEFeedForward, x_TD, Fh: int, env: dict, rounds: int) -> 
     T, D = x_TD.shape
     E, K = layer.n_experts, layer.cfg.top_k
     with torch.no_grad():
-        _, _, idx, _ = layer._route(x_TD)
+        _, _, idx = layer.route(x_TD)
     offs = torch.cumsum(torch.bincount(idx.reshape(-1), minlength=E), 0).to(torch.int32)
     M, H = T * K, K * Fh
     g = torch.Generator().manual_seed(1)

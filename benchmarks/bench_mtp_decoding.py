@@ -62,7 +62,7 @@ def call_costs(model, prompt, n: int = 200) -> dict:
 
 def main(argv=None) -> int:
     from moe.generate import generate
-    from moe.hf import load_model
+    from moe.runs.load import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")

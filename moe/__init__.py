@@ -13,10 +13,10 @@ from .moe_layer.router import route
 
 def load_model(path, device: str = "cpu"):
     """(model, config) of a run directory, checkpoint directory or imported run; see
-    moe/hf.py. ``model.logits(tokens_BS)`` returns the main head's (B, S, V) logits."""
-    from .hf import load_model as _load
+    moe/runs/load.py. ``model.logits(tokens_BS)`` returns the main head's (B, S, V) logits."""
+    from .runs.load import load_model as load
 
-    return _load(path, device)
+    return load(path, device)
 
 
 __all__ = [

@@ -95,7 +95,7 @@ COMMANDS = {
                  "generate text from a run (KV cache, MTP speculative decoding)"),
     "export-hf": ("moe.hf:export_main", "write a run as a transformers DeepseekV3 directory"),
     "import-hf": ("moe.hf:import_main", "import a transformers DeepseekV3 directory as a run"),
-    "consolidate": ("moe.parallel.plan:consolidate_main",
+    "consolidate": ("moe.runs.shards:consolidate_main",
                     "merge a TP/EP-sharded checkpoint into one model state dict"),
 }
 

@@ -193,7 +193,7 @@ def run_tokenizer(cfg):
 def generate_main(argv=None) -> int:
     from pathlib import Path
 
-    from .hf import HFError, load_model
+    from .runs.load import LoadError, load_model
 
     ap = argparse.ArgumentParser(prog="moe-testbed generate",
                                  description="Generate text from a run (KV cache; optional MTP "
@@ -219,7 +219,7 @@ def generate_main(argv=None) -> int:
         ids = tok.encode(a.prompt)
         res = generate(model, ids, a.max_new_tokens, temperature=a.temperature, seed=a.seed,
                        speculative=a.speculative, max_len=cfg.train.seq_len)
-    except (GenerateError, HFError) as exc:
+    except (GenerateError, LoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     text = tok.decode(res.tokens)

@@ -1,9 +1,9 @@
-"""Hugging Face interop: export a run as transformers' DeepseekV3, import one back, and load
-a run's weights in a notebook.
+"""Hugging Face interop: export a run as transformers' DeepseekV3, import one back.
 
     moe-testbed export-hf RUN_DIR --out HF_DIR     # config.json + model.safetensors + tokenizer
     moe-testbed import-hf HF_DIR --out RUN_DIR     # config.yaml + model.pt (train.init_from)
-    python -c "import moe; m, cfg = moe.load_model('RUN_DIR'); print(m.logits(tokens).shape)"
+
+An imported run loads like a trained one: ``moe.load_model(RUN_DIR)`` (moe/runs/load.py).
 
 Export writes ``config.json`` (model_type deepseek_v3, built by transformers'
 DeepseekV3Config so every field it needs is there), ``model.safetensors`` in DeepSeek's
@@ -38,9 +38,11 @@ from typing import Optional
 import torch
 
 from .config import Config, ConfigError, config_from_dict
+from .runs.checkpoint import save_file as save_torch_file
+from .runs.load import LoadError, load_model, run_config
 
 __all__ = ["HFError", "hf_config_dict", "to_hf_state_dict", "from_hf", "export_hf",
-           "import_hf", "load_model", "export_main", "import_main"]
+           "import_hf", "export_main", "import_main"]
 
 
 class HFError(ValueError):
@@ -82,7 +84,8 @@ def hf_config_dict(cfg: Config) -> dict:
         n_group=e.n_groups if moe else 1, topk_group=e.topk_groups if moe else 1,
         num_experts_per_tok=e.top_k if moe else 1,
         first_k_dense_replace=m.first_k_dense if moe else m.n_layers,
-        # ours normalises the top-k gates when k > 1 (SPEC.md); at k = 1 the gate is the score
+        # ours normalises the top-k gates when k > 1 (docs/model.md, "Gating"); at k = 1 the
+        # gate is the score
         norm_topk_prob=bool(moe and e.top_k > 1),
         hidden_act="silu", max_position_embeddings=max(cfg.train.seq_len, 2048),
         initializer_range=m.init_std, rms_norm_eps=m.norm_eps,
@@ -254,46 +257,7 @@ def from_hf(hf_sd: dict, cfg: Config) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------ runs
-
-
-def _run_config(run_dir: Path) -> Config:
-    from .config import load_config
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise HFError(f"{run_dir} is not a run directory (no config.yaml)")
-    return load_config(path)
-
-
-def load_model(path, device: str = "cpu"):
-    """(model, config) from a run directory (its newest usable checkpoint, TP/EP shards
-    merged), a checkpoint directory, or an imported run (model.pt beside config.yaml).
-    The model is in eval mode; ``model.logits(tokens_BS)`` gives the main head's logits."""
-    from .model import build_model
-    from .parallel.plan import load_consolidated
-    from .train import checkpoint as ckpt
-
-    p = Path(path)
-    if not p.exists():
-        raise HFError(f"{p} does not exist")
-    if (p / "meta.json").is_file():  # a checkpoint directory
-        ck, run_dir = p, p.parent.parent
-    else:
-        run_dir = p
-        ck, problems = ckpt.usable_checkpoint(run_dir)
-        if ck is None and problems:
-            raise HFError(f"no usable checkpoint in {run_dir}: {'; '.join(problems)}")
-    cfg = _run_config(run_dir)
-    if ck is not None:
-        sd = load_consolidated(ck)
-    elif (run_dir / "model.pt").is_file():
-        sd = ckpt.load_file(run_dir / "model.pt")
-    else:
-        raise HFError(f"{run_dir} has neither a checkpoint nor model.pt")
-    model = build_model(cfg)
-    model.load_state_dict(sd)
-    return model.to(device).eval(), cfg
+# ------------------------------------------------------------------------------ export / import
 
 
 def _tokenizer_file(cfg: Config) -> Optional[Path]:
@@ -312,7 +276,7 @@ def export_hf(run_dir, out_dir, *, tokenizer: bool = True) -> Path:
     from safetensors.torch import save_file
 
     run_dir, out = Path(run_dir), Path(out_dir)
-    cfg = _run_config(run_dir)
+    cfg = run_config(run_dir)
     kw = hf_config_dict(cfg)  # refuses before anything is read or written
     try:
         from transformers import DeepseekV3Config
@@ -353,7 +317,6 @@ def import_hf(hf_dir, out_dir) -> Path:
     --out NEW`` trains on from the imported weights (with a fresh optimizer: an HF
     checkpoint has no optimizer state), and ``load_model(RUN_DIR)`` evaluates it."""
     from .model import build_model
-    from .train import checkpoint as ckpt
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     cfg_path = hf_dir / "config.json"
@@ -370,7 +333,7 @@ def import_hf(hf_dir, out_dir) -> Path:
     if missing:
         raise HFError(f"{hf_dir}: weights missing for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.save_file(model.state_dict(), out / "model.pt")
+    save_torch_file(model.state_dict(), out / "model.pt")
     cfg.train.init_from = str((out / "model.pt").resolve())
     cfg.name = out.name
     (out / "config.yaml").write_text(cfg.to_yaml())
@@ -391,7 +354,7 @@ def export_main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         out = export_hf(a.run_dir, a.out, tokenizer=not a.no_tokenizer)
-    except (HFError, ConfigError) as exc:
+    except (HFError, LoadError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(out)

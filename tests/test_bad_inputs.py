@@ -295,7 +295,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_good_one(tmp_path, capsys,
     import errno
 
     from moe.cli import main
-    from moe.train import checkpoint as ckpt
+    from moe.runs import checkpoint as ckpt
 
     real = ckpt.save_file
 

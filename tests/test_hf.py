@@ -13,9 +13,9 @@ pytest.importorskip("safetensors")
 
 from moe.cli import main as cli_main  # noqa: E402
 from moe.config import load_config  # noqa: E402
-from moe.hf import (HFError, config_from_hf, from_hf, hf_config_dict, import_hf,  # noqa: E402
-                    load_model, to_hf_state_dict)
+from moe.hf import config_from_hf, from_hf, hf_config_dict, import_hf, to_hf_state_dict  # noqa: E402
 from moe.model import build_model  # noqa: E402
+from moe.runs.load import LoadError, load_model  # noqa: E402
 
 BASE = ["model.vocab_size=300", "data.tokenizer=bytes", "model.d_model=32", "model.n_layers=3",
         "model.n_heads=4", "model.ffn_dim=48", "model.attention=mla", "model.kv_lora_rank=16",
@@ -179,5 +179,5 @@ def test_bad_hf_inputs(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert cli_main(["export-hf", str(tmp_path), "--out", str(tmp_path / "h")]) == 2
     assert "not a run directory" in capsys.readouterr().err
-    with pytest.raises(HFError, match="does not exist"):
+    with pytest.raises(LoadError, match="does not exist"):
         load_model(tmp_path / "missing")

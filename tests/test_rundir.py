@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from moe.rundir import RunDirError, lock_dir
+from moe.runs.lock import RunDirError, lock_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def _env() -> dict:
 def _holder(d: Path) -> subprocess.Popen:
     """A process that holds ``d``'s lock until killed; returns once it holds it."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from moe.rundir import lock_dir; "
+        [sys.executable, "-c", "import sys, time; from moe.runs.lock import lock_dir; "
          f"l = lock_dir({str(d)!r}); print('held', flush=True); time.sleep(120)"],
         env=_env(), stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -175,7 +175,7 @@ def test_watch_parent_ends_a_child_of_a_killed_process(tmp_path):
     pid_file = tmp_path / "child.pid"
     middle = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import os, subprocess, sys, time
-        code = ("import os, time; from moe.rundir import watch_parent; "
+        code = ("import os, time; from moe.runs.process import watch_parent; "
                 "watch_parent({{}}); open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
                 "time.sleep(120)").format(os.getpid())
         subprocess.Popen([sys.executable, "-c", code], start_new_session=True)

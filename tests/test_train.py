@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from moe.config import load_config
-from moe.train import checkpoint as ckpt
+from moe.runs import atomic_write
+from moe.runs import checkpoint as ckpt
 from moe.train.engine import deepspeed_config, lr_multiplier, param_groups
 from moe.train.metrics import read_rows
 
@@ -299,7 +300,7 @@ def test_trainer_steps_can_be_driven_one_by_one(tmp_path):
     """The Trainer's named steps are the run: driving them by hand (setup .. build, two
     train_steps, evaluate, checkpoint, finish) gives the same weights and losses as
     train() stopped at the same step, and the run directory is released by close()."""
-    from moe.rundir import lock_dir
+    from moe.runs.lock import lock_dir
     from moe.train.loop import StepStats, Trainer, train
 
     cfg = tiny_cfg(tmp_path, **{"train.max_steps": 2, "train.eval_at_start": False})
@@ -551,7 +552,7 @@ def test_rewind_and_resume_in_process_exact(tmp_path, stage, precision):
     full = comparable(read_rows(run / "metrics.jsonl"))
     final = ckpt.load_file(ckpt.latest_checkpoint(run) / "model.pt")
     final_rank = ckpt.load_file(ckpt.latest_checkpoint(run) / ckpt.rank_filename(0))
-    ckpt.write_text_atomic(run / ckpt.CKPT_DIR / ckpt.LATEST, ckpt.step_dirname(10) + "\n")
+    atomic_write(run / ckpt.CKPT_DIR / ckpt.LATEST, ckpt.step_dirname(10) + "\n")
     # a torn tail row, as a kill mid-write would leave it
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 21, "lo')
@@ -669,7 +670,7 @@ def test_bf16_on_gpu_keeps_expert_bias_fp32_and_resumes(tmp_path):
     assert all(v.dtype == torch.float32 for k, v in sd.items() if k.endswith("expert_bias"))
     assert sd["embed.weight"].dtype == torch.bfloat16
     full = comparable(read_rows(run / "metrics.jsonl"))
-    ckpt.write_text_atomic(run / ckpt.CKPT_DIR / ckpt.LATEST, ckpt.step_dirname(3) + "\n")
+    atomic_write(run / ckpt.CKPT_DIR / ckpt.LATEST, ckpt.step_dirname(3) + "\n")
     assert train(cfg, run, resume=True, progress=False).exit_code == 0
     again = comparable(read_rows(run / "metrics.jsonl"))
     assert [(r["kind"], r["step"]) for r in again] == [(r["kind"], r["step"]) for r in full]

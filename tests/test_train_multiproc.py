@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.train import checkpoint as ckpt
+from moe.runs import atomic_write
+from moe.runs import checkpoint as ckpt
 from moe.train.metrics import read_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,7 +73,7 @@ def test_zero2_two_ranks_resume_exact(tmp_path):
     run = _run(tmp_path, tmp_path / "z2", 2, extra)
     full = comparable(read_rows(run / "metrics.jsonl"))
     final = ckpt.load_file(ckpt.latest_checkpoint(run) / "model.pt")
-    ckpt.write_text_atomic(run / ckpt.CKPT_DIR / ckpt.LATEST, ckpt.step_dirname(8) + "\n")
+    atomic_write(run / ckpt.CKPT_DIR / ckpt.LATEST, ckpt.step_dirname(8) + "\n")
     _run(tmp_path, run, 2, extra, "--resume")
     assert comparable(read_rows(run / "metrics.jsonl")) == full
     again = ckpt.load_file(ckpt.latest_checkpoint(run) / "model.pt")

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.parallel.plan import load_consolidated
-from moe.train import checkpoint as ckpt
+from moe.runs import atomic_write
+from moe.runs import checkpoint as ckpt
+from moe.runs.shards import load_consolidated
 from moe.train.metrics import read_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,7 +139,7 @@ def test_ep2_checkpoint_resumes_exactly_at_ep2(root):
     full = comparable(read_rows(run / "metrics.jsonl"))
     last = ckpt.latest_checkpoint(run)
     final = {f: ckpt.load_file(last / f) for f in ("model_tp00_ep000.pt", "model_tp00_ep001.pt")}
-    ckpt.write_text_atomic(run / ckpt.CKPT_DIR / ckpt.LATEST, ckpt.step_dirname(6) + "\n")
+    atomic_write(run / ckpt.CKPT_DIR / ckpt.LATEST, ckpt.step_dirname(6) + "\n")
     _run(root, run, 2, extra, "--resume")
     assert comparable(read_rows(run / "metrics.jsonl")) == full
     for f, state in final.items():

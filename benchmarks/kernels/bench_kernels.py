@@ -24,7 +24,7 @@ TFLOP/s counts ACTIVE FLOPs (6*T*K*D*F forward, 12*T*K*D*F backward); GB/s count
 bytes each op must move (see each kernel's docstring).
 
 Timing: what is timed is what training runs: the triton rows call the unchecked entry
-points (`_permute`, `_unpermute`, `_grouped_swiglu_mlp`; the public functions' value checks
+points (`permute_unchecked`, `unpermute_unchecked`, `grouped_swiglu_mlp_unchecked`; the public functions' value checks
 read indices back to the host), and the torch baselines are written without host syncs
 (scatter_add counts instead of bincount / .tolist()). Forward-only rows are timed inside a
 CUDA graph (triton.testing.do_bench_cudagraph: no launch overhead, which dominates the
@@ -179,17 +179,17 @@ class Run:
 
     def __init__(self, smoke: bool, expert_loop: bool):
         # imported here: in smoke mode TRITON_INTERPRET must be set first
-        from kernels.grouped_mlp import _grouped_swiglu_mlp
-        from kernels.permute import _permute, _unpermute
+        from kernels.grouped_mlp import grouped_swiglu_mlp_unchecked
+        from kernels.permute import permute_unchecked, unpermute_unchecked
 
         def permute_unchecked(x_TD, idx_TK, n_experts):
-            return _permute(x_TD, idx_TK, n_experts)
+            return permute_unchecked(x_TD, idx_TK, n_experts)
 
         def unpermute_unchecked(y_MD, row_map_TK, w_TK):
-            return _unpermute(y_MD, row_map_TK, w_TK)
+            return unpermute_unchecked(y_MD, row_map_TK, w_TK)
 
         def mlp_unchecked(x_MD, offs_E, w13, w2):
-            return _grouped_swiglu_mlp(x_MD, offs_E, w13, w2, tail=False)
+            return grouped_swiglu_mlp_unchecked(x_MD, offs_E, w13, w2, tail=False)
 
         self.permute, self.unpermute, self.mlp = (permute_unchecked, unpermute_unchecked,
                                                   mlp_unchecked)

@@ -3,7 +3,8 @@
 Implemented here: the (tp, ep, dp) layout check and megatron-core topology, and expert
 parallelism (experts sharded over an EP group, tokens exchanged with all-to-all). Tensor parallelism of attention and dense/shared FFNs
 uses megatron-core's parallel linear layers. :mod:`moe.parallel.plan` is what the trainer
-calls: groups, sharding, DeepSpeed wiring, exact clipping, checkpoint shard names.
+calls: groups, sharding, DeepSpeed wiring, exact clipping, which shard a rank writes
+(the shard files themselves: :mod:`moe.runs.shards`).
 
 Order (fixed): moe.train.engine.init_process_group -> init_topology -> build_model (full weights, same
 seed on every rank) -> apply_tensor_parallel -> apply_expert_parallel(ep group) ->

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..moe_layer.dispatcher import ExpertRows, sort_tokens
 from ..moe_layer.layer import MoEFeedForward
+from ..runs.shards import EXPERT_PARAMS
 
 
 def guarded(what: str, fn, group=None):
@@ -156,8 +157,6 @@ def apply_expert_parallel(model: nn.Module, ep_group=None) -> nn.Module:
         layer.dispatcher = AllToAllDispatcher(ep_group, E, P)
     return model
 
-
-EXPERT_PARAMS = ("w13_ED2F", "w2_EFD")  # MoEFeedForward's routed-expert weights
 
 
 def expert_param_names(model: nn.Module) -> list[str]:

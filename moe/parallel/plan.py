@@ -1,5 +1,6 @@
 """The trainer's one entry point to parallelism: groups, model sharding, DeepSpeed wiring,
-exact gradient clipping and checkpoint shard names for a (tp, ep, dp) layout.
+exact gradient clipping and which checkpoint shard a rank writes, for a (tp, ep, dp)
+layout.
 
 ``tp = ep = 1`` (pure data parallelism) keeps DeepSpeed's defaults and never imports
 megatron-core: every rank is a full replica, the data-parallel group is the world.
@@ -27,12 +28,12 @@ megatron-core: every rank is a full replica, the data-parallel group is the worl
   once, TP shards over the TP group, expert shards over the EP group) on the reduced
   ``param.grad`` before the optimizer step;
 * checkpoints hold one model file per (tp rank, ep rank) shard, written by the shard's
-  first expert-data-parallel replica.
+  first expert-data-parallel replica (file names, layout and consolidation:
+  :mod:`moe.runs.shards`).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,9 +42,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ParallelConfig
-from .expert_parallel import EXPERT_PARAMS, apply_expert_parallel, expert_param_names, guarded
-from .tensor_parallel import COLUMN_PARALLEL, apply_tensor_parallel
-from .topology import MegatronMPU, Topology, check_layout, init_topology
+from ..runs.shards import shard_filename
+from .expert_parallel import apply_expert_parallel, expert_param_names, guarded
+from .tensor_parallel import apply_tensor_parallel
+from .topology import MegatronMPU, Topology, check_layout, import_deepspeed, init_topology
 
 
 @dataclass
@@ -96,8 +98,6 @@ class ParallelPlan:
             return model
         apply_tensor_parallel(model, self.mpu.get_tensor_model_parallel_group())
         if self.topo.ep > 1:
-            from ..train.engine import import_deepspeed
-
             import_deepspeed()  # selects DeepSpeed's CPU accelerator before its first import
             apply_expert_parallel(model, self.mpu.get_expert_model_parallel_group())
             self.mpu.register_expert_groups(model)
@@ -130,11 +130,6 @@ class ParallelPlan:
         if max_norm > 0:  # DeepSpeed's rule: scale by min(1, max_norm / (norm + 1e-6))
             torch.nn.utils.clip_grads_with_norm_([p for ps in params for p in ps], max_norm, norm)
         return float(norm)
-
-
-def shard_filename(tp_rank: int, ep_rank: int) -> str:
-    """Checkpoint file of one (tensor-parallel rank, expert-parallel rank) model shard."""
-    return f"model_tp{tp_rank:02d}_ep{ep_rank:03d}.pt"
 
 
 def plan_parallel(parallel: ParallelConfig) -> ParallelPlan:
@@ -171,93 +166,3 @@ def _deepspeed_moe_marker(num_experts: int) -> nn.Module:
             raise RuntimeError("DeepSpeedMoEMarker is a marker, not a layer")
 
     return DeepSpeedMoEMarker(num_experts)
-
-
-_INNER = ".inner.weight"  # the megatron layer inside tensor_parallel._Linear
-
-
-def consolidate_shards(shards: dict[tuple[int, int], dict], tp: int, ep: int) -> dict:
-    """Merge per-(tp rank, ep rank) model state dicts into the single-device state dict
-    (the keys and shapes ``build_model(cfg).state_dict()`` has): expert weights
-    concatenated over EP ranks, TP projections over TP ranks, replicated tensors taken
-    from shard (0, 0)."""
-    missing = [(t, e) for t in range(tp) for e in range(ep) if (t, e) not in shards]
-    if missing:
-        raise ValueError(f"missing model shards (tp rank, ep rank): {missing}")
-    out = {}
-    for k, v in shards[(0, 0)].items():
-        if k.endswith(".inner._extra_state"):
-            continue  # megatron's parallel linears keep an (empty) extra state for FP8 recipes
-        if ep > 1 and k.endswith(EXPERT_PARAMS):
-            out[k] = torch.cat([shards[(0, e)][k] for e in range(ep)], 0)
-        elif k.endswith(_INNER):
-            name = k[:-len(_INNER)]
-            dim = 0 if name.rsplit(".", 1)[-1] in COLUMN_PARALLEL else 1  # else row: inputs
-            out[name + ".weight"] = torch.cat([shards[(t, 0)][k] for t in range(tp)], dim)
-        else:
-            out[k] = v
-    return out
-
-
-def load_consolidated(checkpoint_dir) -> dict:
-    """The single-device model state dict of a checkpoint directory written with any
-    parallel layout (``model.pt`` as is, or its TP/EP shards merged)."""
-    from pathlib import Path
-
-    from ..train.checkpoint import load_file, read_meta
-
-    d = Path(checkpoint_dir)
-    par = read_meta(d).get("parallel", {"tp": 1, "ep": 1})
-    tp, ep = par["tp"], par["ep"]
-    if tp == 1 and ep == 1:
-        return load_file(d / "model.pt")
-    shards = {(t, e): load_file(d / shard_filename(t, e)) for t in range(tp) for e in range(ep)}
-    return consolidate_shards(shards, tp, ep)
-
-
-def consolidate_main(argv: list[str]) -> int:
-    """``moe-testbed consolidate CKPT_DIR --out FILE``: write the single-device state dict
-    of a (possibly TP/EP-sharded) checkpoint as one ``torch.save`` file."""
-    import argparse
-    from pathlib import Path
-
-    from ..train.checkpoint import CKPT_DIR, check_checkpoint, save_file, usable_checkpoint
-
-    p = argparse.ArgumentParser(prog="moe-testbed consolidate",
-                                description="Merge a sharded checkpoint into one model state dict.")
-    p.add_argument("path", help="a checkpoint directory (step_*) or a run directory (its latest)")
-    p.add_argument("--out", required=True, help="output file (.pt)")
-    a = p.parse_args(argv)
-    d = Path(a.path)
-    if d.is_dir() and (d / CKPT_DIR).is_dir():  # a run directory: its newest usable one
-        latest, problems = usable_checkpoint(d)
-        if latest is None:
-            why = "; ".join(problems) if problems else "it has no checkpoint"
-            print(f"error: nothing to consolidate in {d}: {why}", file=sys.stderr)
-            return 2
-        for problem in problems:
-            print(f"warning: {problem}; consolidating {latest}", file=sys.stderr)
-        d = latest
-    elif not (d / "meta.json").exists():
-        print(f"error: {d} is neither a checkpoint directory nor a run directory with "
-              "checkpoints", file=sys.stderr)
-        return 2
-    else:  # (usable_checkpoint checked the run directory's choice already)
-        problem = check_checkpoint(d)
-        if problem is not None:  # meta.json unreadable / a listed file missing or truncated
-            print(f"error: cannot consolidate {d}: {problem}", file=sys.stderr)
-            return 2
-    try:
-        state = load_consolidated(d)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-        # corrupt shard files, or a meta.json whose parallel layout is not {tp: int, ep: int}
-        print(f"error: cannot consolidate {d}: {e}", file=sys.stderr)
-        return 2
-    try:
-        save_file(state, Path(a.out))
-    except OSError as e:
-        print(f"error: cannot write {a.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    n = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
-    print(f"{d} -> {a.out}: {len(state)} tensors, {n:,} elements")
-    return 0

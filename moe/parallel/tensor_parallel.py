@@ -10,6 +10,8 @@ The single-device modules need no change: Attention infers its local head count 
 projection widths. Routed experts and the router are left replicated across TP ranks.
 Shards are copied from the full single-device weights, so TP=n computes the same
 function as TP=1. Requires megatron's parallel_state to be initialised (init_topology).
+Which projections are split how is the checkpoint shard layout, kept with its reader in
+:mod:`moe.runs.shards`.
 """
 
 from __future__ import annotations
@@ -20,16 +22,7 @@ import torch
 from torch import nn
 
 from ..layers import Attention, MLAttention, SwiGLU
-
-
-# Which projections are sharded how (names as in moe.layers); consolidation reads the same.
-ATTN_COLUMN, ATTN_ROW = ("wq", "wk", "wv"), ("wo",)
-# MLA: the per-head up-projections by heads; the latent down-projections wq_a / wkv_a
-# (and their norms) stay replicated, as the input of a column-parallel layer does.
-MLA_COLUMN, MLA_ROW = ("wq", "wq_b", "wkv_b"), ("wo",)
-FFN_COLUMN, FFN_ROW = ("w1", "w3"), ("w2",)
-COLUMN_PARALLEL = ATTN_COLUMN + MLA_COLUMN[1:] + FFN_COLUMN  # output dim (0) sharded
-ROW_PARALLEL = ATTN_ROW + FFN_ROW  # input dim (1) sharded
+from ..runs.shards import ATTN_COLUMN, ATTN_ROW, FFN_COLUMN, FFN_ROW, MLA_COLUMN, MLA_ROW
 
 
 class _Linear(nn.Module):

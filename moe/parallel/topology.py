@@ -5,6 +5,10 @@ default): dense parameters are sharded over TP groups (consecutive ranks) and re
 over data-parallel (DP) groups (stride tp). Each EP group is a subset of one DP group
 (same TP rank, different data), and the expert-data-parallel (EDP) group holds the
 replicas of the same experts. World = tp * dp, dp = ep * expert_dp.
+
+:func:`import_deepspeed` makes the first import of DeepSpeed, after choosing its accelerator
+(the trainer's engine calls it, and so does ParallelPlan.parallelize before expert
+parallelism touches DeepSpeed); later ``import deepspeed...`` statements find it loaded.
 """
 
 from __future__ import annotations
@@ -13,9 +17,23 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, ParallelConfig
+
+
+def import_deepspeed():
+    """Import deepspeed with the CPU accelerator when there is no GPU.
+
+    DS_ACCELERATOR must be set before the first import; deepspeed otherwise probes for
+    CUDA/XPU/NPU and fails or warns on a CPU-only box.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # noqa: PLC0415 -- heavy, lazy on purpose
+
+    return deepspeed
 
 
 @dataclass

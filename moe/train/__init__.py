@@ -3,12 +3,12 @@
     engine.py      DeepSpeed JSON generated from the Config, process group, AdamW groups,
                    warmup + cosine LambdaLR, weights_only-safe optimizer state
     loop.py        train(): evaluation, budgets, MTP lambda, expert-bias all-reduce, NaN stop
-    checkpoint.py  atomic pickle-free checkpoints + RNG state
     metrics.py     metrics.jsonl (append-safe on resume), TensorBoard, matmul peak for MFU
     plots.py       RUN_DIR/training.png (``moe-testbed plot-run``)
     cli.py         ``moe-testbed train``
 
-Heavy imports (deepspeed) happen inside the functions that need them.
+Checkpoints, the run-directory lock and shard files live in :mod:`moe.runs`. Heavy
+imports (deepspeed) happen inside the functions that need them.
 """
 
 from .engine import deepspeed_config, lr_multiplier, param_groups, resolve_precision

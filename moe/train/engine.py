@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
+from ..parallel.topology import import_deepspeed
 
 
 # --------------------------------------------------------------------------------------
@@ -336,19 +337,6 @@ def init_process_group(timeout_s: int) -> tuple[int, int]:
             dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
                                     init_method=f"tcp://127.0.0.1:{_free_port()}")
     return dist.get_rank(), dist.get_world_size()
-
-
-def import_deepspeed():
-    """Import deepspeed with the CPU accelerator when there is no GPU.
-
-    DS_ACCELERATOR must be set before the first import; deepspeed otherwise probes for
-    CUDA/XPU/NPU and fails or warns on a CPU-only box.
-    """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed  # noqa: PLC0415 -- heavy, lazy on purpose
-
-    return deepspeed
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:

@@ -27,7 +27,7 @@ them and releases the run directory.
 
 Exactness: with one CPU process a resumed run continues bit-for-bit (model, AdamW state,
 scheduler, expert biases, data position and RNG states are all restored); see
-``moe/train/checkpoint.py`` for the format.
+``moe/runs/checkpoint.py`` for the format.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ from ..config import (FINGERPRINT_IGNORES, Config, changed_fields, config_finger
 from ..cpu_malloc import keep_freed_memory, malloc_mode
 from ..model import build_model
 from ..moe_layer.router import max_violation
-from ..rundir import RunDirError, lock_dir
-from . import checkpoint as ckpt
+from ..runs import atomic_write
+from ..runs import checkpoint as ckpt
+from ..runs.lock import RunDirError, lock_dir
 from .opbuild import OpBuildError
 from .engine import (all_reduce_sum, build_engine, deepspeed_config, device_type,
                      init_process_group, load_optimizer_state, optimizer_state,
@@ -315,7 +316,7 @@ def _env_info() -> dict:
 def _load_initial_weights(model, path: str) -> None:
     """train.init_from: weights from a model.pt, a checkpoint directory or a run directory
     (its newest usable checkpoint, shards merged, or its model.pt)."""
-    from ..parallel.plan import load_consolidated
+    from ..runs.shards import load_consolidated
 
     p = Path(path)
     try:
@@ -760,7 +761,7 @@ class Trainer:
 
     def checkpoint(self) -> None:
         """A complete checkpoint at the current step (collective; atomic, see
-        moe/train/checkpoint.py). A failed write (disk full) stops the run with a
+        moe/runs/checkpoint.py). A failed write (disk full) stops the run with a
         TrainError; the last good checkpoint stays ``latest``."""
         c = self.counters
         par = self.par
@@ -789,8 +790,8 @@ class Trainer:
         summary = None
         if self.is0:
             summary = self._summary()
-            ckpt.write_text_atomic(self.run_dir / "summary.json",
-                                   json.dumps(_json_safe(summary), indent=1) + "\n")
+            atomic_write(self.run_dir / "summary.json",
+                         json.dumps(_json_safe(summary), indent=1) + "\n")
             self.metrics.close()
             try:
                 from .plots import plot_run
@@ -859,7 +860,7 @@ def train(cfg: Config, run_dir: Optional[Path] = None, *, resume: bool = False,
     ``"done"`` (the ladder runner's contract).
 
     The run directory is held by this process for the whole call (rank 0 takes
-    ``RUN_DIR/.lock``, see :mod:`moe.rundir`): a second run on it is refused (TrainError
+    ``RUN_DIR/.lock``, see :mod:`moe.runs.lock`): a second run on it is refused (TrainError
     naming the holder's pid). ``config_path``: the YAML the config was read from; it is
     never overwritten by the resolved ``RUN_DIR/config.yaml``. The steps are
     :class:`Trainer`'s.

@@ -28,13 +28,14 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ..runs import atomic_open
 
 METRICS = "metrics.jsonl"
 
@@ -95,13 +96,9 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         keep = [r for r in read_rows(self.path) if int(r.get("step", 0)) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
+        with atomic_open(self.path) as f:
             for r in keep:
                 f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
         if not self.enabled:

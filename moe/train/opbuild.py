@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..rundir import lock_holder, stamp_holder
+from ..runs.lock import lock_holder, stamp_holder
 
 #: the DeepSpeed op builders the trainer loads (the comm backend asks for this one)
 OPS = ("ShareMemCommBuilder",)
@@ -162,7 +162,7 @@ def _load(builder):
 def ensure_deepspeed_ops(cache_dir=None, *, builders: Optional[list] = None,
                          load: Optional[Callable] = None) -> None:
     """Build or load DeepSpeed's ops (see the module doc). Call after importing deepspeed
-    (:func:`moe.train.engine.import_deepspeed`) and before ``deepspeed.init_distributed``.
+    (:func:`moe.parallel.topology.import_deepspeed`) and before ``deepspeed.init_distributed``.
     Raises :class:`OpBuildError` (one line naming the file) instead of hanging."""
     builders = _builders() if builders is None else builders
     if not builders:

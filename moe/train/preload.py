@@ -11,7 +11,7 @@ which was most of a small ladder run's 9 s wall time.
 """
 import warnings
 
-from moe.train.engine import import_deepspeed
+from moe.parallel.topology import import_deepspeed
 
 # megatron-core warns at import that Transformer Engine / Apex are absent (four lines per
 # process); the trainer does not use them, and the ladder's log should show the runs.

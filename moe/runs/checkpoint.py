@@ -13,9 +13,10 @@ Layout under ``RUN_DIR/checkpoints/``::
 
 Writing is atomic at the directory level: every rank writes into ``.tmp-step_...``; after
 a barrier rank 0 fsyncs the files and the directory, renames it to ``step_...`` and only
-then replaces ``latest`` (temp file + fsync + ``os.replace``). A crash at any point leaves
-``latest`` naming the previous complete checkpoint; leftover ``.tmp-*`` directories are
-removed by the next save.
+then replaces ``latest`` (:func:`moe.runs.atomic.atomic_write`: temp file, fsync,
+``os.replace``, directory fsync). A crash at any point leaves ``latest`` naming the
+previous complete checkpoint; leftover ``.tmp-*`` directories are removed by the next save.
+Model shard file names and their merging: :mod:`moe.runs.shards`.
 
 Every file is ``torch.save``-d plain data (dicts, lists, numbers, strings, tensors) so it
 loads with ``torch.load(weights_only=True)``: no pickle, no code execution from a
@@ -34,6 +35,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from .atomic import atomic_write, fsync_dir
+
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 
@@ -47,22 +50,8 @@ def rank_filename(rank: int) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# fsync helpers
+# One file
 # --------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    # Make a rename / new entry durable (POSIX: the directory itself must be fsynced).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_file(obj: Any, path: Path) -> None:
@@ -71,17 +60,6 @@ def save_file(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (temp file, fsync, os.replace, dir fsync)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class CheckpointError(RuntimeError):
@@ -180,7 +158,7 @@ def _publish(run_dir: Path, root: Path, tmp: Path, final: Path, name: str, step:
         json.dump(meta, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     before_publish(tmp)
     try:
         current = latest_checkpoint(run_dir)
@@ -196,8 +174,8 @@ def _publish(run_dir: Path, root: Path, tmp: Path, final: Path, name: str, step:
             return
         shutil.rmtree(final)  # an unpublished leftover of the same step
     os.rename(tmp, final)
-    _fsync_dir(root)
-    write_text_atomic(root / LATEST, name + "\n")
+    fsync_dir(root)
+    atomic_write(root / LATEST, name + "\n")
     _prune(root, keep_last, keep={name})
 
 

@@ -1,4 +1,4 @@
-"""Run-directory ownership and child-process lifetime (standard library only).
+"""Run-directory ownership (standard library only).
 
 A run directory (``train --out``) or a ladder directory (``ladder --out``) is held by one
 live process through an OS file lock: :func:`lock_dir` takes ``fcntl.flock`` on
@@ -6,18 +6,12 @@ live process through an OS file lock: :func:`lock_dir` takes ``fcntl.flock`` on
 process dies, however it dies (kill -9 included), so a lock is never stale; a second
 process on the same directory is refused with a :class:`RunDirError` naming the holder's
 pid (the CLIs print it as one ``error:`` line, exit 2).
-
-:func:`child_preexec` / :func:`watch_parent` make a child trainer die with the ladder that
-started it (own process group, ``PR_SET_PDEATHSIG``, or a watch on the parent's pid).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import signal
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -132,79 +126,3 @@ def stamp_holder(fd: int) -> None:
     """Write this process's pid into the lock file it has just locked."""
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-
-
-# --------------------------------------------------------------------------------------
-# Children that die with their parent
-# --------------------------------------------------------------------------------------
-
-PR_SET_PDEATHSIG = 1
-
-
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
-    """Linux: deliver ``sig`` to this process when its parent dies. False elsewhere."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def child_preexec(parent_pid: int):
-    """A ``subprocess`` ``preexec_fn``: own process group, SIGTERM when the parent dies
-    (inherited across exec), and exit at once if the parent is already gone."""
-
-    def preexec() -> None:
-        os.setpgid(0, 0)
-        set_parent_death_signal(signal.SIGTERM)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(128 + signal.SIGTERM)
-
-    return preexec
-
-
-def watch_parent(parent_pid: int, poll_s: float = 1.0) -> Optional[threading.Thread]:
-    """A daemon thread that ends this process (SIGTERM to its process group) once
-    ``parent_pid`` has exited. Used by children forked from a server (their OS parent is
-    the server, not the ladder). None when ``parent_pid`` is already gone (then this
-    process is terminated right away)."""
-
-    def gone() -> None:
-        try:
-            os.killpg(os.getpgid(0), signal.SIGTERM)
-        finally:
-            threading.Event().wait(5.0)
-            os._exit(128 + signal.SIGTERM)
-
-    def alive() -> bool:
-        try:
-            os.kill(parent_pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    pidfd = None
-    if hasattr(os, "pidfd_open"):
-        try:
-            pidfd = os.pidfd_open(parent_pid)
-        except ProcessLookupError:
-            gone()
-        except OSError:
-            pidfd = None
-
-    def run() -> None:
-        if pidfd is not None:
-            import select
-
-            select.select([pidfd], [], [])  # readable once the process has exited
-            gone()
-        else:
-            while alive():
-                threading.Event().wait(poll_s)
-            gone()
-
-    t = threading.Thread(target=run, name="moe-parent-watch", daemon=True)
-    t.start()
-    return t
