@@ -24,9 +24,9 @@ TFLOP/s counts ACTIVE FLOPs (6*T*K*D*F forward, 12*T*K*D*F backward); GB/s count
 bytes each op must move (see each kernel's docstring).
 
 Timing: what is timed is what training runs: the triton rows call the unchecked entry
-points (`permute_unchecked`, `unpermute_unchecked`, `grouped_swiglu_mlp_unchecked`; the public functions' value checks
-read indices back to the host), and the torch baselines are written without host syncs
-(scatter_add counts instead of bincount / .tolist()). Forward-only rows are timed inside a
+points (`permute_unchecked`, `unpermute_unchecked`, `grouped_swiglu_mlp_unchecked`; the
+public functions' value checks read indices back to the host), and the torch baselines
+are written without host syncs (scatter_add counts instead of bincount / .tolist()). Forward-only rows are timed inside a
 CUDA graph (triton.testing.do_bench_cudagraph: no launch overhead, which dominates the
 small ops) with do_bench as the fallback, backward rows with triton.testing.do_bench (L2
 flushed); median with p20/p80, bf16 on CUDA; each row names its `timer`. A ~3 s bf16
@@ -181,12 +181,6 @@ class Run:
         # imported here: in smoke mode TRITON_INTERPRET must be set first
         from kernels.grouped_mlp import grouped_swiglu_mlp_unchecked
         from kernels.permute import permute_unchecked, unpermute_unchecked
-
-        def permute_unchecked(x_TD, idx_TK, n_experts):
-            return permute_unchecked(x_TD, idx_TK, n_experts)
-
-        def unpermute_unchecked(y_MD, row_map_TK, w_TK):
-            return unpermute_unchecked(y_MD, row_map_TK, w_TK)
 
         def mlp_unchecked(x_MD, offs_E, w13, w2):
             return grouped_swiglu_mlp_unchecked(x_MD, offs_E, w13, w2, tail=False)
