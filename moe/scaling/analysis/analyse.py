@@ -48,8 +48,31 @@ def analyse(rows: Sequence[dict], *, n_boot: int = 200, holdout: str | None = No
         raise ResultsError(f"{source}: only {len(train)} run(s) left to fit after holding out "
                            f"{len(held)}; a fit needs at least 3")
     groups, held_groups = level_groups(train), level_groups(held)
+    a = _head(rows, source, n_boot, level, seed, holdout, notes)
+    a["power_laws"], a["compute_laws"] = one_d_laws(groups, held_groups, n_boot, seed,
+                                                    level, progress)
+    a["chinchilla"] = chinchilla_section(train, rows, n_boot, seed, level, chinchilla_min_runs,
+                                         progress)
+    a["chinchilla_levels"] = {
+        g: chinchilla_section(train, rows, n_boot, seed, level, chinchilla_min_runs, progress, g)
+        for g, gr in groups.items() if any(r["kind"] == "moe" for r in gr)}
+    a["isoflop"] = isoflop_section(groups, level, n_boot, seed)
+    a["overtraining"] = overtraining_section(train, n_boot, seed, level, progress)
+    a["downstream"] = downstream_section(train, n_boot, seed, level, progress)
+    a["joint_laws"] = joint_laws(train, held, n_boot, seed, level, progress)
+    a["efficiency_leverage"] = efficiency_leverage_section(
+        rows, a["power_laws"], a["compute_laws"], a["chinchilla"], level)
+    a["holdout"] = holdout_predictions(held, _holdout_laws(a), level)
+    a["seed_noise"] = seed_noise(rows, side.get("seed"))
+    a["sparsity_comparison"] = sparsity_comparison(rows, side.get("seed"), level)
+    a["compare"] = compare_runs(side.get("compare"))
+    return a
+
+
+def _head(rows, source, n_boot, level, seed, holdout, notes) -> dict:
+    """schema_version, source, settings, counting conventions, notes and the run records."""
     has_nonembed = all("params_active_nonembed" in r for r in rows)
-    a: dict = {
+    return {
         "schema_version": SCHEMA_VERSION,
         "source": source,
         "settings": {"n_boot": int(n_boot), "level": float(level), "seed": int(seed),
@@ -58,26 +81,17 @@ def analyse(rows: Sequence[dict], *, n_boot: int = 200, holdout: str | None = No
             "params": "params_active = parameters used per token, embeddings included "
                       "(Chinchilla convention); params_active_nonembed excludes embeddings "
                       "(Kaplan convention)" + ("" if has_nonembed else
-                                              "; this table has no non-embedding counts"),
+                                               "; this table has no non-embedding counts"),
             "conventions": ["params_active"] + (["params_active_nonembed"] if has_nonembed
                                                 else []),
             "flops": "training FLOPs as the table gives them (6 N_active D when absent)"},
         "notes": list(notes) + epoch_notes(rows),
         "runs": [run_record(r) for r in rows],
     }
-    a["power_laws"], a["compute_laws"] = one_d_laws(groups, held_groups, n_boot, seed,
-                                                     level, progress)
-    a["chinchilla"] = chinchilla_section(train, rows, n_boot, seed, level, chinchilla_min_runs,
-                                  progress)
-    a["chinchilla_levels"] = {
-        g: chinchilla_section(train, rows, n_boot, seed, level, chinchilla_min_runs, progress, g)
-        for g, gr in groups.items() if any(r["kind"] == "moe" for r in gr)}
-    a["isoflop"] = isoflop_section(groups, level, n_boot, seed)
-    a["overtraining"] = overtraining_section(train, n_boot, seed, level, progress)
-    a["downstream"] = downstream_section(train, n_boot, seed, level, progress)
-    a["joint_laws"] = joint_laws(train, held, n_boot, seed, level, progress)
-    a["efficiency_leverage"] = efficiency_leverage_section(rows, a["power_laws"], a["compute_laws"],
-                                                    a["chinchilla"], level)
+
+
+def _holdout_laws(a: dict) -> list:
+    """(label, kind, scope, entry, parameter names) of every law that predicts held-out runs."""
     laws = [(f"L(N_active), {g}", "power", g, e, POWER) for g, e in a["power_laws"].items()]
     laws += [(f"L(C), {g}", "compute", g, e, COMPUTE) for g, e in a["compute_laws"].items()]
     laws += [("Chinchilla L(N, D)", "chinchilla", "dense", a["chinchilla"], CHIN),
@@ -86,8 +100,4 @@ def analyse(rows: Sequence[dict], *, n_boot: int = 200, holdout: str | None = No
               a["downstream"], DOWNSTREAM)]
     laws += [(JOINT_LABELS[name], name, "all", a["joint_laws"][name], names)
              for name, names in JOINT.items()]
-    a["holdout"] = holdout_predictions(held, laws, level)
-    a["seed_noise"] = seed_noise(rows, side.get("seed"))
-    a["sparsity_comparison"] = sparsity_comparison(rows, side.get("seed"), level)
-    a["compare"] = compare_runs(side.get("compare"))
-    return a
+    return laws

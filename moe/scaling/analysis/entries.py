@@ -137,10 +137,10 @@ def modes_of(reps: dict, names, irreducible, log_scale, smallest_loss) -> dict:
 
 
 def boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
-              key: Callable, at_bound: Callable, n_boot: int, seed: int, level: float,
-              law: str, progress, replicate_fit: Callable | None = None,
-              objective_name: str = "", irreducible: str | None = None,
-              log_scale: Sequence[str] = (), profile: Callable | None = None) -> dict:
+             key: Callable, at_bound: Callable, n_boot: int, seed: int, level: float,
+             law: str, progress, replicate_fit: Callable | None = None,
+             objective_name: str = "", irreducible: str | None = None,
+             log_scale: Sequence[str] = (), profile: Callable | None = None) -> dict:
     """Point fit + whole-run bootstrap of one law -> a LAW entry (see module docstring), or
     a not-fitted entry with the reason when the point fit raises.
 
@@ -159,21 +159,10 @@ def boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
     degenerate, unidentified, unbounded, ok (module docstring).
     """
     n_distinct = len({key(r) for r in rows})
-
-    def flagged(f):
-        def fit_flagged(rs):
-            d = len({key(r) for r in rs})
-            if d <= n_params and d < n_distinct:
-                raise ValueError(f"replicate drew {d} distinct runs for {n_params} parameters")
-            p = dict(f(rs))
-            p["at_bound"] = float(bool(at_bound(p)))
-            return p
-        return fit_flagged
-
     try:
-        bs = bootstrap(flagged(fit), rows, n_boot=n_boot, seed=seed, level=level,
-                       params=list(names) + ["at_bound"], keep_samples=True,
-                       progress=progress, replicate_fn=flagged(replicate_fit or fit))
+        bs = _bootstrapped(fit, replicate_fit or fit, rows, names, key=key, n_params=n_params,
+                           n_distinct=n_distinct, at_bound=at_bound, n_boot=n_boot, seed=seed,
+                           level=level, progress=progress)
     except FIT_ERRORS as exc:  # the point fit itself: the law is not fitted, and why
         return not_fitted(law, len(rows), str(exc))
     point = bs["point"]
@@ -181,32 +170,12 @@ def boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
     reps = {k: [float(v) for v in bs["samples"][k][ok]] for k in names}
     n_ok = int(ok.sum())
     frac_bound = float(np.mean(bs["samples"]["at_bound"][ok])) if n_ok else 1.0
-    entry = {"law": law, "n_runs": len(rows), "n_boot": int(n_boot),
-             "failed_replicates": int(bs["n_failed"]),
-             "objective": num(point.get("objective_sum", point.get("objective",
-                                                                     point.get("rmse_log")))),
-             "converged": bool(point.get("converged", True))}
-    if "refit_gain" in point:
-        entry["optimum"] = {k: point[k] for k in ("refit_gain", "refit_ok", "starts_agree",
-                                                  "starts_finished", "starts_spread")}
-    if objective_name:
-        entry["objective_name"] = objective_name
+    entry = _entry_head(law, rows, n_boot, bs, objective_name)
     entry.update(estimates(point, bs["samples"], names, level))
-    # degenerate: the point fit itself has a collapsed term or sits on a bound
-    degenerate = []
-    if irreducible is not None:
-        floor = COLLAPSE_FRAC * min(float(r["final_eval_loss"]) for r in rows)
-        if float(point[irreducible]) < floor:
-            degenerate.append(
-                f"{irreducible} = {float(point[irreducible]):.2g} has collapsed to 0 (below "
-                f"{COLLAPSE_FRAC:g} of the smallest fitted loss): the irreducible loss is not "
-                "determined by these runs")
-    why_bound = at_bound(point)
-    if why_bound:
-        degenerate.append(why_bound)
+    degenerate = _degenerate(point, rows, irreducible, at_bound)
     # unidentified: replicates in separate modes (the irreducible term, then the rest)
     modes = modes_of(reps, names, irreducible, log_scale,
-                      min(float(r["final_eval_loss"]) for r in rows)) if n_ok else {}
+                     min(float(r["final_eval_loss"]) for r in rows)) if n_ok else {}
     if modes:
         entry["modes"] = modes
     reasons = []
@@ -222,6 +191,72 @@ def boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
     # a point on a bound or a collapsed term makes the percentile interval no confidence
     # statement either (its edge is the box), so such a law is not "bounded"
     entry["bounded"] = not reasons and not modes and not degenerate
+    _set_status(entry, point, degenerate, modes, reasons)
+    if profile is not None:
+        try:
+            entry["profile"] = profile(point, rows)
+        except FIT_ERRORS as exc:
+            entry["profile"] = {"error": str(exc)}
+    entry["replicates"] = reps
+    return entry
+
+
+def _bootstrapped(fit: Callable, replicate_fit: Callable, rows: list, names, *, key,
+                  n_params: int, n_distinct: int, at_bound, n_boot, seed, level,
+                  progress) -> dict:
+    """`bootstrap` of the law with every fit flagged: a replicate that drew no more distinct
+    runs than the law has parameters raises (counts as failed), and each fit records
+    whether it sits on a bound (`at_bound` 0/1)."""
+    def flagged(f):
+        def fit_flagged(rs):
+            d = len({key(r) for r in rs})
+            if d <= n_params and d < n_distinct:
+                raise ValueError(f"replicate drew {d} distinct runs for {n_params} parameters")
+            p = dict(f(rs))
+            p["at_bound"] = float(bool(at_bound(p)))
+            return p
+        return fit_flagged
+
+    return bootstrap(flagged(fit), rows, n_boot=n_boot, seed=seed, level=level,
+                     params=list(names) + ["at_bound"], keep_samples=True,
+                     progress=progress, replicate_fn=flagged(replicate_fit))
+
+
+def _entry_head(law: str, rows: list, n_boot: int, bs: dict, objective_name: str) -> dict:
+    """The entry's law, counts, objective, convergence and optimum evidence."""
+    point = bs["point"]
+    entry = {"law": law, "n_runs": len(rows), "n_boot": int(n_boot),
+             "failed_replicates": int(bs["n_failed"]),
+             "objective": num(point.get("objective_sum", point.get("objective",
+                                                                   point.get("rmse_log")))),
+             "converged": bool(point.get("converged", True))}
+    if "refit_gain" in point:
+        entry["optimum"] = {k: point[k] for k in ("refit_gain", "refit_ok", "starts_agree",
+                                                  "starts_finished", "starts_spread")}
+    if objective_name:
+        entry["objective_name"] = objective_name
+    return entry
+
+
+def _degenerate(point: dict, rows: list, irreducible, at_bound) -> list[str]:
+    """Why the point fit itself is degenerate: a collapsed irreducible term, a bound."""
+    degenerate = []
+    if irreducible is not None:
+        floor = COLLAPSE_FRAC * min(float(r["final_eval_loss"]) for r in rows)
+        if float(point[irreducible]) < floor:
+            degenerate.append(
+                f"{irreducible} = {float(point[irreducible]):.2g} has collapsed to 0 (below "
+                f"{COLLAPSE_FRAC:g} of the smallest fitted loss): the irreducible loss is not "
+                "determined by these runs")
+    why_bound = at_bound(point)
+    if why_bound:
+        degenerate.append(why_bound)
+    return degenerate
+
+
+def _set_status(entry: dict, point: dict, degenerate: list, modes: dict, reasons: list) -> None:
+    """status and reason, the first that applies: not_converged, degenerate, unidentified,
+    unbounded, ok."""
     split = [split_reason(k, m) for k, m in modes.items()]
     if not entry["converged"]:
         entry["status"] = "not_converged"
@@ -237,13 +272,6 @@ def boot_law(fit: Callable, rows: list, names: Sequence[str], *, n_params: int,
     else:
         entry["status"] = "ok" if not reasons else "unbounded"
     entry["reason"] = "; ".join(degenerate + split[:1] + reasons)
-    if profile is not None:
-        try:
-            entry["profile"] = profile(point, rows)
-        except FIT_ERRORS as exc:
-            entry["profile"] = {"error": str(exc)}
-    entry["replicates"] = reps
-    return entry
 
 
 def not_fitted(law: str, n_runs: int, reason: str) -> dict:

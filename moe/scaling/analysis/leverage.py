@@ -78,6 +78,16 @@ def efficiency_leverage_section(rows, power, compute, chinchilla=None, level=0.9
     curve never reaches the run's loss counts as an infinite EL; when the upper edge falls
     among those, it is None (unbounded above) and `interval_note` says how many."""
     moe = [r for r in rows if r["kind"] == "moe"]
+    c = _el_curves(power, compute, chinchilla)
+    dense_p = power.get("dense")
+    if not moe or ((dense_p is None or dense_p["status"] == "not_fitted") and c["chin"] is None):
+        return []
+    return [_el_row(r, c, dense_p, chinchilla, level) for r in moe]
+
+
+def _el_curves(power, compute, chinchilla) -> dict:
+    """The dense curves EL reads, each point and replicates: L(N) and L(C) as power laws
+    (`power_ok`), else approach 3 (`chin`)."""
     dense_p = power.get("dense")
     def status(e):
         return e.get("status") if isinstance(e, dict) else None
@@ -85,17 +95,13 @@ def efficiency_leverage_section(rows, power, compute, chinchilla=None, level=0.9
     # an ok curve first (L(N), then approach 3), then one whose irreducible term is not
     # determined (same order); an unbounded or unconverged curve gives no number
     power_ok = status(dense_p) == "ok" or (status(dense_p) in EL_CURVE_STATUSES
-                                            and status(chinchilla) != "ok")
+                                           and status(chinchilla) != "ok")
     chin = chin_reps = None
     if not power_ok and status(chinchilla) in EL_CURVE_STATUSES:
         # an IsoFLOP ladder: L(N) along one recipe may not even be fitted (too few sizes
         # share a tokens/param ratio), while approach 3 over every dense run is
         chin = params_of(chinchilla, CHIN)
         chin_reps = replicate_params(chinchilla, CHIN)
-    if not moe or ((dense_p is None or dense_p["status"] == "not_fitted") and chin is None):
-        return []
-    pp = params_of(dense_p, POWER) if power_ok else None
-    pp_reps = replicate_params(dense_p, POWER) if power_ok else []
     cp = compute.get("dense")
 
     def as_power(c):
@@ -105,50 +111,56 @@ def efficiency_leverage_section(rows, power, compute, chinchilla=None, level=0.9
     if cp is not None and cp["status"] in EL_CURVE_STATUSES:
         cpp = as_power(params_of(cp, COMPUTE))
         cpp_reps = [as_power(c) for c in replicate_params(cp, COMPUTE)]
-    out = []
-    for r in moe:
-        L = float(r["final_eval_loss"])
-        row = {"run": r["name"], "level": run_group(r), "el_params": None,
-               "el_params_lo": None, "el_params_hi": None, "el_compute": None,
-               "el_compute_lo": None, "el_compute_hi": None, "basis": None, "reason": "",
-               "interval_note": ""}
-        notes = []
+    return {"power_ok": power_ok, "chin": chin, "chin_reps": chin_reps, "cp": cp, "cpp": cpp,
+            "cpp_reps": cpp_reps}
 
-        def put(key, reps_el):
-            lo, hi, n, n_inf = _el_interval(reps_el, level)
-            row[f"{key}_lo"], row[f"{key}_hi"] = lo, hi
-            if not n:
-                notes.append(f"{key}: no usable replicates, no interval")
-            elif n_inf:
-                notes.append(f"{key}: {n_inf} of {n} replicates' dense curve never reaches "
-                             "this loss" + (" (upper edge unbounded)" if hi is None else ""))
 
-        if power_ok:
-            row["basis"] = _basis("dense L(N)", dense_p) + (
-                ", " + _basis("dense L(C)", cp) if cpp is not None else "")
-            if L <= pp["E"]:
-                row["reason"] = (f"loss {L:.4g} is at or below the dense fit's irreducible "
-                                 f"E = {pp['E']:.4g}: no dense model reaches it")
-            else:
-                row["el_params"] = num(_inverse_n(pp, L) / r["params_active"])
-                put("el_params", [_inverse_n(p, L) / r["params_active"] for p in pp_reps])
-                if cpp is not None and L > cpp["E"]:
-                    row["el_compute"] = num(_inverse_n(cpp, L) / r["flops"])
-                    put("el_compute", [_inverse_n(p, L) / r["flops"] for p in cpp_reps])
-        elif chin is not None:
-            row["basis"] = _basis("dense Chinchilla L(N, D) at the run's tokens", chinchilla)
-            n = _chin_inverse_n(chin, L, r["tokens"])
-            if math.isinf(n):
-                row["reason"] = (f"loss {L:.4g} is at or below what the dense L(N, D) reaches "
-                                 f"at any size with {r['tokens']:.3g} tokens")
-            else:
-                row["el_params"] = num(n / r["params_active"])
-                put("el_params", [_chin_inverse_n(p, L, r["tokens"]) / r["params_active"]
-                                  for p in chin_reps])
+def _el_row(r: dict, c: dict, dense_p, chinchilla, level: float) -> dict:
+    """One MoE run's EL row (module function's docstring)."""
+    power_ok, chin, cp, cpp = c["power_ok"], c["chin"], c["cp"], c["cpp"]
+    L = float(r["final_eval_loss"])
+    row = {"run": r["name"], "level": run_group(r), "el_params": None,
+           "el_params_lo": None, "el_params_hi": None, "el_compute": None,
+           "el_compute_lo": None, "el_compute_hi": None, "basis": None, "reason": "",
+           "interval_note": ""}
+    notes = []
+
+    def put(key, reps_el):
+        lo, hi, n, n_inf = _el_interval(reps_el, level)
+        row[f"{key}_lo"], row[f"{key}_hi"] = lo, hi
+        if not n:
+            notes.append(f"{key}: no usable replicates, no interval")
+        elif n_inf:
+            notes.append(f"{key}: {n_inf} of {n} replicates' dense curve never reaches "
+                         "this loss" + (" (upper edge unbounded)" if hi is None else ""))
+
+    if power_ok:
+        pp = params_of(dense_p, POWER)
+        pp_reps = replicate_params(dense_p, POWER)
+        row["basis"] = _basis("dense L(N)", dense_p) + (
+            ", " + _basis("dense L(C)", cp) if cpp is not None else "")
+        if L <= pp["E"]:
+            row["reason"] = (f"loss {L:.4g} is at or below the dense fit's irreducible "
+                             f"E = {pp['E']:.4g}: no dense model reaches it")
         else:
-            row["reason"] = (f"dense L(N) fit is {dense_p['status']} "
-                             f"({dense_p.get('reason', '')}) and no Chinchilla fit to fall "
-                             "back on: no dense curve to compare with")
-        row["interval_note"] = "; ".join(notes)
-        out.append(row)
-    return out
+            row["el_params"] = num(_inverse_n(pp, L) / r["params_active"])
+            put("el_params", [_inverse_n(p, L) / r["params_active"] for p in pp_reps])
+            if cpp is not None and L > cpp["E"]:
+                row["el_compute"] = num(_inverse_n(cpp, L) / r["flops"])
+                put("el_compute", [_inverse_n(p, L) / r["flops"] for p in c["cpp_reps"]])
+    elif chin is not None:
+        row["basis"] = _basis("dense Chinchilla L(N, D) at the run's tokens", chinchilla)
+        n = _chin_inverse_n(chin, L, r["tokens"])
+        if math.isinf(n):
+            row["reason"] = (f"loss {L:.4g} is at or below what the dense L(N, D) reaches "
+                             f"at any size with {r['tokens']:.3g} tokens")
+        else:
+            row["el_params"] = num(n / r["params_active"])
+            put("el_params", [_chin_inverse_n(p, L, r["tokens"]) / r["params_active"]
+                              for p in c["chin_reps"]])
+    else:
+        row["reason"] = (f"dense L(N) fit is {dense_p['status']} "
+                         f"({dense_p.get('reason', '')}) and no Chinchilla fit to fall "
+                         "back on: no dense curve to compare with")
+    row["interval_note"] = "; ".join(notes)
+    return row

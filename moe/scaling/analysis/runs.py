@@ -24,7 +24,7 @@ def holdout_predictions(held, laws: list[tuple[str, str, str, dict, Sequence[str
             if entry is None or entry.get("status") == "not_fitted":
                 continue
             if scope not in ("all", run_group(r)) and not (scope == "dense" and
-                                                             r["kind"] == "dense"):
+                                                           r["kind"] == "dense"):
                 continue
             if "recipe" in entry and not on_recipe(r, entry["recipe"]):
                 continue  # a 1-D law predicts runs of its own recipe only

@@ -40,7 +40,7 @@ def one_d_laws(groups, held_groups, n_boot, seed, level, progress):
             expo = {"alpha": (2, 1.0)} if key == "power" else {"b": (2, -1.0)}
             if distinct < 3:
                 out[g] = not_fitted(law, len(gr), f"{distinct} distinct size(s) along one "
-                                     "recipe; a 3-parameter law needs >= 3 (" + selection + ")")
+                                    "recipe; a 3-parameter law needs >= 3 (" + selection + ")")
                 out[g]["selection"] = selection
                 continue
             entry = boot_law(
@@ -104,13 +104,13 @@ def chinchilla_section(train, rows, n_boot, seed, level, min_runs, progress, gro
     what = "dense" if group is None else f"{group}"
     if len(dense) < min_runs:
         return not_fitted(law, len(dense), f"{len(dense)} {what} runs; approach 3 needs "
-                           f">= {min_runs}")
+                          f">= {min_runs}")
     spread = independent_spread(column(dense, "params_active"), column(dense, "tokens"))
     if spread <= 0.1:
         return not_fitted(law, len(dense), "tokens barely vary independently of size across "
-                           f"{what} runs (residual std of log D on log N = {spread:.3g}), so "
-                           "the N and D terms cannot be told apart; train some sizes at "
-                           "several token budgets")
+                          f"{what} runs (residual std of log D on log N = {spread:.3g}), so "
+                          "the N and D terms cannot be told apart; train some sizes at "
+                          "several token budgets")
     def fit(rs, n_starts=32):
         return fit_chinchilla(column(rs, "params_active"), column(rs, "tokens"),
                               column(rs, "final_eval_loss"), n_starts=n_starts)
@@ -178,12 +178,12 @@ def overtraining_section(train, n_boot, seed, level, progress):
     dense = [r for r in train if r["kind"] == "dense"]
     if len(dense) < 5:
         return not_fitted(law, len(dense), f"{len(dense)} dense runs; the over-training law "
-                           "has 4 parameters and needs >= 5")
+                          "has 4 parameters and needs >= 5")
     spread = independent_spread(column(dense, "params_total"), column(dense, "tokens"))
     if spread <= 0.1 or len({r["params_total"] for r in dense}) < 2:
         return not_fitted(law, len(dense), "needs several sizes and several tokens/param "
-                           "ratios M among the dense runs (residual std of log D on log N = "
-                           f"{spread:.3g})")
+                          "ratios M among the dense runs (residual std of log D on log N = "
+                          f"{spread:.3g})")
     def fit(rs):
         n = column(rs, "params_total")
         return fit_overtraining(n, column(rs, "tokens") / n, column(rs, "final_eval_loss"))
@@ -192,10 +192,10 @@ def overtraining_section(train, n_boot, seed, level, progress):
         return exponents_in_box(p, ("b",), -1.0)
 
     return boot_law(fit, dense, OVERTRAIN, n_params=4,
-                     key=lambda r: (r["params_total"], r["tokens"]), at_bound=degenerate,
-                     n_boot=n_boot, seed=seed + 400, level=level, law=law, progress=progress,
-                     objective_name=CURVE_FIT_OBJECTIVE, irreducible="E",
-                     log_scale=("a", "beta"))
+                    key=lambda r: (r["params_total"], r["tokens"]), at_bound=degenerate,
+                    n_boot=n_boot, seed=seed + 400, level=level, law=law, progress=progress,
+                    objective_name=CURVE_FIT_OBJECTIVE, irreducible="E",
+                    log_scale=("a", "beta"))
 
 
 def downstream_section(train, n_boot, seed, level, progress):
@@ -203,16 +203,16 @@ def downstream_section(train, n_boot, seed, level, progress):
     rs = [r for r in train if "error" in r]
     if len(rs) < 4:
         return not_fitted(law, len(rs), f"{len(rs)} runs with an 'error' column; the "
-                           "downstream law has 3 parameters and needs >= 4")
+                          "downstream law has 3 parameters and needs >= 4")
     def degenerate(p):
         if not p["gamma"] > 1e-6:
             return f"gamma = {p['gamma']:.3g} is at its bound 0 (error does not depend on loss)"
         return "" if p["k"] > 0 else f"k = {p['k']:.3g} is not positive"
 
     return boot_law(lambda rr: fit_downstream(column(rr, "final_eval_loss"), column(rr, "error")),
-                     rs, DOWNSTREAM, n_params=3, key=lambda r: r["final_eval_loss"],
-                     at_bound=degenerate, n_boot=n_boot, seed=seed + 500, level=level,
-                     law=law, progress=progress, objective_name=CURVE_FIT_OBJECTIVE)
+                    rs, DOWNSTREAM, n_params=3, key=lambda r: r["final_eval_loss"],
+                    at_bound=degenerate, n_boot=n_boot, seed=seed + 500, level=level,
+                    law=law, progress=progress, objective_name=CURVE_FIT_OBJECTIVE)
 
 
 #: L-BFGS starts for the joint law's bootstrap replicates (the point fit keeps the default
@@ -263,20 +263,20 @@ def joint_laws(train, held, n_boot, seed, level, progress, e_start=2.0, e_max=25
             out[name] = not_fitted(JOINT_LAWS[name], len(train), j["error"])
             continue
         entry = boot_law(lambda rs, n=name: _joint_fit(n, rs, e_start, e_max), train,
-                          names, n_params=len(names),
-                          key=lambda r: (r["params_active"], r["params_total"], r["tokens"],
-                                         r["n_experts"]),
-                          at_bound=_joint_at_bound(name), n_boot=n_boot,
-                          irreducible=JOINT_IRREDUCIBLE.get(name),
-                          log_scale=JOINT_LOG_SCALE.get(name, ()),
-                          profile=(profiler({"alpha": (3, 1.0), "beta": (4, 1.0)}, "E0", level)
-                                   if name == "additive" else None),
-                          seed=seed + 600 + i, level=level, law=JOINT_LAWS[name],
-                          progress=progress,
-                          replicate_fit=lambda rs, n=name: _joint_fit(
+                         names, n_params=len(names),
+                         key=lambda r: (r["params_active"], r["params_total"], r["tokens"],
+                                        r["n_experts"]),
+                         at_bound=_joint_at_bound(name), n_boot=n_boot,
+                         irreducible=JOINT_IRREDUCIBLE.get(name),
+                         log_scale=JOINT_LOG_SCALE.get(name, ()),
+                         profile=(profiler({"alpha": (3, 1.0), "beta": (4, 1.0)}, "E0", level)
+                                  if name == "additive" else None),
+                         seed=seed + 600 + i, level=level, law=JOINT_LAWS[name],
+                         progress=progress,
+                         replicate_fit=lambda rs, n=name: _joint_fit(
                               n, rs, e_start, e_max, JOINT_REPLICATE_STARTS),
-                          objective_name=("RMSE of log loss (ordinary least squares)"
-                                          if name == "clark" else ""))
+                         objective_name=("RMSE of log loss (ordinary least squares)"
+                                         if name == "clark" else ""))
         out[name] = entry
         if entry["status"] == "not_fitted":
             continue

@@ -67,6 +67,7 @@ def clusters(values: np.ndarray, rtol: float) -> list[np.ndarray]:
     out.append(np.array(cur))
     return out
 
+
 _RECIPES = {"tokens": "token budget", "tokens_per_param": "tokens/param ratio",
             "tokens_per_nonembed_param": "tokens per non-embedding param"}
 

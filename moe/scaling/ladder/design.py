@@ -159,6 +159,7 @@ class Run:
     epochs: Optional[float] = None  # tokens / train_tokens; None: corpus size unknown
     epochs_exact: bool = False  # False: from an estimated corpus size (--dry-run)
 
+
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
@@ -176,7 +177,15 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
         raise ConfigError("sizes=[] is invalid: allowed at least one size")
     if not cfg.sparsities:
         raise ConfigError("sparsities=[] is invalid: allowed at least one sparsity level")
-    # names become directory names (runs/<size>-<sparsity>, runs/cmp-<variant>)
+    _check_names(cfg)
+    _check_running(cfg)
+    _check_grid(cfg)
+    _check_rules(cfg)
+    return cfg, base
+
+
+def _check_names(cfg: LadderConfig) -> None:
+    """Names become directory names (runs/<size>-<sparsity>, runs/cmp-<variant>)."""
     named = [("name", cfg.name)] + [(f"{what}[{i}].name", x.name) for what, items in
                                     (("sizes", cfg.sizes), ("sparsities", cfg.sparsities),
                                      ("compare.variants", cfg.compare.variants
@@ -187,6 +196,10 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
             raise ConfigError(f"{where}={nm!r} is invalid: allowed a plain file name (letters, "
                               "digits, '_', '.', '+', '-'; not starting with '.' or '-'): it "
                               "names run directories")
+
+
+def _check_running(cfg: LadderConfig) -> None:
+    """How the ladder runs: bootstrap replicates, dry-run estimates, launcher."""
     if cfg.n_boot < 1:
         raise ConfigError(f"n_boot={cfg.n_boot} is invalid: allowed an integer >= 1")
     if not cfg.est_flops_per_s > 0 or not math.isfinite(cfg.est_flops_per_s):
@@ -199,6 +212,11 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
             shlex.split(os.path.expandvars(cfg.launcher))
         except ValueError as exc:  # unbalanced quotes: shlex's "No closing quotation"
             raise ConfigError(f"launcher={cfg.launcher!r} is invalid: {exc}") from None
+
+
+def _check_grid(cfg: LadderConfig) -> None:
+    """Sizes and sparsities: unique names, top_k within the experts, a positive FFN ratio,
+    max_epochs."""
     for what, items in (("sizes", cfg.sizes), ("sparsities", cfg.sparsities)):
         names = [i.name for i in items]
         if len(set(names)) != len(names):
@@ -211,6 +229,10 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
         raise ConfigError(f"ffn_ratio={cfg.ffn_ratio} is invalid: allowed a value > 0")
     if not cfg.max_epochs > 0:
         raise ConfigError(f"max_epochs={cfg.max_epochs} is invalid: allowed a value > 0")
+
+
+def _check_rules(cfg: LadderConfig) -> None:
+    """The token, LR and schedule rules, and the compare block."""
     if cfg.tokens.value <= 0:
         raise ConfigError(f"tokens.value={cfg.tokens.value} is invalid: allowed a value > 0")
     if cfg.tokens.mode == "isoflop":
@@ -235,7 +257,6 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
         if cfg.compare.sparsity not in {s.name for s in cfg.sparsities}:
             raise ConfigError(f"compare.sparsity={cfg.compare.sparsity!r} is invalid: allowed one "
                               f"of {[s.name for s in cfg.sparsities]}")
-    return cfg, base
 
 
 def size_overrides(size: SizeSpec, sp: SparsitySpec, ratio: float) -> list[str]:
@@ -285,50 +306,60 @@ def _token_budgets(cfg: LadderConfig, c) -> list[tuple[float, Optional[float]]]:
     return out
 
 
+def _runs_of(cfg: LadderConfig, base: Path, base_cfg, name: str, size: SizeSpec,
+             sp: SparsitySpec, extra, group: str, seed=None, repeat_of="") -> list[Run]:
+    """The runs of one size x sparsity (one per token budget), each with its exact config
+    validated, its tokens rounded to whole steps, its LR, warm-up and seed."""
+    isoflop = cfg.tokens.mode == "isoflop"
+    out: list[Run] = []
+    ov = list(cfg.overrides) + size_overrides(size, sp, cfg.ffn_ratio) + list(extra)
+    probe = load_config(base, ov + [f"name={name}"])
+    c = count_params(probe)
+    tok_per_step = probe.train.micro_batch_size * probe.train.seq_len * probe.train.grad_accum
+    budgets = _token_budgets(cfg, c)
+    for tokens, flop_budget in budgets:
+        rname = f"{name}-c{cfg.tokens.budgets.index(flop_budget)}" if isoflop else name
+        tokens = max(int(tokens), cfg.tokens.min_tokens, tok_per_step)
+        tokens = int(math.ceil(tokens / tok_per_step) * tok_per_step)  # whole steps
+        steps = tokens // tok_per_step
+        lr = run_lr(cfg, base_cfg.train.lr, size.d_model, sp.n_routed > 0)
+        warm = warmup_for(cfg, steps)
+        rseed = probe.train.seed if seed is None else seed
+        rov = ov + [f"name={rname}", "train.max_steps=null", f"train.token_budget={tokens}",
+                    "train.flop_budget=null", f"train.lr={lr:.6g}",
+                    f"train.warmup_steps={warm}", f"train.seed={rseed}"]
+        rov += [o for o in extra if o.startswith("train.lr=") or o.startswith(
+            "train.warmup_steps=")]  # a variant's own LR/warm-up wins over the rule
+        exact = load_config(base, rov)  # the exact config the run will use must be valid too
+        dc = exact.data
+        corpus = dc.corpus if isinstance(dc.corpus, str) else tuple(dc.corpus)
+        dkey = (corpus, dc.tokenizer, exact.model.vocab_size, dc.cache_dir,
+                dc.val_fraction, tuple(dc.options().items()))
+        out.append(Run(name=rname, size=size.name, sparsity=sp.name, overrides=rov,
+                       group=group, counts=c.as_dict(), tokens=tokens,
+                       flops=tokens * c.flops_per_token_train,
+                       n_experts=sp.n_routed, top_k=sp.top_k if sp.n_routed else 0,
+                       lr=float(f"{lr:.6g}"), warmup_steps=warm, steps=steps,
+                       seed=rseed, flop_budget=flop_budget,
+                       repeat_of=(f"{repeat_of}-c{cfg.tokens.budgets.index(flop_budget)}"
+                                  if repeat_of and isoflop else repeat_of),
+                       fingerprint=config_fingerprint(exact), data_key=dkey))
+    return out
+
+
 def plan(cfg: LadderConfig, base: Path) -> list[Run]:
     """Expand the ladder into runs, validating every run's config before anything trains.
 
     Every run gets its token budget, learning rate and warm-up from the ladder's rules
     (TokenSpec, LRSpec, ScheduleSpec), recorded on the Run and in results.csv.
     """
-    runs: list[Run] = []
     base_cfg = load_config(base, list(cfg.overrides))
-    isoflop = cfg.tokens.mode == "isoflop"
 
     def make(name, size, sp, extra, group, seed=None, repeat_of=""):
-        ov = list(cfg.overrides) + size_overrides(size, sp, cfg.ffn_ratio) + list(extra)
-        probe = load_config(base, ov + [f"name={name}"])
-        c = count_params(probe)
-        tok_per_step = probe.train.micro_batch_size * probe.train.seq_len * probe.train.grad_accum
-        budgets = _token_budgets(cfg, c)
-        for tokens, flop_budget in budgets:
-            rname = f"{name}-c{cfg.tokens.budgets.index(flop_budget)}" if isoflop else name
-            tokens = max(int(tokens), cfg.tokens.min_tokens, tok_per_step)
-            tokens = int(math.ceil(tokens / tok_per_step) * tok_per_step)  # whole steps
-            steps = tokens // tok_per_step
-            lr = run_lr(cfg, base_cfg.train.lr, size.d_model, sp.n_routed > 0)
-            warm = warmup_for(cfg, steps)
-            rseed = probe.train.seed if seed is None else seed
-            rov = ov + [f"name={rname}", "train.max_steps=null", f"train.token_budget={tokens}",
-                        "train.flop_budget=null", f"train.lr={lr:.6g}",
-                        f"train.warmup_steps={warm}", f"train.seed={rseed}"]
-            rov += [o for o in extra if o.startswith("train.lr=") or o.startswith(
-                "train.warmup_steps=")]  # a variant's own LR/warm-up wins over the rule
-            exact = load_config(base, rov)  # the exact config the run will use must be valid too
-            dc = exact.data
-            corpus = dc.corpus if isinstance(dc.corpus, str) else tuple(dc.corpus)
-            dkey = (corpus, dc.tokenizer, exact.model.vocab_size, dc.cache_dir,
-                    dc.val_fraction, tuple(dc.options().items()))
-            runs.append(Run(name=rname, size=size.name, sparsity=sp.name, overrides=rov,
-                            group=group, counts=c.as_dict(), tokens=tokens,
-                            flops=tokens * c.flops_per_token_train,
-                            n_experts=sp.n_routed, top_k=sp.top_k if sp.n_routed else 0,
-                            lr=float(f"{lr:.6g}"), warmup_steps=warm, steps=steps,
-                            seed=rseed, flop_budget=flop_budget,
-                            repeat_of=(f"{repeat_of}-c{cfg.tokens.budgets.index(flop_budget)}"
-                                       if repeat_of and isoflop else repeat_of),
-                            fingerprint=config_fingerprint(exact), data_key=dkey))
+        runs.extend(_runs_of(cfg, base, base_cfg, name, size, sp, extra, group, seed,
+                             repeat_of))
 
+    runs: list[Run] = []
     for size in cfg.sizes:
         for sp in cfg.sparsities:
             try:

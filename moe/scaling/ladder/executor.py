@@ -35,6 +35,7 @@ def _can_fork() -> bool:
     return "forkserver" in multiprocessing.get_all_start_methods() and \
         os.environ.get("MOE_TESTBED_LADDER_FORK", "1") != "0"
 
+
 _FORK_CTX = None
 
 

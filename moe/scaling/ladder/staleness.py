@@ -34,6 +34,7 @@ def has_checkpoint(run_dir: Path) -> bool:
     latest = run_dir / "checkpoints" / "latest"
     return latest.is_file() and (run_dir / "checkpoints" / latest.read_text().strip()).is_dir()
 
+
 FINGERPRINT_FILE = "fingerprint.json"
 
 

@@ -41,7 +41,7 @@ def chinchilla_grid() -> np.ndarray:
 def chinchilla_objective(theta, N, D, loss, *, delta=HUBER_DELTA, reduction="sum"):
     """Approach-3 objective and gradient at theta = (a, b, e, alpha, beta) (raw logs)."""
     return lse_objective(np.asarray(theta, float), [np.log(N), np.log(D)], np.log(loss),
-                          delta, reduction)
+                         delta, reduction)
 
 
 def fit_chinchilla(N, D, loss, *, delta: float = HUBER_DELTA, reduction: str = "sum",
@@ -71,7 +71,7 @@ def fit_chinchilla(N, D, loss, *, delta: float = HUBER_DELTA, reduction: str = "
         raise ValueError("approach 3 has 5 parameters; got fewer than 5 distinct (N, D) runs")
     grid = chinchilla_grid() if grid is None else np.asarray(grid, float).reshape(-1, 5)
     theta, _, diag = fit_lse_law([np.log(N), np.log(D)], np.log(loss), grid, delta=delta,
-                                  reduction=reduction, n_starts=n_starts)
+                                 reduction=reduction, n_starts=n_starts)
     a_log, b_log, e_log, alpha, beta = (float(v) for v in theta)
     out = {"E": math.exp(e_log), "A": math.exp(a_log), "B": math.exp(b_log),
            "alpha": alpha, "beta": beta,

@@ -105,14 +105,27 @@ def compare_joint_laws(train_rows: Sequence[dict], heldout_rows: Sequence[dict],
     and per-row predictions on the held-out rows.
     """
     train_rows, heldout_rows = list(train_rows), list(heldout_rows)
-    out: dict = {}
-    y_tr = np.log(_col(train_rows, "final_eval_loss"))
-    y_ho = np.log(_col(heldout_rows, "final_eval_loss")) if heldout_rows else np.empty(0)
+    laws = _law_fns(active_key, total_key, e_start, e_max)
+    out = _fit_all(laws, train_rows, heldout_rows)
+    # Cross-validation over sizes, on train_rows only.
+    folds = _size_folds(train_rows, n_folds)
+    candidates = [k for k in laws if out[k]["params"] is not None]
+    for name, (fit, pred) in laws.items():
+        out[name]["cv_folds"] = _cv_folds(name, fit, pred, folds, active_key, total_key)
+    return _choose(out, list(laws), candidates, folds)
 
-    def rmse(pred, y):
-        return float(np.sqrt(np.mean((np.log(pred) - y) ** 2))) if y.size else float("nan")
 
-    laws = {
+def _rmse(pred, y):
+    return float(np.sqrt(np.mean((np.log(pred) - y) ** 2))) if y.size else float("nan")
+
+
+#: what a law's fit or prediction raises when the rows cannot give it
+_LAW_ERRORS = (ValueError, RuntimeError, np.linalg.LinAlgError)
+
+
+def _law_fns(active_key, total_key, e_start, e_max) -> dict:
+    """{law: (fit(rows) -> params, predict(params, rows) -> losses)}."""
+    return {
         "clark": (lambda rows: fit_clark(_col(rows, active_key), _experts(rows),
                                          _col(rows, "final_eval_loss"),
                                          e_start=e_start, e_max=e_max),
@@ -127,26 +140,37 @@ def compare_joint_laws(train_rows: Sequence[dict], heldout_rows: Sequence[dict],
                   lambda p, rows: joint_moe_predict(p, _col(rows, active_key), _tokens(rows),
                                                     _experts(rows))),
     }
-    errors = (ValueError, RuntimeError, np.linalg.LinAlgError)
+
+
+def _fit_all(laws: dict, train_rows: list, heldout_rows: list) -> dict:
+    """Every law fitted on train_rows: params (or the error), train and held-out RMSE,
+    predictions on the held-out rows."""
+    out: dict = {}
+    y_tr = np.log(_col(train_rows, "final_eval_loss"))
+    y_ho = np.log(_col(heldout_rows, "final_eval_loss")) if heldout_rows else np.empty(0)
     for name, (fit, pred) in laws.items():
         try:  # predictions too: held-out rows can lack a column the fit had (e.g. tokens)
             p = fit(train_rows)
             tr_pred = pred(p, train_rows)
             ho_pred = pred(p, heldout_rows) if heldout_rows else np.empty(0)
-        except errors as exc:
+        except _LAW_ERRORS as exc:
             out[name] = {"params": None, "error": str(exc), "train_rmse_log": float("nan"),
                          "heldout_rmse_log": float("nan"), "predictions": []}
             continue
         out[name] = {
             # without the fit's internal problem (arrays): params are the law's values
             "params": {k: v for k, v in p.items() if k != "_problem"}, "error": None,
-            "train_rmse_log": rmse(tr_pred, y_tr),
-            "heldout_rmse_log": rmse(ho_pred, y_ho),
+            "train_rmse_log": _rmse(tr_pred, y_tr),
+            "heldout_rmse_log": _rmse(ho_pred, y_ho),
             "predictions": [{"name": r.get("name"), "actual": float(r["final_eval_loss"]),
                              "predicted": float(v)} for r, v in zip(heldout_rows, ho_pred)],
         }
+    return out
 
-    # Cross-validation over sizes, on train_rows only.
+
+def _size_folds(train_rows: list, n_folds: int) -> list:
+    """[(left-out size label, fit rows, test rows)]: fold j leaves out the j-th largest
+    size, while >= 2 smaller sizes remain."""
     groups = size_groups(train_rows)
     folds = []
     for j in range(1, n_folds + 1):
@@ -155,30 +179,38 @@ def compare_joint_laws(train_rows: Sequence[dict], heldout_rows: Sequence[dict],
         label, test_idx = groups[-j]
         fit_rows = [train_rows[i] for _, idx in groups[:-j] for i in idx]
         folds.append((label, fit_rows, [train_rows[i] for i in test_idx]))
-    candidates = [k for k in laws if out[k]["params"] is not None]
-    for name, (fit, pred) in laws.items():
-        cv = []
-        for label, fit_rows, test in folds:
-            rec = {"left_out": label,
-                   "params_active": float(min(r[active_key] for r in test)),
-                   "n_train": len(fit_rows), "n_test": len(test), "rmse_log": float("nan"),
-                   "error": None}
-            d = _distinct_runs(fit_rows, active_key, total_key)
-            if d <= JOINT_N_PARAMS[name]:
-                rec["error"] = (f"{d} distinct training runs for {JOINT_N_PARAMS[name]} "
-                                "parameters: the fit would interpolate them")
-            else:
-                try:
-                    with np.errstate(all="ignore"):
-                        rec["rmse_log"] = rmse(pred(fit(fit_rows), test),
-                                               np.log(_col(test, "final_eval_loss")))
-                    if not math.isfinite(rec["rmse_log"]):
-                        rec["error"] = "prediction on the left-out size is not finite"
-                except errors as exc:
-                    rec["error"] = str(exc)
-            cv.append(rec)
-        out[name]["cv_folds"] = cv
+    return folds
 
+
+def _cv_folds(name, fit, pred, folds, active_key, total_key) -> list[dict]:
+    """One law's score in each fold (NaN, with the error, where it is not scored)."""
+    cv = []
+    for label, fit_rows, test in folds:
+        rec = {"left_out": label,
+               "params_active": float(min(r[active_key] for r in test)),
+               "n_train": len(fit_rows), "n_test": len(test), "rmse_log": float("nan"),
+               "error": None}
+        d = _distinct_runs(fit_rows, active_key, total_key)
+        if d <= JOINT_N_PARAMS[name]:
+            rec["error"] = (f"{d} distinct training runs for {JOINT_N_PARAMS[name]} "
+                            "parameters: the fit would interpolate them")
+        else:
+            try:
+                with np.errstate(all="ignore"):
+                    rec["rmse_log"] = _rmse(pred(fit(fit_rows), test),
+                                            np.log(_col(test, "final_eval_loss")))
+                if not math.isfinite(rec["rmse_log"]):
+                    rec["error"] = "prediction on the left-out size is not finite"
+            except _LAW_ERRORS as exc:
+                rec["error"] = str(exc)
+        cv.append(rec)
+    return cv
+
+
+def _choose(out: dict, laws: list, candidates: list, folds: list) -> dict:
+    """The law with the lowest mean CV RMSE over the folds every remaining candidate was
+    scored in (dropping the candidate scored in the fewest folds until one such fold
+    exists); `out` with cv_rmse_log, better, reason, selected_by, cv_folds_used."""
     def scored(k):
         return {f["left_out"] for f in out[k]["cv_folds"] if math.isfinite(f["rmse_log"])}
 

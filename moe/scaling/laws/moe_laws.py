@@ -134,7 +134,7 @@ def fit_additive_moe(N_active, N_total, loss, *, delta: float = HUBER_DELTA,
     bounds = [(-50, 50), (-50, 50), (float(lL.min()) - 30.0, float(lL.max()) + 1.0),
               (0.0, 5.0), (0.0, 5.0)]
     theta, _, diag = fit_lse_law([la, lt], lL, grid, delta=delta, reduction="sum",
-                                  n_starts=n_starts, bounds=bounds)
+                                 n_starts=n_starts, bounds=bounds)
     a_log, b_log, e_log, alpha, beta = (float(v) for v in theta)
     out = {"E0": math.exp(e_log), "A": math.exp(a_log) * ra ** alpha, "alpha": alpha,
            "B": math.exp(b_log) * rt ** beta, "beta": beta, "n": int(Na.size),

@@ -60,7 +60,7 @@ def fit_power_law(x, loss, *, delta: float = HUBER_DELTA, n_starts: int | None =
     grid = _power_grid(lx, lL)
     bounds = [(-50.0, 50.0), (float(lL.min()) - 30.0, float(lL.max()) + 1.0), (0.0, max_alpha)]
     theta, _, diag = fit_lse_law([lx], lL, grid, delta=delta, reduction="sum",
-                                  n_starts=n_starts, bounds=bounds)
+                                 n_starts=n_starts, bounds=bounds)
     a_log, e_log, alpha = (float(v) for v in theta)
     out = {"E": math.exp(e_log), "A": math.exp(a_log) * x_ref ** alpha, "alpha": alpha,
            "x_ref": x_ref, "a_log": a_log, "e_log": e_log, "n": int(x.size),

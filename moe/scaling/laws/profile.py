@@ -45,6 +45,71 @@ def _fixed_fit(logX, logL, theta, index, value, bounds, starts):
     return 2.0 * float(best.fun), t
 
 
+class _ProfileWalk:
+    """The least-squares profile of parameter ``index``: F at a fixed value (`stat`, each
+    fit started from a given point, the optimum and `e_starts`), every point profiled so
+    far (`path`: starts for stated values), and the walk from the optimum outward to the
+    F threshold (`walk`)."""
+
+    def __init__(self, logX, logL, theta_ls, index, to_int, bounds, rss_min, s2, crit, v_hat,
+                 limits):
+        self.logX, self.logL, self.theta_ls, self.index = logX, logL, theta_ls, index
+        self.to_int, self.bounds, self.rss_min, self.s2 = to_int, bounds, rss_min, s2
+        self.crit, self.v_hat, (self.lo_lim, self.hi_lim) = crit, v_hat, limits
+        self.e_starts = _e_starts(logX, logL, theta_ls, index)
+        self.path = [(v_hat, theta_ls)]  # every profiled point: starts for the stated values
+
+    def stat(self, v, start):
+        rss, t = _fixed_fit(self.logX, self.logL, self.theta_ls, self.index, self.to_int(v),
+                            self.bounds, [start, self.theta_ls, *self.e_starts])
+        self.path.append((v, t))
+        return (rss - self.rss_min) / self.s2, t
+
+    def walk(self, sign):
+        """(the last value inside the threshold on this side, whether that is the limit):
+        doubling steps outward, then bisection to 1e-4 of the bracket."""
+        lo_lim, hi_lim, crit = self.lo_lim, self.hi_lim, self.crit
+        width = hi_lim - lo_lim
+        step = max(0.02 * abs(self.v_hat), 1e-3 * width, 1e-12)
+        inside, t_in = self.v_hat, self.theta_ls
+        while True:
+            v = min(max(inside + sign * step, lo_lim), hi_lim)
+            F, t = self.stat(v, t_in)
+            if F > crit:
+                break
+            inside, t_in = v, t
+            if v in (lo_lim, hi_lim):
+                return v, True
+            step *= 2.0
+        outside = v
+        for _ in range(40):
+            if abs(outside - inside) <= 1e-4 * max(abs(outside), abs(inside), 1e-12):
+                break
+            mid = 0.5 * (inside + outside)
+            F, t = self.stat(mid, t_in)
+            if F > crit:
+                outside = mid
+            else:
+                inside, t_in = mid, t
+        return inside, False
+
+
+def _e_starts(logX, logL, theta_ls, index) -> list:
+    """Extra starts with the irreducible term at 0.3, 0.6, 0.9 of the smallest loss.
+
+    The irreducible term's gradient vanishes once it has collapsed (e = -25: exp(e) ~
+    1e-11), so a fit started there never leaves E = 0: every fixed fit is also started
+    with E at several fractions of the smallest loss."""
+    K = len(logX)
+    e_starts = []
+    if index != K:
+        for frac in (0.3, 0.6, 0.9):
+            t = theta_ls.copy()
+            t[K] = math.log(frac * math.exp(float(logL.min())))
+            e_starts.append(t)
+    return e_starts
+
+
 def lse_profile(logX, logL, theta, *, index: int, limits: tuple[float, float],
                 log_param: bool = False, bounds=None, level: float = 0.95,
                 stated: Sequence[float] = (), intervals: bool = True) -> dict | None:
@@ -90,66 +155,25 @@ def lse_profile(logX, logL, theta, *, index: int, limits: tuple[float, float],
     lo_lim, hi_lim = limits
     v_hat = min(max(v_hat, lo_lim), hi_lim)
 
-    # The irreducible term's gradient vanishes once it has collapsed (e = -25: exp(e) ~
-    # 1e-11), so a fit started there never leaves E = 0: every fixed fit is also started
-    # with E at several fractions of the smallest loss.
-    K = len(logX)
-    e_starts = []
-    if index != K:
-        for frac in (0.3, 0.6, 0.9):
-            t = theta_ls.copy()
-            t[K] = math.log(frac * math.exp(float(logL.min())))
-            e_starts.append(t)
-
-    path = [(v_hat, theta_ls)]  # every profiled point: starts for the stated values
-
-    def stat(v, start):
-        rss, t = _fixed_fit(logX, logL, theta_ls, index, to_int(v), bounds,
-                            [start, theta_ls, *e_starts])
-        path.append((v, t))
-        return (rss - rss_min) / s2, t
-
-    def walk(sign):
-        width = hi_lim - lo_lim
-        step = max(0.02 * abs(v_hat), 1e-3 * width, 1e-12)
-        inside, t_in = v_hat, theta_ls
-        while True:
-            v = min(max(inside + sign * step, lo_lim), hi_lim)
-            F, t = stat(v, t_in)
-            if F > crit:
-                break
-            inside, t_in = v, t
-            if v in (lo_lim, hi_lim):
-                return v, True
-            step *= 2.0
-        outside = v
-        for _ in range(40):
-            if abs(outside - inside) <= 1e-4 * max(abs(outside), abs(inside), 1e-12):
-                break
-            mid = 0.5 * (inside + outside)
-            F, t = stat(mid, t_in)
-            if F > crit:
-                outside = mid
-            else:
-                inside, t_in = mid, t
-        return inside, False
-
+    pw = _ProfileWalk(logX, logL, theta_ls, index, to_int, bounds, rss_min, s2, crit, v_hat,
+                      (lo_lim, hi_lim))
     lo = hi = lo_open = hi_open = None
     if intervals:
-        lo, lo_open = walk(-1.0) if v_hat > lo_lim else (lo_lim, True)
-        hi, hi_open = walk(+1.0) if v_hat < hi_lim else (hi_lim, True)
+        lo, lo_open = pw.walk(-1.0) if v_hat > lo_lim else (lo_lim, True)
+        hi, hi_open = pw.walk(+1.0) if v_hat < hi_lim else (hi_lim, True)
     if callable(stated):
         stated = stated(lo, hi, v_hat)
     cond = []
     for v in stated:
         # started from the nearest profiled point as well: near the edge of the interval
         # the fit can need exponents far from the optimum's (continuation found them)
-        near = min(path, key=lambda pt: abs(pt[0] - v))[1]
-        F, t = stat(float(v), near)
+        near = min(pw.path, key=lambda pt: abs(pt[0] - v))[1]
+        F, t = pw.stat(float(v), near)
         cond.append({"value": float(v), "F": float(F), "theta": t})
     return {"value": v_hat, "lo": lo, "hi": hi, "lo_open": lo_open,
             "hi_open": hi_open, "rss_min": rss_min, "dof": int(dof), "f_crit": crit,
             "level": float(level), "theta_ls": theta_ls, "conditional": cond}
+
 
 PROFILE_METHOD = ("profile likelihood, Gaussian errors in log loss (least squares), "
                   "F(1, m - p) threshold (Bates & Watts 1988)")

@@ -96,6 +96,7 @@ class LawChoice:
     # disagreement with approach 2)
     not_used: list = field(default_factory=list)
 
+
 _JOINT = ("a", "alpha", "gamma", "delta", "b", "beta", "zeta", "omega", "c")
 
 _CHIN = ("E", "A", "B", "alpha", "beta")
@@ -280,7 +281,7 @@ def token_variation(fits: dict) -> float:
     if len(runs) < 3:
         return 0.0
     return independent_spread(np.array([r["params_active"] for r in runs], float),
-                               np.array([r["tokens"] for r in runs], float))
+                              np.array([r["tokens"] for r in runs], float))
 
 
 def flops_ratio(fits: dict) -> float:

@@ -94,15 +94,32 @@ def _max_epochs(s: PlanSettings) -> tuple[float, str]:
     return default, "the ladder default max_epochs (moe/scaling/ladder/design.py)"
 
 
-def make_plan(fits: dict, s: PlanSettings) -> dict:
-    """The plan as a dict: settings, notes, rows (module doc); PlanError when impossible."""
-    check_inputs(fits, s)
-    level_ci = float((fits.get("settings") or {}).get("level", 0.95))
+@dataclass
+class _Basis:
+    """What every row of a plan shares: the fitted runs, the FLOP convention, the MFU, the
+    law of each expert count and the dense laws EL compares with, the passes limit."""
+
+    level_ci: float
+    runs: list
+    cmax: float
+    kappa: float
+    mfu: float
+    mfu_src: str
+    laws: dict  # expert count -> (LawChoice or None, why)
+    dense_by_kind: dict
+    dense_cwhy: list
+    max_epochs: float
+    epochs_src: str
+    top_ks: list
+    fitted_e: list
+    corpora: dict = field(default_factory=dict)
+
+
+def _plan_basis(fits: dict, s: PlanSettings, notes: list) -> _Basis:
+    """The plan's shared inputs (appending their notes); PlanError without token variation."""
     runs = [r for r in fits.get("runs", []) if not r.get("held_out")]
-    cmax = max(r["flops"] for r in runs)
     kappa = flops_ratio(fits)
     spread = token_variation(fits)
-    notes = list(s.notes)
     notes.append(f"FLOP convention: the fitted runs spend kappa = {kappa:.4g} x 6 N_active D "
                  "(median flops / (6 N D)); a budget C is planned as 6 N D = C / kappa.")
     if spread <= 0.1:
@@ -115,7 +132,6 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
         m = [r["mfu"] for r in runs if isinstance(r.get("mfu"), (int, float)) and r["mfu"] > 0]
         mfu, mfu_src = ((float(np.median(m)), "median MFU of the fitted runs") if m else
                         (DEFAULT_MFU, "ASSUMED (no MFU in the fits' runs; pass --mfu)"))
-    rows, missing = [], []
     # the law of each expert count: the same for every budget
     laws = {E: choose_law(fits, E, level_of(fits, E), kappa)
             for E in dict.fromkeys([0, *s.experts])}
@@ -128,18 +144,26 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
     # law (the joint law at E = 1, or dense approach 3 for a per-level approach 3), whichever
     # law the dense rows were planned with (the approach-2 check may pick another)
     dense_cands, dense_cwhy = law_candidates(fits, 0, level_of(fits, 0))
-    dense_by_kind = {c.kind: c for c in dense_cands}
     if any(s.experts):
         notes.append("EL: each MoE row's optimum loss against the dense form of the same law "
                      "(the joint law at E = 1; dense approach 3 for a per-level approach 3), "
                      "row field el_basis")
     max_epochs, epochs_src = _max_epochs(s)
-    corpora: dict = {}
     top_ks = sorted({int(r["top_k"]) for r in runs if r.get("kind") == "moe"})
+    fitted_e = sorted({int(r["n_experts"]) for r in runs if r.get("kind") == "moe"})
+    _transfer_notes(s, top_ks, fitted_e, notes)
+    return _Basis(level_ci=float((fits.get("settings") or {}).get("level", 0.95)), runs=runs,
+                  cmax=max(r["flops"] for r in runs), kappa=kappa, mfu=mfu, mfu_src=mfu_src,
+                  laws=laws, dense_by_kind={c.kind: c for c in dense_cands},
+                  dense_cwhy=dense_cwhy, max_epochs=max_epochs, epochs_src=epochs_src,
+                  top_ks=top_ks, fitted_e=fitted_e)
+
+
+def _transfer_notes(s: PlanSettings, top_ks: list, fitted_e: list, notes: list) -> None:
+    """Notes for rows the fitted runs do not cover: another top-k, untrained expert counts."""
     if any(e for e in s.experts) and top_ks and s.top_k not in top_ks:
         notes.append(f"top-k {s.top_k} differs from the fitted MoE runs' {top_ks}: the joint "
                      "law has no top-k term, so the plan assumes it transfers")
-    fitted_e = sorted({int(r["n_experts"]) for r in runs if r.get("kind") == "moe"})
     new_e = [e for e in s.experts if e and e not in fitted_e]
     if new_e:
         notes.append(f"expert counts {new_e} were not trained (fitted: {fitted_e or 'none'}): "
@@ -147,102 +171,108 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
                      + ("; with one trained expert count besides dense the law's E terms "
                         "are not identified beyond it, so read these rows as illustrations "
                         "(see their intervals)" if len(fitted_e) < 2 else ""))
-    for C in s.flops:
-        c_law = C / kappa
-        for E in s.experts:
-            choice, why = laws[E]
-            if choice is None:
-                line = f"{'dense' if E == 0 else f'{E} experts'}: {why}"
-                if line not in missing:  # one line per level, not one per budget
-                    missing.append(line)
-                continue
-            opt = frontier(choice.point, c_law)
-            ext_n, ext_n_basis = n_extrapolation(fits, E, opt[0])
-            extrapolated = C / cmax > s.max_extrapolation
-            n, d, L = opt
-            reps = [frontier(f, c_law) for f in choice.replicates]
-            good = [r for r in reps if r is not None]
-            el = el_lo = el_hi = None
-            el_reason = ""
-            if E == 0:
-                el = 1.0
-            elif choice.kind in dense_by_kind:
-                dense_choice = dense_by_kind[choice.kind]
-                cd = dense_compute_for_loss(dense_choice.point, L)
-                el = cd / c_law if math.isfinite(cd) else None
-                if el is None:
-                    el_reason = "the MoE optimum is below the dense law's irreducible loss"
-                if dense_choice.kind == choice.kind == "joint" or len(dense_choice.replicates) \
-                        == len(choice.replicates):
-                    els = []
-                    for fd, r in zip(dense_choice.replicates, reps):
-                        if r is None:
-                            continue
-                        cdr = dense_compute_for_loss(fd, r[2])
-                        els.append(cdr / c_law if math.isfinite(cdr) else float("nan"))
-                    el_lo, el_hi = _interval(els, level_ci)
-            else:
-                el_reason = (f"no dense form of the {choice.kind} law to compare with: "
-                             + "; ".join(dense_cwhy))
-            n_lo, n_hi = _interval([r[0] for r in good], level_ci)
-            d_lo, d_hi = _interval([r[1] for r in good], level_ci)
-            l_lo, l_hi = _interval([r[2] for r in good], level_ci)
-            name = f"{'dense' if E == 0 else f'moe{E}'}_{_fmt_c(C)}".replace("+", "")
-            fam = s.family
-            cfg, dm, nl, err = fit_geometry(fam, n, E, s.top_k if E else 0)
-            cnt = count_params(cfg)
-            ratio = cnt.total / cnt.active
-            layout, least = (choose_layout(cfg, s.gpus, s.gpu_mem_gib, s.headroom)
-                             if s.gpus else (None, None))
-            gpu_h = C / (s.peak_tflops * 1e12 * mfu) / 3600.0
-            row = {
-                "name": name, "experts": E, "top_k": s.top_k if E else 0,
-                "law": choice.label, "law_status": choice.status,
-                "n_active": n, "n_total": n * ratio, "tokens": d, "flops": C,
-                "loss": {"value": L, "lo": l_lo, "hi": l_hi},
-                "el": el,
-                "el_basis": (None if E == 0 else f"dense {dense_by_kind[choice.kind].label}"
-                             if choice.kind in dense_by_kind else None),
-                "intervals": {
-                    "n_active": {"lo": n_lo, "hi": n_hi},
-                    "n_total": {"lo": None if n_lo is None else n_lo * ratio,
-                                "hi": None if n_hi is None else n_hi * ratio},
-                    "tokens": {"lo": d_lo, "hi": d_hi},
-                    "el": {"lo": el_lo, "hi": el_hi}},
-                "el_reason": el_reason,
-                "replicates": {"used": len(good), "total": len(reps),
-                               "no_optimum": len(reps) - len(good)},
-                "extrapolation": C / cmax,
-                "extrapolation_n": ext_n,
-                "extrapolation_n_basis": ext_n_basis,
-                "extrapolated": extrapolated,
-                "extrapolated_reason": (
-                    f"{C / cmax:.3g}x the compute of the largest fitted run ({cmax:.3g} "
-                    f"FLOPs), beyond the {s.max_extrapolation:g}x limit; planned because "
-                    "--extrapolate was passed" if extrapolated else ""),
-                "isoflop_check": choice.isoflop,
-                "laws_not_used": list(choice.not_used),
-                "layout": layout,
-                "layout_reason": ("" if layout or not s.gpus else
-                                  f"no (ep, zero) layout with tp = 1 fits: needs at least "
-                                  f"{least:.1f} GiB of model states per GPU, "
-                                  f"{s.gpu_mem_gib * (1 - s.headroom):.1f} usable"),
-                "gpu_hours": gpu_h,
-                "wall_hours": gpu_h / s.gpus if s.gpus else None,
-                "config": f"{name}.yaml",
-                "geometry": {"d_model": dm, "n_layers": nl, "n_heads": cfg.model.n_heads,
-                             "ffn_dim": cfg.model.ffn_dim,
-                             "expert_ffn_dim": cfg.moe.expert_ffn_dim if E else None,
-                             "n_shared": cfg.moe.n_shared if E else None,
-                             "config_active": cnt.active, "config_total": cnt.total,
-                             "config_active_rel_err": err},
-                "_cfg": cfg,
-                "_choice": choice,
-            }
-            row.update(passes_check(cfg, d, max_epochs, epochs_src, corpora))
-            if row["refused"]:
-                row["config"] = None
-            rows.append(row)
+
+
+def _row_el(b: _Basis, choice, E: int, c_law: float, L: float, reps: list) -> tuple:
+    """(EL, lo, hi, reason) of a row: its optimum loss against the dense form of its law."""
+    el = el_lo = el_hi = None
+    el_reason = ""
+    if E == 0:
+        el = 1.0
+    elif choice.kind in b.dense_by_kind:
+        dense_choice = b.dense_by_kind[choice.kind]
+        cd = dense_compute_for_loss(dense_choice.point, L)
+        el = cd / c_law if math.isfinite(cd) else None
+        if el is None:
+            el_reason = "the MoE optimum is below the dense law's irreducible loss"
+        if dense_choice.kind == choice.kind == "joint" or len(dense_choice.replicates) \
+                == len(choice.replicates):
+            els = []
+            for fd, r in zip(dense_choice.replicates, reps):
+                if r is None:
+                    continue
+                cdr = dense_compute_for_loss(fd, r[2])
+                els.append(cdr / c_law if math.isfinite(cdr) else float("nan"))
+            el_lo, el_hi = _interval(els, b.level_ci)
+    else:
+        el_reason = (f"no dense form of the {choice.kind} law to compare with: "
+                     + "; ".join(b.dense_cwhy))
+    return el, el_lo, el_hi, el_reason
+
+
+def _plan_row(fits: dict, s: PlanSettings, b: _Basis, C: float, E: int, choice) -> dict:
+    """One row: the law's optimum at budget C for E experts, its intervals, EL, the config
+    nearest it, its layout, time and passes."""
+    c_law = C / b.kappa
+    opt = frontier(choice.point, c_law)
+    ext_n, ext_n_basis = n_extrapolation(fits, E, opt[0])
+    extrapolated = C / b.cmax > s.max_extrapolation
+    n, d, L = opt
+    reps = [frontier(f, c_law) for f in choice.replicates]
+    good = [r for r in reps if r is not None]
+    el, el_lo, el_hi, el_reason = _row_el(b, choice, E, c_law, L, reps)
+    n_lo, n_hi = _interval([r[0] for r in good], b.level_ci)
+    d_lo, d_hi = _interval([r[1] for r in good], b.level_ci)
+    l_lo, l_hi = _interval([r[2] for r in good], b.level_ci)
+    name = f"{'dense' if E == 0 else f'moe{E}'}_{_fmt_c(C)}".replace("+", "")
+    cfg, dm, nl, err = fit_geometry(s.family, n, E, s.top_k if E else 0)
+    cnt = count_params(cfg)
+    ratio = cnt.total / cnt.active
+    layout, least = (choose_layout(cfg, s.gpus, s.gpu_mem_gib, s.headroom)
+                     if s.gpus else (None, None))
+    gpu_h = C / (s.peak_tflops * 1e12 * b.mfu) / 3600.0
+    row = {
+        "name": name, "experts": E, "top_k": s.top_k if E else 0,
+        "law": choice.label, "law_status": choice.status,
+        "n_active": n, "n_total": n * ratio, "tokens": d, "flops": C,
+        "loss": {"value": L, "lo": l_lo, "hi": l_hi},
+        "el": el,
+        "el_basis": (None if E == 0 else f"dense {b.dense_by_kind[choice.kind].label}"
+                     if choice.kind in b.dense_by_kind else None),
+        "intervals": {
+            "n_active": {"lo": n_lo, "hi": n_hi},
+            "n_total": {"lo": None if n_lo is None else n_lo * ratio,
+                        "hi": None if n_hi is None else n_hi * ratio},
+            "tokens": {"lo": d_lo, "hi": d_hi},
+            "el": {"lo": el_lo, "hi": el_hi}},
+        "el_reason": el_reason,
+        "replicates": {"used": len(good), "total": len(reps),
+                       "no_optimum": len(reps) - len(good)},
+        "extrapolation": C / b.cmax,
+        "extrapolation_n": ext_n,
+        "extrapolation_n_basis": ext_n_basis,
+        "extrapolated": extrapolated,
+        "extrapolated_reason": (
+            f"{C / b.cmax:.3g}x the compute of the largest fitted run ({b.cmax:.3g} "
+            f"FLOPs), beyond the {s.max_extrapolation:g}x limit; planned because "
+            "--extrapolate was passed" if extrapolated else ""),
+        "isoflop_check": choice.isoflop,
+        "laws_not_used": list(choice.not_used),
+        "layout": layout,
+        "layout_reason": ("" if layout or not s.gpus else
+                          f"no (ep, zero) layout with tp = 1 fits: needs at least "
+                          f"{least:.1f} GiB of model states per GPU, "
+                          f"{s.gpu_mem_gib * (1 - s.headroom):.1f} usable"),
+        "gpu_hours": gpu_h,
+        "wall_hours": gpu_h / s.gpus if s.gpus else None,
+        "config": f"{name}.yaml",
+        "geometry": {"d_model": dm, "n_layers": nl, "n_heads": cfg.model.n_heads,
+                     "ffn_dim": cfg.model.ffn_dim,
+                     "expert_ffn_dim": cfg.moe.expert_ffn_dim if E else None,
+                     "n_shared": cfg.moe.n_shared if E else None,
+                     "config_active": cnt.active, "config_total": cnt.total,
+                     "config_active_rel_err": err},
+        "_cfg": cfg,
+        "_choice": choice,
+    }
+    row.update(passes_check(cfg, d, b.max_epochs, b.epochs_src, b.corpora))
+    if row["refused"]:
+        row["config"] = None
+    return row
+
+
+def _check_rows(rows: list, missing: list, s: PlanSettings) -> None:
+    """PlanError when no row was planned, every row is refused, or no model fits."""
     if not rows:
         raise PlanError(_no_law(missing))
     if all(r["refused"] for r in rows):
@@ -252,19 +282,37 @@ def make_plan(fits: dict, s: PlanSettings) -> dict:
     if s.gpus and not any(r["layout"] for r in rows):
         raise PlanError(f"memory: no planned model fits {s.gpus} x {s.gpu_mem_gib:g} GiB "
                         f"({rows[0]['layout_reason']} for the smallest row); add GPUs or memory")
+
+
+def make_plan(fits: dict, s: PlanSettings) -> dict:
+    """The plan as a dict: settings, notes, rows (module doc); PlanError when impossible."""
+    check_inputs(fits, s)
+    notes = list(s.notes)
+    b = _plan_basis(fits, s, notes)
+    rows, missing = [], []
+    for C in s.flops:
+        for E in s.experts:
+            choice, why = b.laws[E]
+            if choice is None:
+                line = f"{'dense' if E == 0 else f'{E} experts'}: {why}"
+                if line not in missing:  # one line per level, not one per budget
+                    missing.append(line)
+                continue
+            rows.append(_plan_row(fits, s, b, C, E, choice))
+    _check_rows(rows, missing, s)
     return {
         "schema_version": 1,
         "fits_source": fits.get("source"),
-        "level": level_ci,
+        "level": b.level_ci,
         "settings": {"flops": s.flops, "experts": s.experts, "top_k": s.top_k,
-                     "gpus": s.gpus, "gpu_mem_gib": s.gpu_mem_gib, "mfu": mfu,
-                     "mfu_source": mfu_src, "peak_tflops": s.peak_tflops,
-                     "headroom": s.headroom, "kappa": kappa,
+                     "gpus": s.gpus, "gpu_mem_gib": s.gpu_mem_gib, "mfu": b.mfu,
+                     "mfu_source": b.mfu_src, "peak_tflops": s.peak_tflops,
+                     "headroom": s.headroom, "kappa": b.kappa,
                      "template": f"{s.family.name} ({s.family.source})",
-                     "fitted_flops": [min(r["flops"] for r in runs), cmax],
-                     "fitted_experts": fitted_e, "fitted_top_k": top_ks,
+                     "fitted_flops": [min(r["flops"] for r in b.runs), b.cmax],
+                     "fitted_experts": b.fitted_e, "fitted_top_k": b.top_ks,
                      "max_extrapolation": s.max_extrapolation, "extrapolate": s.extrapolate,
-                     "max_epochs": max_epochs, "max_epochs_source": epochs_src},
+                     "max_epochs": b.max_epochs, "max_epochs_source": b.epochs_src},
         "notes": notes,
         "missing": missing,
         "rows": rows,

@@ -52,7 +52,7 @@ def write_plan(plan: dict, out_dir, *, figure: bool = True) -> Path:
             f"active {r['geometry']['config_active']:,}, total {r['geometry']['config_total']:,}\n"
             + cfg.to_yaml())
     (out / "plan.json").write_text(json.dumps(jsonable({k: v for k, v in plan.items()
-                                                          if not k.startswith("_")}),
+                                                        if not k.startswith("_")}),
                                               indent=1, allow_nan=False) + "\n")
     md = out / "plan.md"
     md.write_text(render_plan(plan))
@@ -87,7 +87,8 @@ def _passes_s(r: dict) -> str:
     return "?"
 
 
-def render_plan(plan: dict) -> str:
+def _header_lines(plan: dict) -> list[str]:
+    """Warnings (rows beyond the fitted range, refused rows) and what the plan rests on."""
     s = plan["settings"]
     lines = [f"# Plan from {plan['fits_source']}", ""]
     ext_rows = [r for r in plan["rows"] if r.get("extrapolated")]
@@ -110,10 +111,16 @@ def render_plan(plan: dict) -> str:
               "replicates (propagated, not refitted). Configs from "
               f"{s['template']}. Passes over the corpus: tokens / its training tokens, "
               f"at most {s['max_epochs']:g} ({s['max_epochs_source']}).", ""]
-    lines += ["| row | law | C | extrapolation | N / largest run | N_active [interval] | "
-              "tokens [interval] | passes | N_total | loss [interval] | EL [interval] | "
-              "layout | GPU-hours |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    return lines
+
+
+def _table_lines(plan: dict) -> list[str]:
+    """The rows as a markdown table, and how time and layouts were computed."""
+    s = plan["settings"]
+    lines = ["| row | law | C | extrapolation | N / largest run | N_active [interval] | "
+             "tokens [interval] | passes | N_total | loss [interval] | EL [interval] | "
+             "layout | GPU-hours |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in plan["rows"]:
         f = _sig(r)
         iv = r["intervals"]
@@ -144,6 +151,11 @@ def render_plan(plan: dict) -> str:
         lines.append(f"Layouts: model states (weights, gradients, AdamW) per GPU on {s['gpus']} "
                      f"x {s['gpu_mem_gib']:g} GiB, tp 1, {int(s['headroom'] * 100)}% left for "
                      "activations and buffers (not modelled).")
+    return lines
+
+
+def _check_lines(plan: dict) -> list[str]:
+    """Each level's approach-2 check."""
     checks = {}
     for r in plan["rows"]:
         chk = r.get("isoflop_check")
@@ -158,9 +170,13 @@ def render_plan(plan: dict) -> str:
                            f"intervals at {at} FLOPs)")
         else:
             checks[key] = f"- {key}: DISAGREES: {chk['disagreement']}"
-    lines += ["", "Approach-2 check (the planning law's N*(C) against the IsoFLOP optima at "
-              "the measured budgets):", ""] + list(checks.values())
-    lines += ["", "Each row's config (`moe-testbed train <row>.yaml`):", ""]
+    return ["", "Approach-2 check (the planning law's N*(C) against the IsoFLOP optima at "
+            "the measured budgets):", ""] + list(checks.values())
+
+
+def _config_lines(plan: dict) -> list[str]:
+    """Each row's config, or why it was refused."""
+    lines = ["", "Each row's config (`moe-testbed train <row>.yaml`):", ""]
     for r in plan["rows"]:
         g = r["geometry"]
         if r.get("refused"):
@@ -179,6 +195,13 @@ def render_plan(plan: dict) -> str:
                      + (f"; memory: {r['layout_reason']}" if r["layout_reason"] else "")
                      + (f"; BEYOND FITTED RANGE: {r['extrapolated_reason']}"
                         if r.get("extrapolated") else ""))
+    return lines
+
+
+def render_plan(plan: dict) -> str:
+    """plan.md."""
+    lines = (_header_lines(plan) + _table_lines(plan) + _check_lines(plan)
+             + _config_lines(plan))
     if plan["missing"]:
         lines += ["", "Not planned:", ""] + [f"- {m}" for m in plan["missing"]]
     if plan["notes"]:
