@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from moe import ConfigError, count_params, load_config
-from moe.scaling.ladder import format_plan, load_ladder, plan, run_ladder
+from moe.scaling.ladder.command import run_ladder
+from moe.scaling.ladder.design import load_ladder, plan
+from moe.scaling.ladder.dry_run import format_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 STUB = [sys.executable, str(Path(__file__).with_name("stub_trainer.py"))]
@@ -84,7 +86,8 @@ def test_runner_kill_and_rerun_loses_and_repeats_nothing(tmp_path):
     driver.write_text(textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from moe.scaling.ladder import load_ladder, plan, run_ladder
+        from moe.scaling.ladder.command import run_ladder
+        from moe.scaling.ladder.design import load_ladder, plan
         cfg, base = load_ladder({str(path)!r})
         run_ladder(cfg, base, Path({str(out)!r}), plan(cfg, base), train_cmd={STUB!r}, progress=False)
     """))
@@ -185,7 +188,7 @@ def test_changed_run_config_is_retrained_never_reused(tmp_path, monkeypatch, cap
 def test_results_never_pair_new_params_with_an_old_loss(tmp_path, monkeypatch):
     """A stale run directory not yet retrained shows as "stale" in results.csv, with no
     loss, rather than the old config's loss next to the new config's params."""
-    from moe.scaling.ladder import write_results
+    from moe.scaling.ladder.results import write_results
 
     monkeypatch.setenv("STUB_DELAY", "0")
     out = tmp_path / "out"
@@ -226,7 +229,7 @@ def test_real_tiny_ladder_end_to_end(tmp_path, monkeypatch):
     import shutil
     import sysconfig
 
-    from moe.scaling.ladder import ladder_main
+    from moe.scaling.ladder.command import ladder_main
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -279,7 +282,8 @@ def test_real_tiny_ladder_end_to_end(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["cpu", "cpu-isoflop", "cpu-seeds", "h100", "multinode"])
 def test_shipped_ladders_plan_and_dry_run(name, capsys):
-    from moe.scaling.ladder import default_train_cmd, ladder_main
+    from moe.scaling.ladder.command import ladder_main
+    from moe.scaling.ladder.executor import default_train_cmd
 
     assert ladder_main([str(ROOT / f"configs/ladder/{name}.yaml"), "--dry-run"]) == 0
     text = capsys.readouterr().out
@@ -309,7 +313,7 @@ holdout: [s-moe4]
 
 
 def test_token_lr_and_schedule_rules_per_run(tmp_path):
-    from moe.scaling.ladder import design_notes
+    from moe.scaling.ladder.design import design_notes
 
     cfg, base = load_ladder(_ladder(tmp_path, RULES))
     runs = plan(cfg, base)
@@ -397,7 +401,7 @@ tokens: {{mode: fixed, value: {tokens}}}
 
 def test_ladder_refuses_runs_over_max_epochs_before_training(tmp_path, monkeypatch, capsys):
     from moe.data import prepare_data
-    from moe.scaling.ladder import ladder_main
+    from moe.scaling.ladder.command import ladder_main
 
     monkeypatch.setenv("MOE_TESTBED_CACHE", str(tmp_path / "cache"))
     corpus = _tiny_corpus(tmp_path / "corpus")
@@ -430,7 +434,7 @@ def test_ladder_refuses_runs_over_max_epochs_before_training(tmp_path, monkeypat
 
 
 def test_dry_run_without_the_corpus_reports_unknown_epochs(tmp_path, capsys):
-    from moe.scaling.ladder import ladder_main
+    from moe.scaling.ladder.command import ladder_main
 
     path = _ladder(tmp_path, EPOCHS.format(corpus=tmp_path / "nope", tokens=4096))
     assert ladder_main([str(path), "--dry-run"]) == 0
@@ -444,7 +448,7 @@ def test_dry_run_without_the_corpus_reports_unknown_epochs(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["h100", "multinode"])
 def test_gpu_ladders_ask_for_a_user_corpus(name, capsys):
-    from moe.scaling.ladder import ladder_main
+    from moe.scaling.ladder.command import ladder_main
 
     assert ladder_main([str(ROOT / f"configs/ladder/{name}.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -454,7 +458,7 @@ def test_gpu_ladders_ask_for_a_user_corpus(name, capsys):
 
 
 def test_results_csv_has_epochs_and_report_flags_repeats(tmp_path):
-    from moe.scaling.analysis import analyse
+    from moe.scaling.analysis.analyse import analyse
 
     cfg, base = load_ladder(_ladder(tmp_path, SMALL))
     runs = plan(cfg, base)
@@ -477,7 +481,7 @@ def test_fingerprint_reads_back_from_saved_config_and_ignores_logging(tmp_path):
     import yaml
 
     from moe.config import config_fingerprint, fingerprint_fields
-    from moe.scaling.ladder import recorded_fingerprint
+    from moe.scaling.ladder.staleness import recorded_fingerprint
 
     cfg, base = load_ladder(_ladder(tmp_path, SMALL))
     r = plan(cfg, base)[0]

@@ -1,4 +1,4 @@
-"""`moe-testbed plan`: compute-optimal plans from fits.json (moe/scaling/planner.py)."""
+"""`moe-testbed plan`: compute-optimal plans from fits.json (moe/scaling/planner/)."""
 from __future__ import annotations
 
 import json
@@ -12,11 +12,14 @@ import yaml
 from moe.accounting import count_params
 from moe.cli import main as cli_main
 from moe.config import load_config
-from moe.scaling.analysis import write_fits
-from moe.scaling.fits import chinchilla_frontier, chinchilla_predict
-from moe.scaling.joint_moe import joint_moe_predict
-from moe.scaling.planner import (LawForm, build_plan, choose_layout, chinchilla_form,
-                                 dense_compute_for_loss, frontier, joint_form, write_plan)
+from moe.scaling.analysis.schema import write_fits
+from moe.scaling.laws.chinchilla import chinchilla_frontier, chinchilla_predict
+from moe.scaling.laws.joint_moe import joint_moe_predict
+from moe.scaling.planner.command import build_plan
+from moe.scaling.planner.geometry import choose_layout
+from moe.scaling.planner.laws import (LawForm, chinchilla_form, dense_compute_for_loss,
+                                      frontier, joint_form)
+from moe.scaling.planner.output import write_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 ISOFLOP = ROOT / "benchmarks" / "results" / "ladder_cpu_isoflop"
@@ -265,7 +268,7 @@ def test_per_level_approach_3_when_no_joint_law(tmp_path):
 
 
 def test_analysis_fits_approach_3_per_moe_level():
-    from moe.scaling.analysis import analyse
+    from moe.scaling.analysis.analyse import analyse
 
     moe = dict(HOFFMANN, E=1.60, A=300.0)
     rows = []
@@ -284,7 +287,7 @@ def test_analysis_fits_approach_3_per_moe_level():
     e = a["chinchilla_levels"][level]
     assert level == "moe8" and e["n_runs"] == 12
     # the level's law is approach 3 on that level's runs only (fit_chinchilla, same data)
-    from moe.scaling.fits import fit_chinchilla
+    from moe.scaling.laws.chinchilla import fit_chinchilla
 
     m = [r for r in rows if r["kind"] == "moe"]
     ref = fit_chinchilla([r["params_active"] for r in m], [r["tokens"] for r in m],
@@ -321,7 +324,7 @@ def _corpus(monkeypatch, train_tokens, exact=True):
     """Make the planner's corpus count a given one (the stdlib cache may or may not be
     prepared on the machine running the tests)."""
     from moe.data.prepare import CorpusSize
-    import moe.scaling.planner as planner
+    import moe.scaling.planner.limits as planner
 
     monkeypatch.setattr(planner, "corpus_size", lambda cfg: CorpusSize(
         "stdlib", train_tokens, exact, "prepared cache (test)" if exact else "not prepared (test)"))
@@ -423,7 +426,7 @@ def _isoflop_fits(joint_b_factor: float, chin_b_factor: float = 1.0) -> dict:
     three budgets) with approach 2 fitted on them by fit_isoflop, a dense approach-3 law
     (Hoffmann with B x chin_b_factor) and a joint law whose dense form is Hoffmann with
     B x joint_b_factor (each factor moves that law's N*(C))."""
-    from moe.scaling.isoflop import fit_isoflop
+    from moe.scaling.laws.isoflop import fit_isoflop
 
     fits = _chinchilla_fits(dict(HOFFMANN, B=HOFFMANN["B"] * chin_b_factor))
     iso_runs = []
@@ -451,7 +454,7 @@ def _isoflop_fits(joint_b_factor: float, chin_b_factor: float = 1.0) -> dict:
 
 
 def test_the_planning_law_must_agree_with_approach_2(tmp_path):
-    from moe.scaling.planner import choose_law, isoflop_optima
+    from moe.scaling.planner.laws import choose_law, isoflop_optima
 
     base = ROOT / "configs" / "tiny-dense.yaml"
     fits = _isoflop_fits(joint_b_factor=30.0)
@@ -489,12 +492,12 @@ def test_the_planning_law_must_agree_with_approach_2(tmp_path):
 
 @pytest.mark.parametrize("status", ["degenerate", "unidentified", "not_converged"])
 def test_a_law_with_an_unusable_status_is_not_used(tmp_path, capsys, status):
-    from moe.scaling.planner import _usable
+    from moe.scaling.planner.laws import usable
 
     fits = _isoflop_fits(joint_b_factor=1.0)  # the joint law would agree with approach 2
     fits["joint_laws"]["joint"].update(status=status, reason=f"why {status}")
-    assert not _usable(fits["joint_laws"]["joint"])
-    assert _usable(dict(fits["joint_laws"]["joint"], status="unbounded"))
+    assert not usable(fits["joint_laws"]["joint"])
+    assert usable(dict(fits["joint_laws"]["joint"], status="unbounded"))
     plan = build_plan(_write(tmp_path, fits), [1e22], experts=[0],
                       base=ROOT / "configs" / "tiny-dense.yaml")
     (row,) = plan["rows"]

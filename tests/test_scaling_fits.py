@@ -359,8 +359,9 @@ def test_grid_scoring_memory_is_bounded_and_scores_unchanged():
     """Issue 16 item 7: the grid pass scores (terms x grid rows x data rows) blocks of at
     most GRID_BLOCK_ELEMENTS values (a fixed 2048 grid rows was 4.9 GB per block at
     100,000 rows); the scores do not depend on the block size, bit for bit."""
-    from moe.scaling import fits
-    from moe.scaling.fits import GRID_BLOCK_ELEMENTS, _lse_grid_objective, grid_chunk
+    from moe.scaling.laws.chinchilla import chinchilla_grid
+    from moe.scaling.laws.objective import (GRID_BLOCK_ELEMENTS, HUBER_DELTA, grid_chunk,
+                                            lse_grid_objective)
 
     assert grid_chunk(240, 3) == 2048  # small tables: the old blocks
     for m in (5000, 100_000, 10_000_000):
@@ -371,15 +372,15 @@ def test_grid_scoring_memory_is_bounded_and_scores_unchanged():
     N, D = 10 ** rng.uniform(6, 9, m), 10 ** rng.uniform(7, 11, m)
     L = 1.7 + 400 / N ** 0.34 + 410 / D ** 0.28
     logX, logL = [np.log(N), np.log(D)], np.log(L)
-    grid = fits.chinchilla_grid()
-    auto = _lse_grid_objective(grid, logX, logL, fits.HUBER_DELTA)
+    grid = chinchilla_grid()
+    auto = lse_grid_objective(grid, logX, logL, HUBER_DELTA)
     assert grid_chunk(m, 3) < 2048
-    assert np.array_equal(auto, _lse_grid_objective(grid, logX, logL, fits.HUBER_DELTA,
+    assert np.array_equal(auto, lse_grid_objective(grid, logX, logL, HUBER_DELTA,
                                                     chunk=2048))
 
 
 def test_joint_grid_scores_do_not_depend_on_the_block_size():
-    from moe.scaling import joint_moe
+    from moe.scaling.laws import joint_moe
 
     rng = np.random.default_rng(1)
     m, p = 3000, 3

@@ -10,13 +10,17 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from moe.scaling.analysis import (COLLAPSE_FRAC, _boot_law, _col, _pl_at_bound, read_fits,
-                                  replicate_modes, write_fits)
-from moe.scaling.fits import (REFIT_RTOL, _lse_objective, fit_chinchilla, fit_power_law,
-                              law_profiles, load_chinchilla_points, lse_profile)
-from moe.scaling.isoflop import fit_isoflop
+from moe.scaling.analysis.entries import COLLAPSE_FRAC, boot_law, replicate_modes
+from moe.scaling.analysis.kinds import column, pl_at_bound
+from moe.scaling.analysis.schema import read_fits, write_fits
+from moe.scaling.laws.chinchilla import fit_chinchilla, load_chinchilla_points
+from moe.scaling.laws.isoflop import fit_isoflop
+from moe.scaling.laws.lse import REFIT_RTOL
+from moe.scaling.laws.objective import lse_objective
+from moe.scaling.laws.power import fit_power_law
+from moe.scaling.laws.profile import law_profiles, lse_profile
 from moe.scaling.report import render_report
-from moe.scaling.results import load_results
+from moe.scaling.table import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 LADDER = REPO / "benchmarks/results/ladder_cpu/results.csv"
@@ -37,11 +41,11 @@ def test_refit_from_reported_point_does_not_improve():
     (objective 8.2602e-5); the reported point must be the optimum, which a tight refit
     started from it cannot lower by more than REFIT_RTOL."""
     d = _dense_grid()
-    x, L = _col(d, "params_active"), _col(d, "final_eval_loss")
+    x, L = column(d, "params_active"), column(d, "final_eval_loss")
     p = fit_power_law(x, L)
     assert p["refit_ok"] and p["converged"]
     prob = p["_problem"]
-    res = minimize(_lse_objective, prob["theta"], args=(prob["logX"], prob["logL"], 1e-3,
+    res = minimize(lse_objective, prob["theta"], args=(prob["logX"], prob["logL"], 1e-3,
                                                           "sum"),
                    jac=True, method="L-BFGS-B", bounds=prob["bounds"],
                    options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 20000})
@@ -95,9 +99,9 @@ def test_two_populations_are_found():
 
 
 def _law(rows, fit, **kw):
-    return _boot_law(lambda rs: fit(_col(rs, "params_active"), _col(rs, "final_eval_loss")),
+    return boot_law(lambda rs: fit(column(rs, "params_active"), column(rs, "final_eval_loss")),
                      rows, ("E", "A", "alpha"), n_params=3, key=lambda r: r["params_active"],
-                     at_bound=_pl_at_bound, n_boot=40, seed=0, level=0.95, law="L(N)",
+                     at_bound=pl_at_bound, n_boot=40, seed=0, level=0.95, law="L(N)",
                      progress=False, irreducible="E", log_scale=("A",), **kw)
 
 
@@ -121,9 +125,9 @@ def test_identified_law_stays_ok():
 
 def test_bound_reason_names_the_parameter():
     p = {"alpha": 0.0, "a_log": 1.0}
-    assert _pl_at_bound(p).startswith("alpha = 0")
-    assert _pl_at_bound({"alpha": 0.3, "a_log": 50.0}).startswith("the amplitude")
-    assert _pl_at_bound({"alpha": 0.3, "a_log": 1.0}) == ""
+    assert pl_at_bound(p).startswith("alpha = 0")
+    assert pl_at_bound({"alpha": 0.3, "a_log": 50.0}).startswith("the amplitude")
+    assert pl_at_bound({"alpha": 0.3, "a_log": 1.0}) == ""
 
 
 def test_split_replicates_make_a_law_unidentified(monkeypatch):
@@ -139,7 +143,7 @@ def test_split_replicates_make_a_law_unidentified(monkeypatch):
 
     rows = [{"params_active": float(v), "final_eval_loss": 3.0 - 0.1 * i}
             for i, v in enumerate(np.geomspace(1e4, 1e6, 8))]
-    monkeypatch.setattr("moe.scaling.resample._workers", lambda w, n: 1)
+    monkeypatch.setattr("moe.scaling.laws.resample._workers", lambda w, n: 1)
     e = _law(rows, fit)
     assert e["status"] == "unidentified", e["reason"]
     assert "E's bootstrap replicates split into two modes" in e["reason"]
@@ -175,7 +179,7 @@ def test_profile_over_E_on_the_committed_ladder():
     ladder about equally well. The profile interval of E reaches its lower limit 0, and the
     exponents conditional on stated E grow with E, each row inside the threshold."""
     d = _dense_grid()
-    p = fit_power_law(_col(d, "params_active"), _col(d, "final_eval_loss"))
+    p = fit_power_law(column(d, "params_active"), column(d, "final_eval_loss"))
     pr = law_profiles(p, exponents={"alpha": (2, 1.0)}, irreducible="E")
     E = pr["E"]
     assert E["lo"] == 0.0 and E["lo_open"] and not E["hi_open"]
@@ -229,7 +233,7 @@ def test_isoflop_profile_interval_is_the_t_interval():
 
 @pytest.fixture(scope="module")
 def ladder_fits():
-    from moe.scaling.analysis import analyse
+    from moe.scaling.analysis.analyse import analyse
 
     return analyse(load_results(LADDER), n_boot=8, progress=False)
 
@@ -276,13 +280,14 @@ def test_version_1_fits_still_read_and_render(ladder_fits, tmp_path):
 def test_committed_isoflop_ladder_joint_law_is_degenerate():
     """Its Ludziejewski et al. joint law put c at 2.4e-13 and was marked ok, and `plan`
     planned from it; now it is degenerate, naming c."""
-    from moe.scaling.analysis import _joint_laws, split_holdout
+    from moe.scaling.analysis.sections import joint_laws
+    from moe.scaling.analysis.selection import split_holdout
 
     rows = load_results(ISOFLOP)
     for r in rows:
         r.setdefault("group", "grid")
     train, held = split_holdout([r for r in rows if r["group"] == "grid"], None)
-    j = _joint_laws(train, held, 4, 0, 0.95, False)
+    j = joint_laws(train, held, 4, 0, 0.95, False)
     assert j["joint"]["status"] == "degenerate", j["joint"]["reason"]
     assert j["joint"]["reason"].startswith("c = ")
     assert j["joint"]["c"]["value"] < COLLAPSE_FRAC * min(r["final_eval_loss"] for r in train)
@@ -291,7 +296,7 @@ def test_committed_isoflop_ladder_joint_law_is_degenerate():
 def test_collapsed_and_real_irreducible_replicates_are_a_split():
     """A point mass at 0 beside a spread of real values: a kernel density smooths it into
     one broad mode, so the irreducible term has its own rule (collapse_split)."""
-    from moe.scaling.analysis import collapse_split
+    from moe.scaling.analysis.entries import collapse_split
 
     rng = np.random.default_rng(2)
     E = np.concatenate([np.full(30, 1e-11), rng.uniform(0.3, 2.2, 170)])

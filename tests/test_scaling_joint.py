@@ -9,7 +9,7 @@ import pytest
 
 from moe.scaling import (chinchilla_predict, clark_expert_transform, compare_joint_laws,
                          fit_joint_moe, joint_moe_predict)
-from moe.scaling.joint_moe import JOINT_PARAMS, _feature_lse_objective, _features
+from moe.scaling.laws.joint_moe import JOINT_PARAMS, _feature_lse_objective, _features
 
 # Paper's sign convention: alpha, beta < 0. Chosen so MoE helps at these sizes: the log of the
 # N term changes by delta + gamma ln N = 0.05 - 0.01 * 18.4 = -0.13 per unit ln E' at

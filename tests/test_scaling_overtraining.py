@@ -12,7 +12,7 @@ import pytest
 
 from moe.scaling import (downstream_predict, fit_downstream, fit_overtraining,
                          overtraining_predict)
-from moe.scaling.overtraining import (OVERTRAINING_STARTS, gadre_fit_rows, load_gadre_rpj,
+from moe.scaling.laws.overtraining import (OVERTRAINING_STARTS, gadre_fit_rows, load_gadre_rpj,
                                       main, reproduce_gadre)
 
 # scaling_explorer.ipynb (their repository, a003c49): |predicted - actual| / actual, in %.

@@ -400,11 +400,11 @@ def test_fit_main(tmp_path, capsys):
 
 
 def test_ladder_results_table_is_accepted(tmp_path, capsys):
-    # The format moe/scaling/ladder.py writes: sparsity holds the level's NAME, dense rows
+    # The format moe/scaling/ladder/results.py writes: sparsity holds the level's NAME, dense rows
     # have n_experts = top_k = 0, unfinished runs are "pending" with an empty loss, and
     # "compare" rows are fixed-size variants that must not enter the fits.
     from moe.scaling import REQUIRED_COLUMNS
-    from moe.scaling import ladder as ladder_mod
+    from moe.scaling.ladder import results as ladder_mod
 
     cols = list(getattr(ladder_mod, "RESULT_COLUMNS", []))
     assert set(REQUIRED_COLUMNS) <= set(cols), "ladder results lack columns the fitter needs"
@@ -483,7 +483,7 @@ def test_efficiency_leverage_needs_a_bounded_dense_curve():
     """EL comes from the dense L(N) only when that fit is bounded; an IsoFLOP ladder (whose
     L(N) sees one tokens/param ratio) falls back to the dense Chinchilla L(N, D) at the
     run's own tokens; with neither, no number and a reason."""
-    from moe.scaling.analysis import _efficiency_leverage
+    from moe.scaling.analysis.leverage import efficiency_leverage_section
 
     def law(status, **p):
         return {"status": status, "reason": "r", **{k: {"value": v} for k, v in p.items()}}
@@ -492,14 +492,14 @@ def test_efficiency_leverage_needs_a_bounded_dense_curve():
            "params_active": 1e5, "tokens": 2e6, "flops": 1e12}
     chin = law("ok", E=1.5, A=400.0, B=90.0, alpha=0.4, beta=0.35)
     unb = {"dense": law("unbounded", E=0.05, A=30.0, alpha=0.2)}
-    (e,) = _efficiency_leverage([run], unb, {}, chin)
+    (e,) = efficiency_leverage_section([run], unb, {}, chin)
     n = e["el_params"] * run["params_active"]
     assert 1.5 + 400.0 / n ** 0.4 + 90.0 / 2e6 ** 0.35 == pytest.approx(3.0, rel=1e-12)
     assert e["basis"].startswith("dense Chinchilla") and e["el_compute"] is None
-    (e,) = _efficiency_leverage([run], unb, {}, None)
+    (e,) = efficiency_leverage_section([run], unb, {}, None)
     assert e["el_params"] is None and "unbounded" in e["reason"]
     ok = {"dense": law("ok", E=1.0, A=30.0, alpha=0.2)}
-    (e,) = _efficiency_leverage([run], ok, {}, chin)
+    (e,) = efficiency_leverage_section([run], ok, {}, chin)
     assert e["basis"] == "dense L(N)"
     assert 1.0 + 30.0 / (e["el_params"] * 1e5) ** 0.2 == pytest.approx(3.0, rel=1e-12)
     # L(N) not fitted at all (an IsoFLOP ladder whose held-out top size leaves 2 sizes at
@@ -508,7 +508,7 @@ def test_efficiency_leverage_needs_a_bounded_dense_curve():
     nf = {"dense": {"status": "not_fitted", "reason": "2 distinct sizes"}}
     reps = {"E": [1.5, 1.45, 1.55, 2.9], "A": [400.0, 380.0, 420.0, 400.0],
             "B": [90.0] * 4, "alpha": [0.4, 0.41, 0.39, 0.4], "beta": [0.35] * 4}
-    (e,) = _efficiency_leverage([run], nf, {}, {**chin, "replicates": reps}, level=0.5)
+    (e,) = efficiency_leverage_section([run], nf, {}, {**chin, "replicates": reps}, level=0.5)
     assert e["basis"].startswith("dense Chinchilla")
     el = [(A / (3.0 - E - B / 2e6 ** be)) ** (1 / al) / 1e5 if 3.0 - E - B / 2e6 ** be > 0
           else np.inf for E, A, B, al, be in zip(*(reps[k] for k in CHIN_NAMES))]
@@ -516,7 +516,7 @@ def test_efficiency_leverage_needs_a_bounded_dense_curve():
     srt = np.sort(el)  # 25th percentile of 4 values: 3/4 of the way from the 1st to the 2nd
     assert e["el_params_lo"] == pytest.approx(srt[0] + 0.75 * (srt[1] - srt[0]), rel=1e-12)
     assert e["el_params_hi"] is None and "1 of 4 replicates" in e["interval_note"]
-    assert _efficiency_leverage([run], nf, {}, None) == []
+    assert efficiency_leverage_section([run], nf, {}, None) == []
 
 
 CHIN_NAMES = ("E", "A", "B", "alpha", "beta")

@@ -1,6 +1,6 @@
 """Report figures, drawn from a fits.json dict alone (no fitting here).
 
-    python -c "from moe.scaling.analysis import read_fits; from moe.scaling.figures import draw_all; print(draw_all(read_fits('runs/ladder-cpu/report'), 'runs/ladder-cpu/report'))"
+    python -c "from moe.scaling.analysis.schema import read_fits; from moe.scaling.figures import draw_all; print(draw_all(read_fits('runs/ladder-cpu/report'), 'runs/ladder-cpu/report'))"
 
 Figures are made without pyplot (a Figure with an Agg canvas), so writing a report neither
 switches the caller's backend (a notebook, a GUI) nor leaves figures in pyplot's registry.

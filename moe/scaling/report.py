@@ -2,16 +2,16 @@
 
     moe-testbed fit runs/results.csv --out runs/scaling_report --n-boot 200 --holdout largest
 
-`write_report` reads top to bottom as the three steps: `analyse` (moe/scaling/analysis.py:
-every fit, bootstrap interval, prediction and comparison, as one dict whose schema that
-module documents), `write_fits` (fits.json), then `render_report`, which reads ONLY the
+`write_report` reads top to bottom as the three steps: `analyse` (moe/scaling/analysis/:
+every fit, bootstrap interval, prediction and comparison, as one dict whose schema
+analysis/schema.py documents), `write_fits` (fits.json), then `render_report`, which reads ONLY the
 fits.json dict: report.md here, the PNGs in moe/scaling/figures.py. Re-rendering a saved
 fits.json (`render_report(read_fits(dir), dir)`) gives the same report without refitting.
 `fit_main` is the body of `moe-testbed fit`.
 
 report.md never prints an interval the data does not bound: a law whose interval is
 unbounded or whose optimiser did not converge is marked so, with the reason, in place of
-the interval (see analysis.py for the rule).
+the interval (see analysis/schema.py for the rule).
 """
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from moe.scaling.analysis import analyse, read_fits, split_holdout, write_fits
+from moe.scaling.analysis.analyse import analyse
+from moe.scaling.analysis.schema import read_fits, write_fits
+from moe.scaling.analysis.selection import split_holdout
 from moe.scaling.figures import draw_all
-from moe.scaling.results import ResultsError, load_results
+from moe.scaling.table import ResultsError, load_results
 
 __all__ = ["write_report", "render_report", "fit_main", "split_holdout", "fmt_iv"]
 
@@ -537,7 +539,7 @@ def fit_main(argv: list[str] | None = None) -> int:
                                  description="Fit scaling laws to a results table; write "
                                              "fits.json, report.md and figures.")
     ap.add_argument("results", help="results table, .csv or .jsonl (one row per run); "
-                                    "columns as documented in moe/scaling/results.py")
+                                    "columns as documented in moe/scaling/table.py")
     ap.add_argument("--out", default=None,
                     help="output directory (default: scaling_report next to RESULTS)")
     ap.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates (default 200)")

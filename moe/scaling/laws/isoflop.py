@@ -179,7 +179,7 @@ def _ols(logc: np.ndarray, logy: np.ndarray) -> dict:
     return {"exponent": float(b1), "intercept": float(b0), "r2": r2,
             "resid_std": float(math.sqrt(resid @ resid / dof)) if dof > 0 else None,
             "exponent_se": (float(math.sqrt(resid @ resid / dof / np.sum((logc - logc.mean())
-                                                                        ** 2)))
+                                                                         ** 2)))
                             if dof > 0 else None), "dof": dof}
 
 

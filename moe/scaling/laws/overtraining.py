@@ -1,6 +1,6 @@
 """Over-training and downstream scaling laws of Gadre et al. 2024, reproduced on their runs.
 
-    python -c "from moe.scaling.overtraining import main; main()"   # their 5 + 1 runs -> the 4 errors
+    python -c "from moe.scaling.laws.overtraining import main; main()"   # their 5 + 1 runs -> the 4 errors
 
 "Language models scale reliably with over-training and on downstream tasks" (Gadre et al.
 2024) fits two laws and chains them:

@@ -1,13 +1,13 @@
 """Joint MoE scaling law of Ludziejewski et al. 2025, fitted the Chinchilla approach-3 way.
 
-    python -c "from moe.scaling.joint_moe import _demo; _demo()"
+    python -c "from moe.scaling.laws.joint_moe import _demo; _demo()"
 
 The law ("Joint MoE scaling laws: mixture of experts can be memory efficient", ICML 2025):
 
     L(N, D, E) = a E'^delta N^(alpha + gamma ln E') + b E'^omega D^(beta + zeta ln E') + c
 
 N = active parameters, D = training tokens, E = number of experts (1 for dense runs),
-E' = clark_expert_transform(E, e_start, e_max) from moe/scaling/fits.py.
+E' = clark_expert_transform(E, e_start, e_max) from moe/scaling/laws/moe_laws.py.
 
 Sign convention: the PAPER's, exponents as written. alpha and beta are NEGATIVE for a loss
 that falls with N and D (the project's other laws write A/N^alpha with alpha > 0; here
@@ -31,7 +31,7 @@ loss would rise with N and D; unverified, not used here). E'(1) = 1 is what "joi
 laws for dense and MoE models" (the abstract) needs; e_start = 2 and e_max = 256 are this
 project's choice, not verified to be the paper's. Both are arguments.
 
-Procedure (as `fits.py`'s approach 3): every term's log is linear in parameters times
+Procedure (as approach 3 in `chinchilla.py`): every term's log is linear in parameters times
 features, so log L_hat = LSE(F_N theta_N, F_D theta_D, log c) with
 
     F_N = [1, ln E', ln n, ln E' ln n],  n = N / N_ref   (N_ref = geometric mean of N)
@@ -47,7 +47,7 @@ L-BFGS-B's tolerances are tightened (ftol 1e-15, gtol 1e-10, maxiter 5000). Meas
 48 noise-free runs of `_demo`: scipy's defaults stop at objective 2.7e-11 with relative
 parameter errors up to 4.6e-4 (delta), the tight ones at 3.8e-17 with errors <= 1.3e-7, for
 ~15% more time (0.72 s vs 0.62 s for the 32 starts). The objective is summed, not averaged, so the
-early stop documented in `fits.py` for `reduction="mean"` does not arise either way.
+early stop documented in `lse.py` for `reduction="mean"` does not arise either way.
 
 Measured (tests/test_scaling_joint.py, 2 shared CPU cores): 48 noise-free runs (sizes 1e7-3e8
 x 5, 20, 80 tokens/param x E in {1, 8, 32, 64}) recover all nine parameters to <= 6.5e-7
@@ -67,9 +67,10 @@ import math
 import numpy as np
 from scipy.optimize import minimize
 
-from moe.scaling._blas import single_threaded_blas
-from moe.scaling.fits import (HUBER_DELTA, _as_pos_array, _lse0, clark_expert_transform,
-                              grid_huber_scores, huber)
+from moe.scaling.laws._blas import single_threaded_blas
+from moe.scaling.laws.moe_laws import clark_expert_transform
+from moe.scaling.laws.objective import (HUBER_DELTA, as_pos_array, grid_huber_scores, huber,
+                                        lse0)
 
 __all__ = ["fit_joint_moe", "joint_moe_predict", "joint_moe_grid", "JOINT_PARAMS"]
 
@@ -114,7 +115,7 @@ def _feature_lse_objective(theta, feats, logL, huber_delta=HUBER_DELTA):
     derivative of the LSE with respect to that term) and h' = clip(r, -delta, delta).
     """
     T = _feature_terms(theta, feats)
-    lse = _lse0(T)
+    lse = lse0(T)
     w = np.exp(T - lse)
     r = lse - logL
     f = float(huber(r, huber_delta).sum())
@@ -149,7 +150,7 @@ def joint_moe_grid(loss) -> np.ndarray:
     """Starting grid in the scaled parametrisation, rows (a_s, delta_s, alpha, gamma, b_s,
     omega_s, beta, zeta, c_log): 3 x 4 x 4 x 3 x 3 x 3 x 3 x 3 = 11,664 points.
 
-    Data-driven like `fits._power_grid`: c in {0.2, 0.5, 0.8} x min L; the reducible part
+    Data-driven like `power._power_grid`: c in {0.2, 0.5, 0.8} x min L; the reducible part
     at the reference point (geometric mean of L minus c) is split f : 1-f between the N and
     the D term, f in {0.2, 0.5, 0.8}; alpha, beta in {-0.05, -0.15, -0.35, -0.7};
     gamma, zeta in {-0.02, 0, 0.02}; delta_s, omega_s (log change of a term per unit ln E'
@@ -171,9 +172,9 @@ def joint_moe_grid(loss) -> np.ndarray:
 
 
 def _check_inputs(N_active, D, E, loss):
-    N = _as_pos_array("N_active", N_active)
-    D = _as_pos_array("D", D)
-    loss = _as_pos_array("loss", loss)
+    N = as_pos_array("N_active", N_active)
+    D = as_pos_array("D", D)
+    loss = as_pos_array("loss", loss)
     E = np.asarray(E, float).ravel()
     if not (N.size == D.size == E.size == loss.size):
         raise ValueError(f"N_active, D, E, loss lengths differ: {N.size}, {D.size}, {E.size}, "

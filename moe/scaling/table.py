@@ -1,6 +1,6 @@
 """The results table: one row per training run, read from CSV or JSONL and validated.
 
-    python -c "from moe.scaling.results import load_results; print(len(load_results('runs/results.csv')))"
+    python -c "from moe.scaling.table import load_results; print(len(load_results('runs/results.csv')))"
 
 Any table with these documented columns can be fitted (`moe-testbed fit TABLE`), whether
 this testbed's ladder wrote it or another group published it; `--column NAME=SOURCE` (the
@@ -15,7 +15,7 @@ this testbed's ladder wrote it or another group published it; `--column NAME=SOU
                Kaplan counting convention is fitted only when these are present), flops
                (default 6 N_active D), error (downstream error rate in (0, 1), for the
                downstream law), sparsity (a number, default 1 - top_k/n_experts for moe and
-               0 for dense; or a level name, as moe/scaling/ladder.py writes, used to group
+               0 for dense; or a level name, as moe/scaling/ladder/results.py writes, used to group
                runs), maxvio, held_out (bool), status (only "done" or empty rows are
                fitted), group ("grid" or empty rows are fitted; "compare" rows are the
                ladder's fixed-size variants and "seed" rows its seed repeats, both reported
@@ -330,9 +330,9 @@ def chinchilla_rows(drop_highest: int = 5) -> list[dict]:
 
     Embedding and non-embedding counts are both set to N (the digitised data has only N).
     """
-    from moe.scaling.fits import load_chinchilla_points
+    from moe.scaling.laws.chinchilla import load_chinchilla_points
 
-    from moe.scaling.isoflop import CHINCHILLA_ISOFLOP_BUDGETS, DEFAULT_RTOL
+    from moe.scaling.laws.isoflop import CHINCHILLA_ISOFLOP_BUDGETS, DEFAULT_RTOL
 
     def budget(c):
         # The figure also holds approach-1 runs between the nine IsoFLOP budgets: only runs
