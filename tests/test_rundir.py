@@ -139,7 +139,8 @@ def _start_ladder(tmp_path: Path) -> tuple[subprocess.Popen, int]:
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
         from pathlib import Path
-        from moe.scaling.ladder import load_ladder, plan, run_ladder
+        from moe.scaling.ladder.command import run_ladder
+        from moe.scaling.ladder.design import load_ladder, plan
         cfg, base = load_ladder({str(ladder)!r})
         run_ladder(cfg, base, Path({str(out)!r}), plan(cfg, base),
                    train_cmd={[sys.executable, str(stub)]!r}, progress=False)

@@ -574,7 +574,7 @@ def fit_main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read {path}: {exc}", file=sys.stderr)
         return 2
     # the output directory is checked before fitting, and its errors name it (not RESULTS)
-    from ..rundir import RunDirError, check_dir
+    from ..runs.lock import RunDirError, check_dir
 
     out = Path(args.out) if args.out else path.parent / "scaling_report"
     try:

@@ -65,7 +65,7 @@ def check_runnable(cfg: LadderConfig, base: Path, runs: list[Run]) -> Optional[s
 def run_ladder(cfg: LadderConfig, base: Path, out: Path, runs: list[Run],
                train_cmd: Optional[list[str]] = None, progress: bool = True) -> list[dict]:
     """Train every run not yet done (resuming where a checkpoint exists); return result rows."""
-    from moe.rundir import lock_dir
+    from moe.runs.lock import lock_dir
 
     # one ladder per directory: a second one on the same --out is refused (RunDirError)
     with lock_dir(out, "ladder directory"), LocalExecutor.for_ladder(cfg, train_cmd) as ex:
@@ -143,7 +143,7 @@ def ladder_main(argv: list[str]) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     t0 = time.time()
-    from moe.rundir import RunDirError
+    from moe.runs.lock import RunDirError
 
     try:
         rows = run_ladder(cfg, base, out, runs, progress=not a.no_progress)

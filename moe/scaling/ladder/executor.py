@@ -114,7 +114,7 @@ class ChildReaper:
 def _train_subprocess(cmd: list[str], log, reaper: ChildReaper) -> int:
     """Run ``cmd`` in its own process group, dying with the ladder (PR_SET_PDEATHSIG);
     its exit code (128 + signal for a signal, as a shell reports it)."""
-    from moe.rundir import child_preexec
+    from moe.runs.process import child_preexec
 
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             preexec_fn=child_preexec(os.getpid()))
@@ -145,7 +145,7 @@ def _wait_tracked(reaper: ChildReaper, pid: int, wait, exit_code) -> int:
 def _train_child(argv: list[str], log_path: str, parent_pid: Optional[int] = None) -> None:
     # runs in the forked process: own process group, ends when the ladder process is gone
     # (its OS parent is the fork server, so PR_SET_PDEATHSIG alone would not see it)
-    from moe.rundir import watch_parent
+    from moe.runs.process import watch_parent
 
     os.setpgid(0, 0)
     if parent_pid is not None:
