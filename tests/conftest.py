@@ -22,6 +22,21 @@ if not os.environ.get("TORCH_EXTENSIONS_DIR"):
     os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(get_default_build_root(), _build_tag())
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_cache(tmp_path_factory):
+    """No test reads or fills the user's ~/.cache/moe-testbed (or $MOE_TESTBED_CACHE): what
+    a test sees must not depend on what this machine prepared before (the planner, e.g.,
+    refuses rows by the prepared corpus' size). Tests that need their own cache still set
+    it with monkeypatch; this is the session's default."""
+    old = os.environ.get("MOE_TESTBED_CACHE")
+    os.environ["MOE_TESTBED_CACHE"] = str(tmp_path_factory.mktemp("moe-testbed-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MOE_TESTBED_CACHE", None)
+    else:
+        os.environ["MOE_TESTBED_CACHE"] = old
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -21,6 +21,13 @@ from moe.scaling.planner.laws import (LawForm, chinchilla_form, dense_compute_fo
                                       frontier, joint_form)
 from moe.scaling.planner.output import write_plan
 
+
+@pytest.fixture(autouse=True)
+def _empty_cache(tmp_path, monkeypatch):
+    """Plans here are made against an empty corpus cache: a corpus that another test (or
+    the user) prepared would make the planner refuse rows by their passes over it."""
+    monkeypatch.setenv("MOE_TESTBED_CACHE", str(tmp_path / "cache"))
+
 ROOT = Path(__file__).resolve().parents[1]
 ISOFLOP = ROOT / "benchmarks" / "results" / "ladder_cpu_isoflop"
 LADDER_CPU = ROOT / "benchmarks" / "results" / "ladder_cpu"
