@@ -139,8 +139,8 @@ def test_cpu_precision_probe_times_the_runs_own_model(tmp_path):
     ratio = engine.cpu_bf16_speedup(cfg)
     assert ratio > 0 and math.isfinite(ratio)
     # bf16 rows of 40 bytes: torch._grouped_mm refuses them, so the bf16 layer runs the
-    # per-expert loop (moe_layer.grouped_mm_aligned; it used to fail, probe 0.0) while fp32
-    # rows of 80 bytes keep grouped_mm: bf16 runs, far slower (0.29x measured), and auto
+    # per-expert loop (moe.moe_layer.experts.grouped_mm_aligned; it used to fail, probe 0.0)
+    # while fp32 rows of 80 bytes keep grouped_mm: bf16 runs, far slower (0.29x measured), and auto
     # keeps fp32
     odd = tiny_cfg(tmp_path, **{"model.d_model": 20, "model.n_heads": 2})
     assert 0.0 < engine.cpu_bf16_speedup(odd) < engine.CPU_BF16_MIN_SPEEDUP

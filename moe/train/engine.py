@@ -142,7 +142,8 @@ def cpu_bf16_speedup(cfg: Config, repeats: int = 3) -> float:
     block of each kind, on this CPU: > 1 where bf16 is faster; 0.0 where bf16 cannot run
     this model at all. (torch._grouped_mm on CPU needs rows of a multiple of 16 bytes; a
     bf16 MoE at d_model 20 used to fail there, and now runs the per-expert loop,
-    moe_layer.grouped_mm_aligned, measured 0.29x of fp32's step on the tests' tiny model.)
+    moe.moe_layer.experts.grouped_mm_aligned, measured 0.29x of fp32's step on the tests'
+    tiny model.)
 
     Measured on the run's own shapes and changing batches, not on a large matmul. On one
     of this workplace's AMD EPYC boxes with AVX512_BF16 (2026-11-28) a bf16 matmul ran
