@@ -1,7 +1,14 @@
-"""Child processes that die with their parent (standard library only).
+"""Process lifetime (standard library only): children that die with their parent, and one
+stop path for the signals a cluster sends.
 
 :func:`child_preexec` / :func:`watch_parent` make a child trainer die with the ladder that
 started it (own process group, ``PR_SET_PDEATHSIG``, or a watch on the parent's pid).
+
+:class:`StopSignals` turns SIGTERM (preemption, ``scancel``, ``scontrol requeue``),
+SIGUSR1 (Slurm's warning before a time limit, as the ladder's jobs ask for it) and SIGINT
+(Ctrl-C) into a request that the trainer reads between steps: it checkpoints at the
+current step, writes its summary (status ``stopped``) and exits with
+:data:`EXIT_STOPPED`, so that a resume equals an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -82,3 +89,48 @@ def watch_parent(parent_pid: int, poll_s: float = 1.0) -> Optional[threading.Thr
     t = threading.Thread(target=run, name="moe-parent-watch", daemon=True)
     t.start()
     return t
+
+
+#: exit code of a run that stopped on a signal after writing a checkpoint at its current
+#: step (sysexits' EX_TEMPFAIL, "try again later"): resume it with --resume. The ladder's
+#: Slurm jobs requeue themselves on it.
+EXIT_STOPPED = 75
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopSignals:
+    """While entered, SIGTERM / SIGINT / SIGUSR1 only record themselves (:attr:`signum`,
+    the first one received); the previous handlers come back on exit. A second SIGINT
+    raises KeyboardInterrupt (a user who insists). Outside the main thread, where Python
+    cannot install handlers, it records nothing."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signals = tuple(signals)
+        self.signum: Optional[int] = None
+        self._old: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _record(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._old[s] = signal.signal(s, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()

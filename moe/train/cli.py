@@ -3,7 +3,9 @@
 Exit codes: 0 finished; 2 unusable input (config, data, run directory -- also one held by
 another live process, named by its pid, or a checkpoint that cannot be trusted) --
 reported as one ``error: ...`` line before any compute; 3 stopped on a non-finite loss
-(the last good checkpoint is kept and named in the message).
+(the last good checkpoint is kept and named in the message); 75 stopped by SIGTERM,
+SIGINT or SIGUSR1 (preemption, Ctrl-C, Slurm's time-limit warning) after a checkpoint at
+the current step: ``--resume`` continues it exactly.
 
 Works the same under ``torchrun --nproc_per_node N -m moe.cli train ...`` (data parallel);
 only rank 0 prints.
@@ -42,6 +44,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
 
     from ..data import DataError
+    from ..runs.process import EXIT_STOPPED
     from .loop import TrainError, train
 
     try:
@@ -51,7 +54,9 @@ def train_main(argv: list[str] | None = None) -> int:
         _print0(f"error: {e}", file=sys.stderr)
         return 2
     s, d = res.summary, res.run_dir
-    if res.exit_code != 0:
+    if res.exit_code == EXIT_STOPPED:
+        _print0(f"stopped: {s.get('message')}", file=sys.stderr)
+    elif res.exit_code != 0:
         _print0(f"error: {s.get('message') or s.get('status')}", file=sys.stderr)
     else:
         ev = s.get("final_eval_loss")

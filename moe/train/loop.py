@@ -57,6 +57,7 @@ from ..moe_layer.router import max_violation
 from ..runs import atomic_write
 from ..runs import checkpoint as ckpt
 from ..runs.lock import RunDirError, lock_dir
+from ..runs.process import EXIT_STOPPED, StopSignals
 from .opbuild import OpBuildError
 from .engine import (all_reduce_sum, build_engine, deepspeed_config, device_type,
                      init_process_group, load_optimizer_state, optimizer_state,
@@ -396,19 +397,21 @@ class Trainer:
         self.last_eval_step = -1
         self.last_ckpt_step = -1
         self.status, self.message, self.exit_code = "done", "", 0
+        self.stop = StopSignals()  # SIGTERM/SIGINT/SIGUSR1: checkpoint and stop (run())
         self.bar = tqdm(disable=True)  # train_loop's bar; steps driven by hand show none
         self._interval_tokens, self._interval_time = 0, 0.0
 
     # ---------------- the whole run
 
     def run(self, run_dir=None, *, resume: bool = False, data=None) -> RunResult:
-        self.setup()
-        self.claim_run_dir(run_dir, resume)
-        self.find_resume_point(resume)
-        self.build(data)
-        self.restore()
-        self.train_loop()
-        return self.finish()
+        with self.stop:  # a stop signal from here on is honoured between steps
+            self.setup()
+            self.claim_run_dir(run_dir, resume)
+            self.find_resume_point(resume)
+            self.build(data)
+            self.restore()
+            self.train_loop()
+            return self.finish()
 
     def close(self) -> None:
         """Release the run directory (also after an error)."""
@@ -624,6 +627,8 @@ class Trainer:
         if self.counters["step"] == 0 and t.eval_at_start:
             self.evaluate()  # the untrained baseline: the curve starts at ln(V)-ish
         while self.counters["step"] < self.total_steps:
+            if self.stop_requested():
+                break
             try:
                 stats = self.train_step()
             except _Diverged as e:
@@ -640,8 +645,20 @@ class Trainer:
         if self.status == "done":
             if self.last_eval_step != self.counters["step"]:
                 self.evaluate()
-            if self.last_ckpt_step != self.counters["step"]:
-                self.checkpoint()
+        if self.status in ("done", "stopped") and self.last_ckpt_step != self.counters["step"]:
+            self.checkpoint()
+
+    def stop_requested(self) -> bool:
+        """True on every rank once any rank received a stop signal (then the run is marked
+        ``stopped``, exit code EXIT_STOPPED; :meth:`train_loop` checkpoints at this step)."""
+        if not (_any_rank(self.stop.requested) if self.world > 1 else self.stop.requested):
+            return False
+        step = self.counters["step"]
+        self.status, self.exit_code = "stopped", EXIT_STOPPED
+        self.message = (f"stopped by {self.stop.name or 'a signal on another rank'} at step "
+                        f"{step} of {self.total_steps}, with a checkpoint at that step; "
+                        "--resume continues it exactly")
+        return True
 
     def train_step(self) -> StepStats:
         """One optimizer step: grad_accum micro-batches (forward with the MTP weight of this
