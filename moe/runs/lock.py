@@ -126,3 +126,23 @@ def stamp_holder(fd: int) -> None:
     """Write this process's pid into the lock file it has just locked."""
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def held_by(path: Path) -> Optional[str]:
+    """The pid of the live process that holds ``path/.lock`` (``"unknown"`` when it wrote
+    none), or None when nobody holds it. Takes and drops the lock to look: read-only."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(path) / LOCK_NAME, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return lock_holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

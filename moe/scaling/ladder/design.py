@@ -27,6 +27,7 @@ from typing import Literal, Optional
 
 from moe.accounting import count_params
 from moe.config import ConfigError, build_dataclass, config_fingerprint, load_config, read_yaml
+from moe.scaling.ladder.slurm import SlurmConfig, load_slurm
 
 
 @dataclass
@@ -130,6 +131,9 @@ class LadderConfig:
     est_flops_per_s: float = 2e10  # achieved training FLOP/s assumed by --dry-run
     gpus: int = 0  # devices one run occupies; > 0 makes --dry-run print GPU-hours
     n_boot: int = 200
+    # --executor slurm: sbatch resources per run (moe.scaling.ladder.slurm.SlurmConfig;
+    # read by load_ladder, defaults when the file has no slurm: section)
+    slurm: Optional[SlurmConfig] = None
 
 
 @dataclass
@@ -168,6 +172,7 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
     A ladder file may extend another with ``base:`` like model configs do."""
     path = Path(path)
     data = read_yaml(path)
+    slurm = data.pop("slurm", None) if isinstance(data, dict) else None
     cfg = build_dataclass(LadderConfig, data, "")
     base = Path(cfg.train_config)
     base = base if base.is_absolute() else path.parent / base
@@ -181,6 +186,7 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
     _check_running(cfg)
     _check_grid(cfg)
     _check_rules(cfg)
+    cfg.slurm = load_slurm(slurm, [x.name for x in cfg.sizes])
     return cfg, base
 
 

@@ -1,12 +1,14 @@
-"""Running one training run: the executor the ladder hands each run's command to.
+"""Training runs on this machine: the local executor (`--executor local`, `--jobs N`).
 
-The interface is `LocalExecutor`: a context manager (while open, SIGTERM/SIGINT to the
-ladder take the current run's process group down first) whose ``run(args, log_path)``
-trains one run, ``command(args)`` being the full command line it stands for (for failure
-records), and returns its exit code (128 + the signal number for a run killed by a
-signal, as a shell reports it). Locally a run is forked from a warm server (same
+`LocalExecutor` is a context manager (while open, SIGTERM/SIGINT to the ladder take the
+running runs' process groups down first: each trainer checkpoints and stops) whose
+``run(args, log_path)`` trains one run, ``command(args)`` being the full command line it
+stands for (for failure records), and returns its exit code (128 + the signal number for a
+run killed by a signal, as a shell reports it). A run is forked from a warm server (same
 isolation as a subprocess, without ~7 s of imports per run) when no launcher or custom
-command is given, else run as a subprocess.
+command is given, else run as a subprocess. ``jobs`` runs train at once, each with
+``cores // jobs`` torch threads. The Slurm executor (one job per run) is
+:mod:`moe.scaling.ladder.slurm`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -51,20 +54,19 @@ def _forkserver():
 
 
 class ChildReaper:
-    """The ladder's current child trainer runs in its own process group; on SIGTERM /
-    SIGINT the ladder takes that group down (SIGTERM, SIGKILL after ``grace_s``) before it
-    exits itself (SIGINT: KeyboardInterrupt; SIGTERM: exit 143). Handlers are installed
-    only in the main thread and restored on exit."""
+    """The ladder's child trainers run in their own process groups; on SIGTERM / SIGINT
+    the ladder takes every running group down (SIGTERM: each trainer checkpoints and stops;
+    SIGKILL after ``grace_s``) before it exits itself (SIGINT: KeyboardInterrupt; SIGTERM:
+    exit 143). Handlers are installed only in the main thread and restored on exit."""
 
-    def __init__(self, grace_s: float = 10.0):
+    def __init__(self, grace_s: float = 60.0):
         self.grace_s = grace_s
-        self.pgid: Optional[int] = None
-        self.wait = None  # callable(timeout) -> bool (True once the child is gone)
+        self.children: dict[int, object] = {}  # pgid -> wait(timeout) -> bool (True: gone)
+        self._lock = threading.Lock()
         self._old: dict = {}
 
     def __enter__(self):
         import signal
-        import threading
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -78,16 +80,22 @@ class ChildReaper:
             signal.signal(sig, h)
         self._old.clear()
 
-    def track(self, pgid: Optional[int], wait=None) -> None:
-        self.pgid, self.wait = pgid, wait
+    def track(self, pgid: int, wait) -> None:
+        with self._lock:
+            self.children[pgid] = wait
 
-    def stop_child(self) -> None:
+    def untrack(self, pgid: int) -> None:
+        with self._lock:
+            self.children.pop(pgid, None)
+
+    def stop_children(self) -> None:
         import signal
+        import time
 
-        pgid, self.pgid = self.pgid, None
-        if pgid is None:
-            return
-        def send(sig) -> bool:
+        with self._lock:
+            children, self.children = dict(self.children), {}
+
+        def send(pgid, sig) -> bool:
             for kill in (os.killpg, os.kill):  # the group may not exist yet (just forked)
                 try:
                     kill(pgid, sig)
@@ -96,27 +104,35 @@ class ChildReaper:
                     continue
             return False
 
-        if send(signal.SIGTERM) and (self.wait is None or not self.wait(self.grace_s)):
-            send(signal.SIGKILL)
+        alive = {pgid: wait for pgid, wait in children.items() if send(pgid, signal.SIGTERM)}
+        deadline = time.monotonic() + self.grace_s
+        for pgid, wait in alive.items():
+            if not wait(max(0.0, deadline - time.monotonic())):
+                send(pgid, signal.SIGKILL)
 
     def _on_signal(self, signum, frame) -> None:
         import signal
 
-        print(f"ladder: {signal.Signals(signum).name}: stopping run process group "
-              f"{self.pgid}", file=sys.stderr)
-        self.stop_child()
+        print(f"ladder: {signal.Signals(signum).name}: stopping run process group(s) "
+              f"{sorted(self.children)}", file=sys.stderr)
+        self.stop_children()
         self.__exit__()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
 
-def _train_subprocess(cmd: list[str], log, reaper: ChildReaper) -> int:
-    """Run ``cmd`` in its own process group, dying with the ladder (PR_SET_PDEATHSIG);
-    its exit code (128 + signal for a signal, as a shell reports it)."""
+def _train_subprocess(cmd: list[str], log, reaper: ChildReaper,
+                      threads: Optional[int] = None) -> int:
+    """Run ``cmd`` in its own process group, dying with the ladder (PR_SET_PDEATHSIG),
+    with ``threads`` intra-op threads when given; its exit code (128 + signal for a
+    signal, as a shell reports it)."""
     from moe.runs.process import child_preexec
 
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+    env = None
+    if threads is not None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             preexec_fn=child_preexec(os.getpid()))
 
     def wait(timeout):
@@ -137,12 +153,13 @@ def _wait_tracked(reaper: ChildReaper, pid: int, wait, exit_code) -> int:
     try:
         wait(None)
     finally:
-        reaper.track(None)
+        reaper.untrack(pid)
     rc = exit_code()
     return rc if rc >= 0 else 128 - rc
 
 
-def _train_child(argv: list[str], log_path: str, parent_pid: Optional[int] = None) -> None:
+def _train_child(argv: list[str], log_path: str, parent_pid: Optional[int] = None,
+                 threads: Optional[int] = None) -> None:
     # runs in the forked process: own process group, ends when the ladder process is gone
     # (its OS parent is the fork server, so PR_SET_PDEATHSIG alone would not see it)
     from moe.runs.process import watch_parent
@@ -150,6 +167,10 @@ def _train_child(argv: list[str], log_path: str, parent_pid: Optional[int] = Non
     os.setpgid(0, 0)
     if parent_pid is not None:
         watch_parent(parent_pid)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -173,11 +194,12 @@ def _train_child(argv: list[str], log_path: str, parent_pid: Optional[int] = Non
     os._exit(int(rc or 0))
 
 
-def _train_forked(argv: list[str], log_path: Path, reaper: ChildReaper) -> int:
+def _train_forked(argv: list[str], log_path: Path, reaper: ChildReaper,
+                  threads: Optional[int] = None) -> int:
     """`moe-testbed train ARGV` in a process forked from the warm server; its exit code.
     A run killed by a signal returns 128 + the signal number, as a shell reports it."""
     p = _forkserver().Process(target=_train_child,
-                              args=(list(argv), str(log_path), os.getpid()))
+                              args=(list(argv), str(log_path), os.getpid(), threads))
     p.start()
 
     def wait(timeout):
@@ -187,23 +209,40 @@ def _train_forked(argv: list[str], log_path: Path, reaper: ChildReaper) -> int:
     return _wait_tracked(reaper, p.pid, wait, lambda: p.exitcode)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask; os.cpu_count() elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 class LocalExecutor:
-    """Runs the ladder's runs one after another on this machine (module docstring).
+    """Trains the ladder's runs on this machine, ``jobs`` at a time (module docstring).
 
     ``prefix`` is the training command (`default_train_cmd`, or a custom one); with
     ``fork`` a run is forked from the warm server with only its arguments, else
-    ``prefix + args`` runs as a subprocess, its output appended to the log."""
+    ``prefix + args`` runs as a subprocess, its output appended to the log. With
+    ``jobs`` > 1 each run gets its share of the cores as torch threads (cores // jobs);
+    ``jobs`` 1 leaves torch's default (every core). :meth:`run` may be called from
+    ``jobs`` threads at once."""
 
-    def __init__(self, prefix: list[str], fork: bool):
-        self.prefix, self.fork = list(prefix), fork
+    name = "local"
+
+    def __init__(self, prefix: list[str], fork: bool, jobs: int = 1):
+        if jobs < 1:
+            raise ValueError(f"jobs={jobs} is invalid: at least 1")
+        self.prefix, self.fork, self.jobs = list(prefix), fork, jobs
+        self.threads = max(1, usable_cores() // jobs) if jobs > 1 else None
         self._reaper = ChildReaper()
 
     @classmethod
-    def for_ladder(cls, cfg: LadderConfig, train_cmd: Optional[list[str]] = None):
+    def for_ladder(cls, cfg: LadderConfig, train_cmd: Optional[list[str]] = None,
+                   jobs: int = 1):
         """The default command forked locally; a launcher (torchrun, srun) or a custom
         command runs as given."""
         prefix = list(train_cmd) if train_cmd is not None else default_train_cmd(cfg)
-        return cls(prefix, train_cmd is None and not cfg.launcher and _can_fork())
+        return cls(prefix, train_cmd is None and not cfg.launcher and _can_fork(), jobs)
 
     def __enter__(self) -> "LocalExecutor":
         self._reaper.__enter__()
@@ -220,6 +259,6 @@ class LocalExecutor:
         """Train one run (``args``: config, overrides, --out ...) with its output appended
         to ``log_path``; its exit code."""
         if self.fork:
-            return _train_forked(list(args), log_path, self._reaper)
+            return _train_forked(list(args), log_path, self._reaper, self.threads)
         with open(log_path, "ab") as log:
-            return _train_subprocess(self.command(args), log, self._reaper)
+            return _train_subprocess(self.command(args), log, self._reaper, self.threads)
