@@ -1,5 +1,6 @@
-"""Stand-in for `moe-testbed train` used ONLY by the ladder runner's kill-and-rerun test:
-it mimics the run-directory contract (checkpoints/latest, summary.json) in milliseconds.
+"""Stand-in for `moe-testbed train` used ONLY by the ladder runner's tests (kill and rerun,
+--jobs, --status): it mimics the run-directory contract (checkpoints/latest,
+summary.json) in milliseconds, and records when it started and ended.
 
     python tests/stub_trainer.py BASE [overrides...] --out RUN_DIR [--resume] [--no-progress]
 """
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+started = time.time()
 args = sys.argv[1:]
 out = Path(args[args.index("--out") + 1])
 resume = "--resume" in args
@@ -41,7 +43,7 @@ d_model = int(next((a.split("=", 1)[1] for a in args if a.startswith("model.d_mo
 summary = {"status": "done", "final_eval_loss": 2.0 + 10 * size ** -0.3 + d_model * 1e-4,
            "tokens": 1000, "d_model": d_model,
            "total_flops": 6 * size * 1000, "maxvio_global": [0.1, 0.2], "tokens_per_s": 1e4,
-           "wall_time_s": 1.0}
+           "wall_time_s": 1.0, "started": started, "ended": time.time()}
 tmp = out / "summary.json.tmp"
 tmp.write_text(json.dumps(summary))
 os.replace(tmp, out / "summary.json")

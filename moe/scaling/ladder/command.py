@@ -252,11 +252,15 @@ def ladder_main(argv: list[str]) -> int:
     if a.status:
         print(ladder_status(cfg, out, runs, a.executor))
         return 0
+    problem = _slurm_problem() if a.executor == "slurm" and not a.dry_run else None
+    if problem is not None:  # before any corpus is prepared
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if _check_epochs(cfg, runs, a) is not None:
         return 2
     if a.dry_run:
         return 0
-    problem = check_runnable(cfg, base, runs) if a.executor == "local" else _slurm_problem()
+    problem = check_runnable(cfg, base, runs) if a.executor == "local" else None
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
