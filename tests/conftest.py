@@ -37,7 +37,27 @@ def _no_user_cache(tmp_path_factory):
         os.environ["MOE_TESTBED_CACHE"] = old
 
 
+def _slurm_answers() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 def pytest_collection_modifyitems(config, items):
+    if any("slurm" in item.keywords for item in items) and not _slurm_answers():
+        if os.environ.get("MOE_TESTBED_REQUIRE_SLURM") == "1":  # CI: never skip them
+            raise pytest.UsageError("MOE_TESTBED_REQUIRE_SLURM=1 but no Slurm answers sinfo "
+                                    "(configs/slurm/start-local.sh starts one)")
+        skip_slurm = pytest.mark.skip(reason="needs a running Slurm (configs/slurm/start-local.sh)")
+        for item in items:
+            if "slurm" in item.keywords:
+                item.add_marker(skip_slurm)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

@@ -55,6 +55,7 @@ KillWait=30
 MinJobAge=600
 SlurmctldTimeout=30
 SlurmdTimeout=30
+DefMemPerCPU=$((MEM / CPUS))
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -267,13 +267,15 @@ def ladder_main(argv: list[str]) -> int:
     t0 = time.time()
     from moe.runs.lock import RunDirError
 
+    from moe.scaling.ladder.slurm import SlurmUnavailable
+
     try:
         if a.executor == "slurm":
             rows = submit_ladder(cfg, base, out, runs, a.wait, _poll_s())
         else:
             rows = run_ladder(cfg, base, out, runs, progress=not a.no_progress,
                               jobs=a.jobs or default_jobs())
-    except RunDirError as exc:
+    except (RunDirError, SlurmUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     done = [r for r in rows if r["status"] == DONE]

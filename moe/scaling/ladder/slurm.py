@@ -139,9 +139,10 @@ def sbatch_script(job_name: str, run_dir: Path, train_argv: list[str], res: Slur
     node when the run spans several GPUs or nodes), resuming when a checkpoint exists.
 
     Stopping: Slurm sends SIGUSR1 to the batch shell ``signal_s`` seconds before the time
-    limit (``--signal=B:USR1@S``); the shell passes SIGTERM to srun, which hands it to every
-    task (torchrun hands it to its workers); each trainer checkpoints at its current step
-    and exits (75), and the shell requeues the job, which resumes from that checkpoint.
+    limit (``--signal=B:USR1@S``); the shell sends SIGTERM to every task of the job's steps
+    (``scancel --signal=TERM``: srun itself would kill its step on SIGTERM; torchrun hands
+    it to its workers); each trainer checkpoints at its current step and exits (75), and
+    the shell requeues the job, which resumes from that checkpoint.
     ``scontrol requeue`` and preemption send SIGTERM themselves: same stop, Slurm requeues.
     """
     opts = [f"--job-name={job_name}", f"--output={run_dir / 'slurm-%j.log'}",
@@ -181,7 +182,8 @@ def sbatch_script(job_name: str, run_dir: Path, train_argv: list[str], res: Slur
              "echo \"[$(date -u +%FT%TZ)] job $SLURM_JOB_ID on $SLURM_JOB_NODELIST "
              "(restart ${SLURM_RESTART_COUNT:-0}) $RESUME\"",
              "STOP=0",
-             "trap 'STOP=1; kill -TERM $PID 2>/dev/null' USR1",
+             "# SIGTERM to every task of the job's steps (not via srun, which would kill them)",
+             "trap 'STOP=1; scancel --signal=TERM \"$SLURM_JOB_ID\"' USR1",
              f"srun --kill-on-bad-exit=1 {launch} {argv} $RESUME --no-progress &",
              "PID=$!",
              "wait $PID; rc=$?",
@@ -229,15 +231,22 @@ def submit(script: Path) -> str:
     return p.stdout.strip().split(";")[0]
 
 
-def job_states(job_ids: list[str]) -> dict[str, str]:
+class SlurmUnavailable(RuntimeError):
+    """The controller did not answer (squeue / scontrol failed for another reason than an
+    unknown job): nothing may be concluded about any job."""
+
+
+def job_states(job_ids: list[str], tries: int = 3) -> dict[str, str]:
     """Slurm's state of each job (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ...), from
     squeue and, for jobs it no longer lists, ``scontrol show job``; jobs the controller has
-    forgotten are absent."""
+    forgotten are absent. Raises :class:`SlurmUnavailable` when the controller does not
+    answer ``tries`` times in a row (a busy controller times out: a missing answer must
+    never read as "the job is gone", or a running job would be submitted twice)."""
     out: dict[str, str] = {}
     if not job_ids:
         return out
-    p = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)],
-                       capture_output=True, text=True)
+    p = _ask(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], tries,
+             ok_errors=("Invalid job id",))
     for line in p.stdout.splitlines():
         jid, _, state = line.strip().partition(" ")
         if jid in job_ids:
@@ -245,12 +254,22 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     for jid in job_ids:
         if jid in out:
             continue
-        p = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True,
-                           text=True)
+        p = _ask(["scontrol", "show", "job", "-o", jid], tries, ok_errors=("Invalid job id",))
         m = re.search(r"JobState=(\S+)", p.stdout)
         if p.returncode == 0 and m:
             out[jid] = m.group(1)
     return out
+
+
+def _ask(cmd: list[str], tries: int, ok_errors: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """Run a Slurm query; retried while it fails with anything but ``ok_errors``."""
+    for i in range(tries):
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode == 0 or any(e in p.stderr for e in ok_errors):
+            return p
+        time.sleep(2.0 * (i + 1))
+    raise SlurmUnavailable(f"{' '.join(cmd[:2])} failed {tries} times: "
+                           f"{(p.stderr or p.stdout).strip()}")
 
 
 class JobBook:
@@ -338,7 +357,12 @@ class SlurmExecutor:
         count as queued), reporting each change of state."""
         seen: dict[str, str] = {}
         while True:
-            states = self.latest_states(names)
+            try:
+                states = self.latest_states(names)
+            except SlurmUnavailable as exc:  # ask again later; never conclude "gone"
+                report(f"  (Slurm did not answer: {exc}; asking again)")
+                time.sleep(poll_s)
+                continue
             for n, (j, st) in sorted(states.items()):
                 if seen.get(n) != st:
                     report(f"  {n}: job {j['job_id']} {st or 'gone'}")
