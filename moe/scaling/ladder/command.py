@@ -214,7 +214,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         "(resources from the config's slurm: section)")
     p.add_argument("--jobs", type=int, default=None,
                    help="local: runs at once, each with cores/jobs threads (default: 2 on a "
-                        "CPU-only machine with 2+ cores, else 1)")
+                        "CPU-only machine with 2+ cores, measured faster; else 1)")
     p.add_argument("--wait", action="store_true",
                    help="slurm: wait for every job, then write results and the report")
     p.add_argument("--status", action="store_true",
@@ -232,9 +232,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def default_jobs() -> int:
-    """2 runs at once on a CPU-only machine with 2 or more cores (measured faster on the
-    embedded CPU ladder: benchmarks/results/ladder_jobs), else 1 (a GPU machine trains
-    one run on its devices)."""
+    """2 runs at once on a CPU-only machine with 2 or more cores, else 1 (a GPU machine
+    trains one run on its devices). Measured on the embedded CPU ladder (configs/ladder/
+    cpu.yaml, 2 cores, fresh clones, benchmarks/results/ladder_jobs.jsonl): --jobs 2 took
+    876 s, --jobs 1 1089 s. A run's thread count changes the last bits of its losses (23 of
+    33 final losses differed between the two settings), so results are bitwise the same
+    across --jobs values that give each run the same number of threads."""
     import torch
 
     from moe.scaling.ladder.executor import usable_cores
