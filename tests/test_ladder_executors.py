@@ -19,20 +19,8 @@ from moe.scaling.ladder.command import ladder_main, run_ladder
 from moe.scaling.ladder.design import load_ladder, plan
 from moe.scaling.ladder.slurm import load_slurm, sbatch_script
 
-ROOT = Path(__file__).resolve().parent.parent
-STUB = [sys.executable, str(Path(__file__).with_name("stub_trainer.py"))]
-
-SMALL = """
-name: t
-overrides: [model.vocab_size=512, mtp.depth=0, train.seq_len=32, train.micro_batch_size=4]
-sizes:
-  - {name: xs, d_model: 16, n_layers: 2, n_heads: 2}
-  - {name: s, d_model: 32, n_layers: 2, n_heads: 2}
-sparsities:
-  - {name: dense}
-  - {name: moe4, n_routed: 4, top_k: 2}
-tokens: {mode: fixed, value: 4096}
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_ladder import ROOT, SMALL, STUB  # noqa: E402  (the same small ladder and stub)
 
 
 def _ladder(tmp_path, body: str = SMALL, extra: str = "") -> Path:
