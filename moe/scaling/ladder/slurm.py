@@ -38,8 +38,10 @@ from moe.runs.process import EXIT_STOPPED
 _TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$|^\d+-\d+$")
 _MEM = re.compile(r"^\d+[KMGT]?$")
 #: Slurm job states in which a job will still run (or is running): never resubmitted
-LIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-               "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "PREEMPTED"}
+QUEUED_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "SUSPENDED", "PREEMPTED", "RESIZING"}
+RUNNING_STATES = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
+LIVE_STATES = QUEUED_STATES | RUNNING_STATES
 
 
 @dataclass

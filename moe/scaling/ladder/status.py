@@ -15,12 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from moe.runs.lock import held_by
+from moe.scaling.ladder.slurm import QUEUED_STATES, RUNNING_STATES
 from moe.scaling.ladder.staleness import DONE, read_summary
-
-#: Slurm job states that mean a job will still run, or runs now
-_QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED",
-           "PREEMPTED", "RESIZING"}
-_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
 
 
 @dataclass
@@ -62,9 +58,9 @@ def run_state(name: str, run_dir: Path, steps: int, job: Optional[dict] = None,
         st.job_id, st.job_state, st.log = job["job_id"], job_state or "gone", job["log"]
     if s.get("status") == DONE:
         st.state = "done"
-    elif job_state in _RUNNING or (job is None and held_by(run_dir) is not None):
+    elif job_state in RUNNING_STATES or (job is None and held_by(run_dir) is not None):
         st.state = "running"
-    elif job_state in _QUEUED:
+    elif job_state in QUEUED_STATES:
         st.state = "pending"
     elif s.get("status") == "stopped":
         st.state = "stopped"
