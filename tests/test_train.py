@@ -332,6 +332,62 @@ def test_trainer_steps_can_be_driven_one_by_one(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fp32_zero0_clips_once_by_deepspeeds_rule_with_the_fused_optimizer(tmp_path):
+    """fp32 ZeRO 0 clips in the trainer (DeepSpeed's clipping off in the run's
+    deepspeed.json): the gradients the optimizer sees have norm grad_clip when the step's
+    norm was larger (scaled by grad_clip / (norm + 1e-6), DeepSpeed's rule), the logged
+    grad_norm is the norm before clipping, and the optimizer is torch's fused AdamW."""
+    from moe.train.loop import Trainer
+
+    cfg = tiny_cfg(tmp_path, **{"train.max_steps": 3, "train.eval_at_start": False,
+                                "train.grad_clip": 1e-3})
+    t = Trainer(cfg, progress=False)
+    seen = []
+    try:
+        t.setup()
+        t.claim_run_dir(tmp_path / "run", resume=False)
+        t.find_resume_point(resume=False)
+        t.build()
+        t.module.train()
+        assert t.own_clip
+        opt = t.engine.optimizer
+        assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+        step = t.engine.step
+
+        def spy():
+            grads = [p.grad for p in t.module.parameters() if p.grad is not None]
+            seen.append(float(torch.nn.utils.get_total_norm(grads)))
+            return step()
+
+        t.engine.step = spy
+        stats = [t.train_step() for _ in range(2)]
+    finally:
+        t.close()
+    ds = json.loads((tmp_path / "run" / "deepspeed.json").read_text())
+    assert ds["gradient_clipping"] == 0.0
+    assert ds["optimizer"]["params"]["fused"] is True
+    for s, after in zip(stats, seen):
+        assert s.grad_norm > 1e-3  # the raw norm, far above the clip
+        assert after == pytest.approx(1e-3 * s.grad_norm / (s.grad_norm + 1e-6), rel=1e-5)
+
+
+def test_a_peak_handed_down_by_the_ladder_is_used_at_its_thread_count(monkeypatch):
+    """MOE_TESTBED_CPU_FP32_PEAK ("FLOPS@THREADS", set by the ladder's local executor)
+    replaces a run's own fp32 measurement at that thread count only."""
+    from moe.train import metrics
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv(metrics.PEAK_ENV, f"1.5e10@{threads}")
+    assert metrics.matmul_peak("cpu", torch.float32) == (
+        1.5e10, f"measured fp32 matmul ({threads} threads, once per ladder)")
+    calls = []
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda d, t: calls.append(t) or 7.0)
+    assert metrics.matmul_peak("cpu", torch.bfloat16) == (7.0, "measured bf16 matmul")
+    monkeypatch.setenv(metrics.PEAK_ENV, f"1.5e10@{threads + 1}")
+    assert metrics.matmul_peak("cpu", torch.float32) == (7.0, "measured fp32 matmul")
+    assert calls == [torch.bfloat16, torch.float32]
+
+
 def test_run_over_one_epoch_warns_once_and_records_epochs(tmp_path, capsys):
     """Issue 17: repeated data is announced before training and counted in summary.json."""
     from moe.cli import main

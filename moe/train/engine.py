@@ -215,6 +215,9 @@ def deepspeed_config(cfg: Config, world_size: int = 1, device: Optional[str] = N
                 # op build, identical math on CPU and GPU, and a plain state_dict that
                 # loads with torch.load(weights_only=True).
                 "torch_adam": True,
+                # torch's fused AdamW kernel (CPU and CUDA): one pass per parameter instead
+                # of foreach's dozen element-wise ops over every tensor
+                "fused": True,
             },
         },
         "zero_optimization": {"stage": t.zero_stage},

@@ -62,7 +62,7 @@ from .opbuild import OpBuildError
 from .engine import (all_reduce_sum, build_engine, deepspeed_config, device_type,
                      init_process_group, load_optimizer_state, optimizer_state,
                      resolve_precision)
-from .metrics import MetricsLog, measure_matmul_peak, read_rows
+from .metrics import MetricsLog, matmul_peak, read_rows
 
 EXIT_DIVERGED = 3
 
@@ -536,7 +536,12 @@ class Trainer:
         # one precision for every rank: `auto` on CPU is a timing probe, decided on rank 0
         self.precision = _broadcast(resolve_precision(cfg, dev) if is0 else None)
         ds_cfg = deepspeed_config(cfg, par.dp, dev, self.precision)
-        self.own_clip = par.model_parallel and cfg.train.zero_stage == 0
+        # ZeRO 0 clips here, not in DeepSpeed: model-parallel shards need the exact norm
+        # over all of them (par.clip_grad_norm_), and fp32 would otherwise measure the norm
+        # twice (DeepSpeed's clip does not return it; its per-parameter Python loop cost
+        # ~1 ms a step at the CPU ladder's sizes, a few % of a step)
+        self.own_clip = cfg.train.zero_stage == 0 and (par.model_parallel
+                                                       or self.precision == "fp32")
         if self.own_clip:
             ds_cfg["gradient_clipping"] = 0.0  # exact clipping over shards: par.clip_grad_norm_
         if is0:
@@ -574,8 +579,7 @@ class Trainer:
             self.peak, self.peak_src = cfg.train.peak_flops, "config"
         else:
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-            self.peak = float(_broadcast(measure_matmul_peak(dev, dtype)))
-            self.peak_src = f"measured {self.precision} matmul"
+            self.peak, self.peak_src = _broadcast(matmul_peak(dev, dtype))
 
     def restore(self) -> None:
         """Every rank loads its shard (the whole model when not model parallel) and its own
@@ -704,13 +708,9 @@ class Trainer:
 
         grad_norm = None
         if self.own_clip:
-            # reduced gradients -> exact norm over all TP/EP shards, clipped here
+            # reduced gradients (identical on every DP rank) -> exact norm over all TP/EP
+            # shards, clipped here by DeepSpeed's rule
             grad_norm = par.clip_grad_norm_(module, cfg.train.grad_clip)
-        elif cfg.train.zero_stage == 0 and self.precision == "fp32":
-            # DeepSpeed clips fp32/ZeRO-0 grads without recording the norm; measure it on
-            # the already all-reduced grads (identical on every rank).
-            grads = [p.grad for p in module.parameters() if p.grad is not None]
-            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
         step_counts: list[torch.Tensor] = []
 

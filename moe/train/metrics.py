@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -121,6 +122,38 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+# A peak measured once by the process that starts many CPU runs (the ladder's local
+# executor): "FLOPS@THREADS", e.g. "8.3e10@1". Each run would otherwise spend ~2.4 s of a
+# 1-thread core re-measuring the same number (33 runs: ~40 s of a 15-minute ladder).
+PEAK_ENV = "MOE_TESTBED_CPU_FP32_PEAK"
+
+
+def cpu_fp32_peak_env(threads: int) -> str:
+    """The :data:`PEAK_ENV` value for runs with ``threads`` torch threads, measured here
+    now (2048^3 fp32 matmuls at that thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return f"{measure_matmul_peak('cpu', torch.float32):.6e}@{threads}"
+    finally:
+        torch.set_num_threads(before)
+
+
+def matmul_peak(device: str, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from): :data:`PEAK_ENV` when it holds an fp32 CPU peak
+    measured at this process's thread count, else :func:`measure_matmul_peak` now."""
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    given = os.environ.get(PEAK_ENV, "")
+    if device == "cpu" and dtype == torch.float32 and "@" in given:
+        value, threads = given.split("@", 1)
+        try:
+            if int(threads) == torch.get_num_threads():
+                return float(value), f"measured fp32 matmul ({threads} threads, once per ladder)"
+        except ValueError:
+            pass
+    return measure_matmul_peak(device, dtype), f"measured {name} matmul"
 
 
 @functools.lru_cache(maxsize=None)

@@ -159,12 +159,13 @@ def _wait_tracked(reaper: ChildReaper, pid: int, wait, exit_code) -> int:
 
 
 def _train_child(argv: list[str], log_path: str, parent_pid: Optional[int] = None,
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None, env: Optional[dict] = None) -> None:
     # runs in the forked process: own process group, ends when the ladder process is gone
     # (its OS parent is the fork server, so PR_SET_PDEATHSIG alone would not see it)
     from moe.runs.process import watch_parent
 
     os.setpgid(0, 0)
+    os.environ.update(env or {})
     if parent_pid is not None:
         watch_parent(parent_pid)
     if threads is not None:
@@ -195,11 +196,12 @@ def _train_child(argv: list[str], log_path: str, parent_pid: Optional[int] = Non
 
 
 def _train_forked(argv: list[str], log_path: Path, reaper: ChildReaper,
-                  threads: Optional[int] = None) -> int:
-    """`moe-testbed train ARGV` in a process forked from the warm server; its exit code.
-    A run killed by a signal returns 128 + the signal number, as a shell reports it."""
+                  threads: Optional[int] = None, env: Optional[dict] = None) -> int:
+    """`moe-testbed train ARGV` in a process forked from the warm server (``env`` added to
+    its environment); its exit code. A run killed by a signal returns 128 + the signal
+    number, as a shell reports it."""
     p = _forkserver().Process(target=_train_child,
-                              args=(list(argv), str(log_path), os.getpid(), threads))
+                              args=(list(argv), str(log_path), os.getpid(), threads, env))
     p.start()
 
     def wait(timeout):
@@ -235,6 +237,8 @@ class LocalExecutor:
         self.prefix, self.fork, self.jobs = list(prefix), fork, jobs
         self.threads = max(1, usable_cores() // jobs) if jobs > 1 else None
         self._reaper = ChildReaper()
+        self._peak_lock = threading.Lock()
+        self._peak_env: Optional[dict] = None
 
     @classmethod
     def for_ladder(cls, cfg: LadderConfig, train_cmd: Optional[list[str]] = None,
@@ -255,10 +259,28 @@ class LocalExecutor:
         """The full command line that trains a run with ``args``."""
         return self.prefix + list(args)
 
+    def peak_env(self) -> dict:
+        """The environment that hands every forked run one fp32 matmul peak (its MFU
+        denominator), measured here at the runs' thread count before the first run starts
+        instead of by each run (moe.train.metrics.PEAK_ENV); empty on a CUDA machine and
+        for a launcher or custom command (those measure their own)."""
+        with self._peak_lock:
+            if self._peak_env is None and not self.fork:
+                self._peak_env = {}
+            if self._peak_env is None:
+                import torch
+
+                from moe.train.metrics import PEAK_ENV, cpu_fp32_peak_env
+
+                self._peak_env = {} if torch.cuda.is_available() else {
+                    PEAK_ENV: cpu_fp32_peak_env(self.threads or torch.get_num_threads())}
+            return self._peak_env
+
     def run(self, args: list[str], log_path: Path) -> int:
         """Train one run (``args``: config, overrides, --out ...) with its output appended
         to ``log_path``; its exit code."""
         if self.fork:
-            return _train_forked(list(args), log_path, self._reaper, self.threads)
+            return _train_forked(list(args), log_path, self._reaper, self.threads,
+                                 self.peak_env())
         with open(log_path, "ab") as log:
             return _train_subprocess(self.command(args), log, self._reaper, self.threads)
