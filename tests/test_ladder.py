@@ -216,6 +216,25 @@ def test_bad_ladder_configs(tmp_path, body, words):
         plan(cfg, base)
 
 
+def test_one_precision_for_every_run(tmp_path, monkeypatch):
+    """`auto` is pinned once for the whole ladder (fp32 on a CPU machine, bf16 where runs
+    get GPUs), never decided per run; a compare variant that changes the precision is
+    refused naming the runs."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg, base = load_ladder(_ladder(tmp_path, SMALL))
+    assert load_config(base, list(cfg.overrides)).train.precision == "auto"
+    assert {r.precision for r in plan(cfg, base)} == {"fp32"}
+    cfg, base = load_ladder(_ladder(tmp_path, SMALL + "gpus: 1\n"))
+    assert {r.precision for r in plan(cfg, base)} == {"bf16"}
+    body = SMALL + ("compare: {size: s, sparsity: moe4, variants: "
+                    "[{name: half, overrides: [train.precision=bf16]}]}\n")
+    cfg, base = load_ladder(_ladder(tmp_path, body))
+    with pytest.raises(ConfigError, match=r"train.precision differs between runs .*cmp-half"):
+        plan(cfg, base)
+
+
 def test_missing_train_config(tmp_path):
     p = tmp_path / "l.yaml"
     p.write_text("name: x\ntrain_config: nope.yaml\nsizes: []\nsparsities: []\n")

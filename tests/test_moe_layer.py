@@ -193,13 +193,76 @@ def test_dispatch_combine_gradcheck(ends):
     w = torch.rand(T, K, dtype=torch.double, generator=gen, requires_grad=True)
 
     def f(x, w):
-        x_MD, order, inv, _, _ = dispatch(x, idx, E)
+        x_MD, order, inv, _, _, _, rows = dispatch(x, idx, E)
         if ends == "combine":
             return combine(x_MD.sin(), w, order, inv)
         w_M = w.reshape(-1).index_select(0, order)
-        return sum_per_token(x_MD.sin() * w_M[:, None], order, inv, K)
+        return sum_per_token(x_MD.sin() * w_M[:, None], rows)
 
     assert torch.autograd.gradcheck(f, (x, w))
+
+
+def test_padded_segments_layout():
+    """pad_to rounds every expert's segment up to a multiple of it: the real rows keep
+    their order at the start of their segment, padding rows sum into the sink token T
+    (dropped) and copy a real token, and the counts stay the real token copies."""
+    from moe.moe_layer.dispatcher import LocalDispatcher
+
+    gen = torch.Generator().manual_seed(5)
+    T, K, E, D = 37, 3, 6, 4
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    x = torch.randn(T, D, generator=gen)
+    w = torch.rand(T, K, generator=gen)
+    plain = LocalDispatcher(E).dispatch(x, w, idx, True)
+    rows = LocalDispatcher(E).dispatch(x, w, idx, True, 4)
+    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    assert torch.equal(rows.tokens_per_expert_E, counts)
+    assert torch.equal(rows.counts_E, (counts + 3) // 4 * 4)
+    assert torch.equal(rows.offsets_E, torch.cumsum(rows.counts_E, 0).to(torch.int32))
+    starts = (rows.offsets_E - rows.counts_E).tolist()
+    pstarts = (plain.offsets_E - plain.counts_E).tolist()
+    rm = rows.undo.rows
+    for e in range(E):
+        n, s0, p0 = int(counts[e]), starts[e], pstarts[e]
+        assert torch.equal(rows.x_MD[s0:s0 + n], plain.x_MD[p0:p0 + n])
+        assert torch.equal(rows.weights_M[s0:s0 + n], plain.weights_M[p0:p0 + n])
+        pad = slice(s0 + n, s0 + int(rows.counts_E[e]))
+        assert (rm.tok[pad] == T).all() and (rows.weights_M[pad] == 0).all()
+        assert (rm.gather[pad] < T).all()
+
+
+@pytest.mark.parametrize("E,K", [(8, 2), (16, 4)])
+def test_padded_segments_give_the_unpadded_layer(E, K):
+    """The same fp32 layer with its expert segments padded to 16 rows (what bf16 on CPU
+    does) and unpadded: equal outputs and gradients. Not bitwise: a GEMM's blocking, and
+    so the order of its fp32 sums, may change with its row count (rel. 1e-5)."""
+    layer = _layer(D=32, n_routed=E, top_k=K, n_shared=0)
+    x = torch.randn(3, 40, 32, requires_grad=True)
+    g = torch.randn(3, 40, 32)
+    res = []
+    for pad in (0, 16):
+        layer.experts.pad_rows = lambda w2, pad=pad: pad
+        layer.zero_grad()
+        x.grad = None
+        out, _ = layer(x)
+        out.backward(g)
+        res.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_layer_on_cpu_pads_and_follows_fp32():
+    """bf16 on CPU pads the segments (oneDNN builds a primitive per new GEMM shape, see
+    dispatcher.pad_segments); its output follows the fp32 layer's to bf16 precision."""
+    layer = _layer(D=32, n_routed=8, top_k=2, n_shared=0)
+    x = torch.randn(2, 24, 32)
+    ref, _ = layer(x)
+    layer16 = _layer(D=32, n_routed=8, top_k=2, n_shared=0).to(torch.bfloat16)
+    assert layer16.experts.pad_rows(layer16.w2_EFD) == 16
+    assert layer.experts.pad_rows(layer.w2_EFD) == 0
+    out, _ = layer16(x.bfloat16())
+    # bf16 keeps 8 bits of mantissa: relative error ~2^-8 per rounding, a few roundings deep
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
 
 
 def test_sum_per_token_index_add_equals_gather_sum():

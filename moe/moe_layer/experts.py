@@ -16,7 +16,9 @@ The backend is chosen once, when the layer is built or moved (:func:`make_expert
   * :class:`TritonExperts`: the Triton grouped SwiGLU MLP (kernels.grouped_mlp).
 Each takes the dispatcher's :class:`~moe.moe_layer.dispatcher.ExpertRows` and the two
 weights and returns y_MD; ``folds_weights(w2_EFD)`` says whether it wants each row's
-routing weight (then y_MD rows carry it and the combine is a plain sum).
+routing weight (then y_MD rows carry it and the combine is a plain sum), ``pad_rows``
+whether it wants each expert's segment padded to a multiple of that many rows (zero-weight
+rows that add nothing: bf16 on CPU, see dispatcher.pad_segments).
 """
 
 from __future__ import annotations
@@ -106,12 +108,25 @@ def experts_loop(x_MD, counts_E, w13_ED2F, w2_EFD):
     return torch.cat(outs, 0) if outs else x_MD.new_zeros(0, w2_EFD.shape[2])
 
 
+# bf16/fp16 GEMMs on CPU run in oneDNN, which builds a primitive per new shape: segments
+# padded to this many rows keep the set of shapes small (dispatcher.pad_segments)
+CPU_LOW_PRECISION_PAD_ROWS = 16
+
+
 class GroupedMMExperts:
     """torch._grouped_mm over the segments; each row's routing weight scales its
     activation. Shapes torch._grouped_mm refuses run :func:`experts_loop` (unweighted)."""
 
     def folds_weights(self, w2_EFD: torch.Tensor) -> bool:
         return grouped_mm_aligned(w2_EFD)
+
+    def pad_rows(self, w2_EFD: torch.Tensor) -> int:
+        """Segments a multiple of this many rows (0: unpadded): bf16/fp16 on CPU only (fp32
+        CPU GEMMs measured the same padded or not; CUDA has no per-shape build)."""
+        low = w2_EFD.dtype in (torch.bfloat16, torch.float16)
+        if low and w2_EFD.device.type == "cpu" and self.folds_weights(w2_EFD):
+            return CPU_LOW_PRECISION_PAD_ROWS
+        return 0
 
     def __call__(self, rows: ExpertRows, w13_ED2F, w2_EFD) -> torch.Tensor:
         if grouped_mm_aligned(w2_EFD):
@@ -125,6 +140,9 @@ class LoopExperts:
     def folds_weights(self, w2_EFD: torch.Tensor) -> bool:
         return False
 
+    def pad_rows(self, w2_EFD: torch.Tensor) -> int:
+        return 0
+
     def __call__(self, rows: ExpertRows, w13_ED2F, w2_EFD) -> torch.Tensor:
         return experts_loop(rows.x_MD, rows.counts_E, w13_ED2F, w2_EFD)
 
@@ -135,6 +153,9 @@ class TritonExperts:
 
     def folds_weights(self, w2_EFD: torch.Tensor) -> bool:
         return False
+
+    def pad_rows(self, w2_EFD: torch.Tensor) -> int:
+        return 0
 
     def __call__(self, rows: ExpertRows, w13_ED2F, w2_EFD) -> torch.Tensor:
         from kernels.grouped_mlp import grouped_swiglu_mlp_unchecked  # lazy: needs triton

@@ -97,7 +97,8 @@ class MoEFeedForward(nn.Module):
         """Dispatch -> experts -> combine. Returns (out_TD, counts_E): this rank's token
         copies per expert of the layer."""
         fold = self.experts.folds_weights(self.w2_EFD)
-        rows = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK, fold)
+        pad = self.experts.pad_rows(self.w2_EFD)
+        rows = self.dispatcher.dispatch(x_TD, weights_TK, indices_TK, fold, pad)
         y_MD = self.experts(rows, self.w13_ED2F, self.w2_EFD)
         return self.dispatcher.combine(y_MD, rows), rows.tokens_per_expert_E
 

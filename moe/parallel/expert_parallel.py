@@ -95,11 +95,13 @@ class AllToAllDispatcher:
     def for_backend(self, backend: str) -> "AllToAllDispatcher":
         return self
 
-    def dispatch(self, x_TD, weights_TK, indices_TK, fold_weights: bool) -> ExpertRows:
+    def dispatch(self, x_TD, weights_TK, indices_TK, fold_weights: bool,
+                 pad_to: int = 0) -> ExpertRows:
+        """``pad_to`` is not applied: rows travel unpadded (the experts take any counts)."""
         P, El, group = self.ep_size, self.n_local_experts, self.group
         # rows sorted by GLOBAL expert: the rows for EP rank p are contiguous
-        x_MD, counts_E, _, weights_M, slots = sort_tokens(x_TD, weights_TK, indices_TK,
-                                                          self.n_experts, fold_weights)
+        x_MD, counts_E, _, _, weights_M, slots = sort_tokens(x_TD, weights_TK, indices_TK,
+                                                             self.n_experts, fold_weights)
         send_PEl = counts_E.view(P, El)
         recv_PEl = torch.empty_like(send_PEl)
         guarded("all_to_all(counts)", lambda: dist.all_to_all_single(

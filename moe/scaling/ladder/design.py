@@ -162,6 +162,7 @@ class Run:
     train_tokens: Optional[int] = None  # its corpus' training split (attach_epochs)
     epochs: Optional[float] = None  # tokens / train_tokens; None: corpus size unknown
     epochs_exact: bool = False  # False: from an estimated corpus size (--dry-run)
+    precision: str = ""  # the run's train.precision (one for the whole ladder)
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
@@ -318,7 +319,8 @@ def _runs_of(cfg: LadderConfig, base: Path, base_cfg, name: str, size: SizeSpec,
     validated, its tokens rounded to whole steps, its LR, warm-up and seed."""
     isoflop = cfg.tokens.mode == "isoflop"
     out: list[Run] = []
-    ov = list(cfg.overrides) + size_overrides(size, sp, cfg.ffn_ratio) + list(extra)
+    ov = (list(cfg.overrides) + ladder_precision(cfg, base_cfg)
+          + size_overrides(size, sp, cfg.ffn_ratio) + list(extra))
     probe = load_config(base, ov + [f"name={name}"])
     c = count_params(probe)
     tok_per_step = probe.train.micro_batch_size * probe.train.seq_len * probe.train.grad_accum
@@ -349,8 +351,35 @@ def _runs_of(cfg: LadderConfig, base: Path, base_cfg, name: str, size: SizeSpec,
                        seed=rseed, flop_budget=flop_budget,
                        repeat_of=(f"{repeat_of}-c{cfg.tokens.budgets.index(flop_budget)}"
                                   if repeat_of and isoflop else repeat_of),
-                       fingerprint=config_fingerprint(exact), data_key=dkey))
+                       fingerprint=config_fingerprint(exact), data_key=dkey,
+                       precision=exact.train.precision))
     return out
+
+
+def ladder_precision(cfg: LadderConfig, base_cfg) -> list[str]:
+    """The override that pins ``train.precision`` for every run when the base config says
+    `auto` (else none): bf16 where the runs get GPUs (``gpus`` > 0 or CUDA here), fp32 on
+    CPU. A ladder never lets `auto` decide per run: on CPU that is a timing probe of each
+    run's own model, which can pick differently at different sizes, and a law fitted across
+    a precision change fits the change too. fp32 on CPU is the measured choice at the CPU
+    ladders' sizes (benchmarks/results/ladder_step_cpu.md: bf16 steps slower at every size);
+    set ``train.precision=bf16`` in the ladder's overrides to train a CPU ladder in bf16."""
+    if base_cfg.train.precision != "auto":
+        return []
+    import torch
+
+    gpu = cfg.gpus > 0 or torch.cuda.is_available()
+    return [f"train.precision={'bf16' if gpu else 'fp32'}"]
+
+
+def _check_one_precision(runs: list[Run]) -> None:
+    """Every run of a ladder trains in one precision (a compare variant may not change it):
+    a loss law fitted across sizes trained in different precisions fits the change too."""
+    kinds = sorted({r.precision for r in runs})
+    if len(kinds) > 1:
+        by = {k: [r.name for r in runs if r.precision == k][:3] for k in kinds}
+        raise ConfigError(f"train.precision differs between runs ({by}): allowed one "
+                          "precision for every run of a ladder")
 
 
 def plan(cfg: LadderConfig, base: Path) -> list[Run]:
@@ -391,6 +420,7 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
                 make(f"cmp-{v.name}", size, sp, v.overrides, "compare")
             except ConfigError as exc:
                 raise ConfigError(f"ladder compare variant {v.name}: {exc}") from None
+    _check_one_precision(runs)
     names = [r.name for r in runs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
