@@ -365,9 +365,10 @@ def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, ds_confi
     deepspeed = import_deepspeed()
     # build/load DeepSpeed's C++ ops ourselves first: a stale build lock is removed or
     # named instead of hanging inside init_distributed (see moe.train.opbuild)
-    from .opbuild import ensure_deepspeed_ops
+    from .opbuild import ensure_deepspeed_ops, skip_comm_op_for_one_process
 
-    ensure_deepspeed_ops(cfg.data.cache_dir)
+    if not skip_comm_op_for_one_process(torch.distributed.get_world_size()):
+        ensure_deepspeed_ops(cfg.data.cache_dir)
     deepspeed.init_distributed(
         dist_backend="nccl" if device_type() == "cuda" else "gloo",
         timeout=timedelta(seconds=cfg.parallel.timeout_s))
