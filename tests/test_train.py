@@ -371,6 +371,34 @@ def test_fp32_zero0_clips_once_by_deepspeeds_rule_with_the_fused_optimizer(tmp_p
         assert after == pytest.approx(1e-3 * s.grad_norm / (s.grad_norm + 1e-6), rel=1e-5)
 
 
+def test_one_process_skips_deepspeeds_gradient_allreduce_bitwise(tmp_path):
+    """A world of one turns off DeepSpeed's gradient all-reduce (a flatten, a reduce over
+    one rank and a copy back): the same losses and weights, bit for bit, as with it on
+    (grad_accum 2, so the boundary and off-boundary micro-steps both run)."""
+    from moe.train.loop import Trainer
+
+    res = []
+    for allreduce in (None, True):
+        cfg = tiny_cfg(tmp_path, **{"train.max_steps": 4, "train.eval_at_start": False,
+                                    "train.grad_accum": 2})
+        t = Trainer(cfg, progress=False)
+        try:
+            t.setup()
+            t.claim_run_dir(tmp_path / f"run-{allreduce}", resume=False)
+            t.find_resume_point(resume=False)
+            t.build()
+            assert t.engine.enable_backward_allreduce is False
+            if allreduce:
+                t.engine.enable_backward_allreduce = True
+            t.module.train()
+            losses = [t.train_step().acc[0].item() for _ in range(3)]
+            res.append((losses, {k: v.clone() for k, v in t.module.state_dict().items()}))
+        finally:
+            t.close()
+    (la, wa), (lb, wb) = res
+    assert la == lb and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_a_peak_handed_down_by_the_ladder_is_used_at_its_thread_count(monkeypatch):
     """MOE_TESTBED_CPU_FP32_PEAK ("FLOPS@THREADS", set by the ladder's local executor)
     replaces a run's own fp32 measurement at that thread count only."""
