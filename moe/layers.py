@@ -78,7 +78,14 @@ def _positions(rotary: "Rotary", pos: int, S: int, device) -> tuple[torch.Tensor
 
 
 def _attend(q, k, v, pos: int, **kw) -> torch.Tensor:
-    """Causal SDPA of S new queries at positions pos.. over T = pos + S keys."""
+    """Causal SDPA of S new queries at positions pos.. over T = pos + S keys.
+
+    bf16 on CPU attends in fp32 (inputs cast up, the output back down): torch's CPU flash
+    attention backward in bf16 took 38.7 ms a step against 7.7 ms in fp32 at the CPU
+    ladder's largest size (benchmarks/results/ladder_step_cpu.jsonl, s9-dense), five
+    times slower for the same work."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return _attend(q.float(), k.float(), v.float(), pos, **kw).to(q.dtype)
     S, T = q.shape[2], k.shape[2]
     if pos == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
