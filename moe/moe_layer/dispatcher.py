@@ -123,15 +123,26 @@ class RowMap:
     """Where each expert row comes from: ``gather`` the token each row copies (a real
     token for a padding row), ``tok`` the token each row sums into (T for a padding row:
     a sink dropped by the sum), ``slot_rows`` the row of each token slot t*K + k, ``T``
-    tokens, ``padded`` whether there are padding rows."""
+    tokens, ``pos_M`` the row of each expert-sorted copy when there are padding rows
+    (None: none, rows are the sorted copies)."""
     gather: torch.Tensor
     tok: torch.Tensor
     slot_rows: torch.Tensor
     T: int
-    padded: bool
+    pos_M: Optional[torch.Tensor] = None
+
+    @property
+    def padded(self) -> bool:
+        return self.pos_M is not None
 
     def sum_per_token(self, v_RD: torch.Tensor) -> torch.Tensor:
         return _sum_rows_per_token(v_RD, self.tok, self.slot_rows, self.T, sink=self.padded)
+
+    def place(self, v_M: torch.Tensor) -> torch.Tensor:
+        """Values of the sorted copies at their rows, 0 on padding rows (differentiable)."""
+        if self.pos_M is None:
+            return v_M
+        return v_M.new_zeros(self.tok.numel()).index_put((self.pos_M,), v_M)
 
 
 def pad_segments(order_M: torch.Tensor, counts_E: torch.Tensor, offsets_E: torch.Tensor,
@@ -148,7 +159,8 @@ def pad_segments(order_M: torch.Tensor, counts_E: torch.Tensor, offsets_E: torch
     pc_E = (counts_E + pad_to - 1) // pad_to * pad_to
     poffs_E = torch.cumsum(pc_E, 0)
     shift_E = (poffs_E - pc_E) - (offsets_E.to(torch.int64) - counts_E)
-    pos_M = torch.arange(order_M.numel(), device=order_M.device) + shift_E.index_select(0, experts_M)
+    pos_M = (torch.arange(order_M.numel(), device=order_M.device)
+             + shift_E.index_select(0, experts_M))
     return pos_M, pc_E, poffs_E.to(torch.int32), int(poffs_E[-1]) if poffs_E.numel() else 0
 
 
@@ -165,14 +177,14 @@ def dispatch(x_TD: torch.Tensor, indices_TK: torch.Tensor, n_experts: int, pad_t
     tok_M = order_M // K
     segments_E = counts_E
     if pad_to <= 1:
-        rows = RowMap(tok_M, tok_M, inv_M, T, False)
+        rows = RowMap(tok_M, tok_M, inv_M, T)
     else:
         experts_M = indices_TK.reshape(-1).index_select(0, order_M)
         pos_M, segments_E, offsets_E, R = pad_segments(order_M, counts_E, offsets_E,
                                                        experts_M, pad_to)
         tok_R = torch.full((R,), T, dtype=tok_M.dtype, device=tok_M.device)
         tok_R[pos_M] = tok_M
-        rows = RowMap(tok_R.clamp_max(T - 1), tok_R, pos_M.index_select(0, inv_M), T, True)
+        rows = RowMap(tok_R.clamp_max(T - 1), tok_R, pos_M.index_select(0, inv_M), T, pos_M)
     return _Dispatch.apply(x_TD, rows), order_M, inv_M, counts_E, segments_E, offsets_E, rows
 
 
@@ -228,18 +240,14 @@ class ExpertRows:
 def sort_tokens(x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
                 n_experts: int, fold_weights: bool, pad_to: int = 0):
     """(x_RD, counts_E, segments_E, offsets_E, weights_R or None, SortedSlots):
-    :func:`dispatch` plus
-    each row's routing weight when the experts fold it in (``fold_weights``; 0 on padding
-    rows). ``pad_to`` (rows per segment a multiple of it) needs ``fold_weights``: only the
-    plain per-token sum knows padding rows."""
+    :func:`dispatch` plus each row's routing weight when the experts fold it in
+    (``fold_weights``; 0 on padding rows). ``pad_to`` (rows per segment a multiple of
+    it) needs ``fold_weights``: only the plain per-token sum knows padding rows."""
     if pad_to > 1 and not fold_weights:
         raise ValueError("padded expert segments need the experts to fold the weights")
     x_RD, order_M, inv_M, counts_E, segments_E, offsets_E, rows = dispatch(
         x_TD, indices_TK, n_experts, pad_to)
-    weights_R = weights_by_row(weights_TK, order_M) if fold_weights else None
-    if weights_R is not None and rows.padded:
-        pos_M = rows.slot_rows.index_select(0, order_M)
-        weights_R = weights_R.new_zeros(rows.tok.numel()).index_put((pos_M,), weights_R)
+    weights_R = rows.place(weights_by_row(weights_TK, order_M)) if fold_weights else None
     slots = SortedSlots(order_M, inv_M, None if fold_weights else weights_TK, rows)
     return x_RD, counts_E, segments_E, offsets_E, weights_R, slots
 

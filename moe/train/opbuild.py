@@ -1,6 +1,6 @@
 """DeepSpeed's first-use C++ op build, made safe against an interrupted build.
 
-On a CPU box every ``train`` loads DeepSpeed's shared-memory comm op
+On a CPU box every multi-process ``train`` loads DeepSpeed's shared-memory comm op
 (``ShareMemCommBuilder``, built on first use by ``torch.utils.cpp_extension.load``; ~20 s
 on a 2-core box). torch guards the build with a ``lock`` file in the op's build directory
 (``FileBaton``: created with O_EXCL, removed when the build ends) and every other process

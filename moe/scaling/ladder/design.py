@@ -313,14 +313,15 @@ def _token_budgets(cfg: LadderConfig, c) -> list[tuple[float, Optional[float]]]:
     return out
 
 
-def _runs_of(cfg: LadderConfig, base: Path, base_cfg, name: str, size: SizeSpec,
-             sp: SparsitySpec, extra, group: str, seed=None, repeat_of="") -> list[Run]:
+def _runs_of(cfg: LadderConfig, base: Path, base_cfg, base_ov: list[str], name: str,
+             size: SizeSpec, sp: SparsitySpec, extra, group: str, seed=None,
+             repeat_of="") -> list[Run]:
     """The runs of one size x sparsity (one per token budget), each with its exact config
-    validated, its tokens rounded to whole steps, its LR, warm-up and seed."""
+    validated, its tokens rounded to whole steps, its LR, warm-up and seed. ``base_ov``:
+    the ladder's overrides with its precision pinned (:func:`ladder_precision`)."""
     isoflop = cfg.tokens.mode == "isoflop"
     out: list[Run] = []
-    ov = (list(cfg.overrides) + ladder_precision(cfg, base_cfg)
-          + size_overrides(size, sp, cfg.ffn_ratio) + list(extra))
+    ov = list(base_ov) + size_overrides(size, sp, cfg.ffn_ratio) + list(extra)
     probe = load_config(base, ov + [f"name={name}"])
     c = count_params(probe)
     tok_per_step = probe.train.micro_batch_size * probe.train.seq_len * probe.train.grad_accum
@@ -362,7 +363,8 @@ def ladder_precision(cfg: LadderConfig, base_cfg) -> list[str]:
     CPU. A ladder never lets `auto` decide per run: on CPU that is a timing probe of each
     run's own model, which can pick differently at different sizes, and a law fitted across
     a precision change fits the change too. fp32 on CPU is the measured choice at the CPU
-    ladders' sizes (benchmarks/results/ladder_step_cpu.md: bf16 steps slower at every size);
+    ladders' sizes (benchmarks/results/ladder_step_cpu.md: bf16 steps faster for dense at
+    d 48-64 but slower for MoE at every size);
     set ``train.precision=bf16`` in the ladder's overrides to train a CPU ladder in bf16."""
     if base_cfg.train.precision != "auto":
         return []
@@ -389,10 +391,11 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
     (TokenSpec, LRSpec, ScheduleSpec), recorded on the Run and in results.csv.
     """
     base_cfg = load_config(base, list(cfg.overrides))
+    base_ov = list(cfg.overrides) + ladder_precision(cfg, base_cfg)
 
     def make(name, size, sp, extra, group, seed=None, repeat_of=""):
-        runs.extend(_runs_of(cfg, base, base_cfg, name, size, sp, extra, group, seed,
-                             repeat_of))
+        runs.extend(_runs_of(cfg, base, base_cfg, base_ov, name, size, sp, extra, group,
+                             seed, repeat_of))
 
     runs: list[Run] = []
     for size in cfg.sizes:

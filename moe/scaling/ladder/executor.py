@@ -265,15 +265,14 @@ class LocalExecutor:
         instead of by each run (moe.train.metrics.PEAK_ENV); empty on a CUDA machine and
         for a launcher or custom command (those measure their own)."""
         with self._peak_lock:
-            if self._peak_env is None and not self.fork:
-                self._peak_env = {}
             if self._peak_env is None:
                 import torch
 
                 from moe.train.metrics import PEAK_ENV, cpu_fp32_peak_env
 
-                self._peak_env = {} if torch.cuda.is_available() else {
-                    PEAK_ENV: cpu_fp32_peak_env(self.threads or torch.get_num_threads())}
+                cpu_forks = self.fork and not torch.cuda.is_available()
+                self._peak_env = {PEAK_ENV: cpu_fp32_peak_env(
+                    self.threads or torch.get_num_threads())} if cpu_forks else {}
             return self._peak_env
 
     def run(self, args: list[str], log_path: Path) -> int:
