@@ -38,13 +38,9 @@ def _private_process_group():
     had = dist.is_available() and dist.is_initialized()
     yield
     if not had and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        try:
-            import deepspeed.comm.comm as ds_comm
+        from moe.parallel import release_groups
 
-            ds_comm.cdb = None
-        except ImportError:
-            pass
+        release_groups()  # with the groups megatron and DeepSpeed cached
 
 
 def _config(p: Path, text: str | bytes = "name: bad\n", name: str = "c.yaml") -> Path:

@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from moe import ConfigError, ParallelConfig, build_model, load_config
+from moe.parallel import release_groups
 
 pytestmark = pytest.mark.multiproc
 
@@ -63,7 +64,7 @@ def _worker(rank, world, port, extra, path):
     dist.all_gather_object(gathered, {"grads": grads, "biases": biases})
     if rank == 0:
         torch.save({"loss": loss / world, "ranks": gathered}, path)
-    dist.destroy_process_group()
+    release_groups()
 
 
 def _free_port():
@@ -140,7 +141,7 @@ def _tp_worker(rank, world, port, path, extra=("model.n_kv_heads=2",)):
     dist.all_gather_object(gathered, {"loss": out["loss"].detach(), "grads": grads})
     if rank == 0:
         torch.save(gathered, path)
-    dist.destroy_process_group()
+    release_groups()
 
 
 @pytest.mark.parametrize("attn", ["gqa", "mla"])
@@ -201,7 +202,7 @@ def _topo_worker(rank, world, port, path):
     dist.all_gather_object(gathered, out)
     if rank == 0:
         torch.save(gathered, path)
-    dist.destroy_process_group()
+    release_groups()
 
 
 def test_topology_groups_and_deepspeed_mpu(tmp_path):

@@ -15,8 +15,9 @@ from .plan import ParallelPlan, plan_parallel
 from .expert_parallel import (all_to_all, apply_expert_parallel, average_gradients,
                               count_all_reduce, expert_param_names, guarded)
 from .tensor_parallel import apply_tensor_parallel
-from .topology import MegatronMPU, Topology, check_layout, init_topology
+from .topology import (MegatronMPU, Topology, check_layout, forget_groups, init_topology,
+                       release_groups)
 
 __all__ = ["Topology", "check_layout", "init_topology", "apply_tensor_parallel", "apply_expert_parallel",
            "all_to_all", "count_all_reduce", "expert_param_names", "average_gradients",
-           "guarded", "MegatronMPU", "ParallelPlan", "plan_parallel"]
+           "guarded", "MegatronMPU", "forget_groups", "release_groups", "ParallelPlan", "plan_parallel"]

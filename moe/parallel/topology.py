@@ -89,6 +89,48 @@ def init_topology(parallel: ParallelConfig, world_size: int | None = None,
     return topo
 
 
+def forget_groups() -> None:
+    """Drop the process groups megatron's parallel_state and DeepSpeed's comm backend and
+    utils.groups cache in this process. After a default group was destroyed (a test module
+    or notebook that tore its group down) they would otherwise hand a new engine groups
+    that are no longer registered ("Group ... is not registered")."""
+    import sys
+
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None:
+        comm.cdb = None
+    g = sys.modules.get("deepspeed.utils.groups")
+    if g is not None:
+        for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS",
+                     "_EXPERT_DATA_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+                     "_ALL_TO_ALL_GROUP"):
+            if isinstance(getattr(g, name, None), dict):
+                getattr(g, name).clear()
+        for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "mpu",
+                     "_TENSOR_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP",
+                     "_DATA_PARALLEL_GROUP"):
+            if hasattr(g, name):
+                setattr(g, name, None)
+
+
+def release_groups() -> None:
+    """Tear the process groups down while the interpreter is whole: forget the cached
+    subgroups, then destroy every group. A worker that only destroyed the default group
+    left megatron's and DeepSpeed's subgroup objects to die during interpreter shutdown,
+    and once in CI (test_topology_groups_and_deepspeed_mpu) rank 0 aborted there with
+    "terminate called without an active exception" after its work was done."""
+    import gc
+
+    forget_groups()
+    if dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still talks to rank 0's store
+        dist.destroy_process_group()
+    gc.collect()  # the groups' C++ objects (and their threads) go now, not at exit
+
+
 class MegatronMPU:
     """What DeepSpeed's ``mpu=`` argument expects, backed by megatron-core's groups.
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
-from ..parallel.topology import import_deepspeed
+from ..parallel.topology import forget_groups, import_deepspeed
 
 
 # --------------------------------------------------------------------------------------
@@ -290,33 +290,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _forget_stale_groups() -> None:
-    """Drop process groups cached from a destroyed default group in this process (a test
-    module or notebook that tore its group down): megatron's parallel_state and
-    DeepSpeed's comm backend and utils.groups would otherwise hand the new engine groups
-    that are no longer registered ("Group ... is not registered")."""
-    import sys
-
-    ps = sys.modules.get("megatron.core.parallel_state")
-    if ps is not None and ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    comm = sys.modules.get("deepspeed.comm.comm")
-    if comm is not None:
-        comm.cdb = None
-    g = sys.modules.get("deepspeed.utils.groups")
-    if g is not None:
-        for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS",
-                     "_EXPERT_DATA_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
-                     "_ALL_TO_ALL_GROUP"):
-            if isinstance(getattr(g, name, None), dict):
-                getattr(g, name).clear()
-        for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "mpu",
-                     "_TENSOR_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP",
-                     "_DATA_PARALLEL_GROUP"):
-            if hasattr(g, name):
-                setattr(g, name, None)
-
-
 def init_process_group(timeout_s: int) -> tuple[int, int]:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU) if not done; return (rank, world).
 
@@ -324,7 +297,7 @@ def init_process_group(timeout_s: int) -> tuple[int, int]:
     local port. ``timeout_s`` bounds every collective, so a dead rank fails the job.
     """
     if not dist.is_initialized():
-        _forget_stale_groups()  # a group destroyed earlier in this process
+        forget_groups()  # a group destroyed earlier in this process
         backend = "nccl" if device_type() == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / deepspeed launcher
