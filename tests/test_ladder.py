@@ -43,18 +43,23 @@ holdout: [s-moe4]
 
 
 def test_cpu_ladder_plan_uses_model_accounting():
+    """configs/ladder/cpu.yaml under the design rules of issue 25: one head width, at least
+    500 steps per run, equal compute across the levels at a size, three seeds at the two
+    largest sizes of every level, the balancing comparison at its own seeds."""
     cfg, base = load_ladder(ROOT / "configs/ladder/cpu.yaml")
     runs = plan(cfg, base)
     grid = [r for r in runs if r.group == "grid"]
-    assert len(grid) >= 9
+    assert len(grid) >= 18
     for r in runs:
         c = count_params(load_config(base, r.overrides))  # the exact config the run trains
         assert r.counts == c.as_dict()
         assert r.flops == r.tokens * c.flops_per_token_train
-    # sparsity keeps ACTIVE params (up to the router) and grows TOTAL params within a size
+        m = load_config(base, r.overrides).model
+        assert m.d_model // m.n_heads == cfg.head_dim == 8
+        assert r.steps >= 500
     by = {r.name: r for r in grid}
     sizes = [s.name for s in cfg.sizes]
-    assert len(sizes) >= 5
+    assert len(sizes) >= 6
     for spec in cfg.sizes:
         size = spec.name
         d, m8, m32 = by[f"{size}-dense"], by[f"{size}-moe8"], by[f"{size}-moe32"]
@@ -62,17 +67,21 @@ def test_cpu_ladder_plan_uses_model_accounting():
         for m, e in ((m8, 8), (m32, 32)):
             assert m.counts["active"] - d.counts["active"] == spec.n_layers * spec.d_model * e
         assert d.counts["total"] < m8.counts["total"] < m32.counts["total"]
-        # the design rules: 20 tokens per active non-embedding parameter, each run its own
-        c = d.counts
-        assert 20 <= d.tokens / c["active_nonembed"] < 20.2
+        # 20 tokens per active non-embedding parameter for dense; its FLOPs for every level
+        assert 20 <= d.tokens / d.counts["active_nonembed"] < 20.2
+        assert max(abs(m.flops / d.flops - 1) for m in (m8, m32)) < 2e-3
     act = [by[f"{s}-dense"].counts["active_nonembed"] for s in (sizes[0], sizes[-1])]
     assert act[1] / act[0] >= 8  # >= 8x in non-embedding active params
-    # non-embedding params are most of the active ones from the second size up
-    assert all(by[f"{s}-dense"].counts["active_nonembed"] / by[f"{s}-dense"].counts["active"] > 0.5
-               for s in sizes[1:])
-    assert {r.repeat_of for r in runs if r.group == "seed"} >= {f"{sizes[6]}-dense"}
-    # the top size is held out at every level, dense included (its extrapolation is checked
-    # like the MoE ones')
+    seeds = {}
+    for r in runs:
+        if r.group == "seed":
+            seeds.setdefault(r.repeat_of, []).append(r.seed)
+    assert {k: len(v) for k, v in seeds.items()} == {
+        f"{s}-{p.name}": 2 for s in sizes[-2:] for p in cfg.sparsities}
+    cmp_runs = [r for r in runs if r.group == "compare"]
+    assert len({r.repeat_of for r in cmp_runs}) == 2 and len(cmp_runs) >= 6
+    assert not {r.seed for r in cmp_runs} & {r.seed for r in runs if r.group != "compare"}
+    # the top size is held out at every level, dense included
     assert [r.name for r in grid if r.held_out] == [f"{sizes[-1]}-dense", f"{sizes[-1]}-moe8",
                                                     f"{sizes[-1]}-moe32"]
     text = format_plan(cfg, runs)
@@ -209,6 +218,11 @@ def test_results_never_pair_new_params_with_an_old_loss(tmp_path, monkeypatch):
     (SMALL.replace("d_model: 32", "d_model: 30"), "ladder run s-dense"),  # head dim 15: odd, error names the run
     (SMALL.replace("mode: fixed", "mode: lots"), "tokens.mode='lots'"),
     (SMALL.replace("n_heads: 2}", "n_heads: 3}"), "model.n_heads=3"),
+    (SMALL + "head_dim: 5\n", r"sizes[0].d_model=16 is invalid with head_dim=5"),
+    (SMALL + "head_dim: 4\n", r"sizes[0].n_heads=2 is invalid with head_dim=4: allowed 4"),
+    (SMALL.replace(", n_heads: 2}", "}"), r"sizes[0].n_heads=0 is invalid"),
+    (SMALL + "schedule: {min_steps: -1}\n", "schedule.min_steps=-1"),
+    (SMALL + "compare: {size: s, sparsity: dense, seeds: [1, 1]}\n", "compare.seeds=[1, 1]"),
 ])
 def test_bad_ladder_configs(tmp_path, body, words):
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("?", r"\?")):
@@ -299,7 +313,7 @@ def test_real_tiny_ladder_end_to_end(tmp_path, monkeypatch):
     assert before == {p: p.stat().st_mtime for p in out.glob("runs/*/summary.json")}
 
 
-@pytest.mark.parametrize("name", ["cpu", "cpu-isoflop", "cpu-seeds", "h100", "multinode"])
+@pytest.mark.parametrize("name", ["cpu", "cpu-isoflop", "h100", "multinode"])
 def test_shipped_ladders_plan_and_dry_run(name, capsys):
     from moe.scaling.ladder.command import ladder_main
     from moe.scaling.ladder.executor import default_train_cmd
@@ -387,6 +401,113 @@ def test_isoflop_token_rule(tmp_path):
     assert len({r.name.rsplit("-c", 1)[0] for r in runs}) < len(runs)
     with pytest.raises(ConfigError, match="tokens.budgets"):
         load_ladder(_ladder(tmp_path, body.replace("budgets: [2.0e+10, 8.0e+10]", "budgets: []")))
+
+
+DESIGN = """
+name: d
+overrides: [model.vocab_size=512, mtp.depth=0, train.seq_len=32, train.micro_batch_size=16]
+head_dim: 8
+sizes:
+  - {name: xs, d_model: 16, n_layers: 2}
+  - {name: s, d_model: 32, n_layers: 2}
+sparsities:
+  - {name: dense}
+  - {name: moe4, n_routed: 4, top_k: 2}
+  - {name: moe16, n_routed: 16, top_k: 2}
+tokens: {mode: per_active_param, value: 20, equal_compute: true}
+schedule: {warmup_fraction: 0.1, min_steps: 400}
+compare:
+  size: xs
+  sparsity: moe4
+  seeds: [11, 12]
+  variants:
+    - {name: aux, overrides: [moe.balancing=aux_loss]}
+    - {name: free, overrides: [moe.balancing=aux_free]}
+"""
+
+
+def test_head_width_steps_and_equal_compute_rules(tmp_path):
+    """head_dim gives every size one head width; min_steps shrinks the micro-batch of a run
+    that would take fewer steps (the same batch for every level at a size, the config's
+    where it already gives enough); equal_compute gives every level at a size the dense
+    level's training FLOPs (its own tokens), up to whole-step rounding."""
+    from moe.scaling.ladder.design import design_notes
+
+    cfg, base = load_ladder(_ladder(tmp_path, DESIGN))
+    runs = plan(cfg, base)
+    grid = [r for r in runs if r.group == "grid"]
+    for r in runs:
+        run_cfg = load_config(base, r.overrides)
+        assert run_cfg.model.d_model // run_cfg.model.n_heads == 8
+        assert run_cfg.train.micro_batch_size == r.micro_batch
+        assert r.steps >= 400 and r.steps == r.tokens // (r.micro_batch * 32)
+        c = count_params(run_cfg)
+        assert r.flops == r.tokens * c.flops_per_token_train
+    for size in ("xs", "s"):
+        cell = [r for r in grid if r.size == size]
+        dense = next(r for r in cell if r.n_experts == 0)
+        assert len({r.micro_batch for r in cell}) == 1
+        mb = dense.micro_batch
+        # the largest micro-batch <= 16 that still gives 400 steps at 20 tokens / param
+        want = 20 * dense.counts["active_nonembed"]
+        assert want / (mb * 32) >= 400 and (mb == 16 or want / ((mb + 1) * 32) < 400)
+        for r in cell:  # equal FLOPs: within one step of the run's own tokens
+            step_flops = r.micro_batch * 32 * r.flops / r.tokens
+            assert abs(r.flops - dense.flops) <= step_flops
+            if r.n_experts:  # MoE pays more FLOPs per token (router): fewer tokens
+                assert r.tokens < dense.tokens
+    assert {r.micro_batch for r in grid} != {16}  # xs needed a smaller batch
+    cmp_runs = [r for r in runs if r.group == "compare"]
+    assert [(r.name, r.repeat_of, r.seed) for r in cmp_runs] == [
+        ("cmp-aux-seed11", "cmp-aux", 11), ("cmp-aux-seed12", "cmp-aux", 12),
+        ("cmp-free-seed11", "cmp-free", 11), ("cmp-free-seed12", "cmp-free", 12)]
+    notes = "\n".join(design_notes(cfg, runs))
+    assert "head width 8 at every size" in notes and "at least 400 steps per run" in notes
+    assert "differ in training FLOPs by at most" in notes and "equal_compute" in notes
+    # without equal_compute each level trains on its own 20 tokens / param: more FLOPs
+    cfg, base = load_ladder(_ladder(tmp_path, DESIGN.replace(", equal_compute: true", "")))
+    by = {r.name: r for r in plan(cfg, base)}
+    assert by["s-moe16"].flops > by["s-dense"].flops * 1.005
+
+
+def test_isoflop_levels_share_their_budgets(tmp_path):
+    """At a size every level trains at the same budgets (the reference level's ratio window
+    decides), so no budget compares a size's dense run with nothing."""
+    body = DESIGN.replace("tokens: {mode: per_active_param, value: 20, equal_compute: true}",
+                          "tokens: {mode: isoflop, budgets: [1.0e+10, 3.0e+10, 1.0e+11], "
+                          "min_ratio: 5, max_ratio: 60}")
+    cfg, base = load_ladder(_ladder(tmp_path, body))
+    cells: dict = {}
+    for r in plan(cfg, base):
+        if r.group == "grid":
+            cells.setdefault(r.size, {}).setdefault(r.sparsity, set()).add(r.flop_budget)
+    for size, levels in cells.items():
+        assert len({frozenset(b) for b in levels.values()}) == 1, (size, levels)
+
+
+def test_compare_variants_are_paired_by_seed():
+    """Variants over seeds: mean ± SE per variant, and the paired difference to the first
+    variant in loss and MaxVio (runs with the same seed paired)."""
+    from moe.scaling.analysis.runs import compare_variants
+
+    rows = []
+    for seed, (la, lf, ma, mf) in {11: (3.00, 3.01, 0.30, 0.10), 12: (3.10, 3.12, 0.32, 0.11),
+                                   13: (2.95, 2.95, 0.28, 0.12)}.items():
+        rows += [{"name": f"cmp-aux-seed{seed}", "repeat_of": "cmp-aux", "seed": seed,
+                  "final_eval_loss": la, "maxvio": ma},
+                 {"name": f"cmp-free-seed{seed}", "repeat_of": "cmp-free", "seed": seed,
+                  "final_eval_loss": lf, "maxvio": mf}]
+    v = compare_variants(rows)
+    assert [x["variant"] for x in v] == ["cmp-aux", "cmp-free"] and v[0]["vs"] is None
+    assert v[0]["loss"]["mean"] == pytest.approx((3.00 + 3.10 + 2.95) / 3)
+    assert v[1]["maxvio"]["mean"] == pytest.approx(0.11)
+    assert v[1]["maxvio"]["se"] == pytest.approx(0.01 / 3 ** 0.5)
+    pm = v[1]["paired_maxvio"]
+    assert pm["diffs"] == pytest.approx([-0.20, -0.21, -0.16]) and pm["p"] < 0.01
+    pl = v[1]["paired_loss"]
+    assert pl["diffs"] == pytest.approx([0.01, 0.02, 0.0]) and pl["lo"] < 0 < pl["hi"]
+    # one run per variant: nothing to average, no summary
+    assert compare_variants([r for r in rows if r["seed"] == 11]) is None
 
 
 def test_seed_runs_must_be_grid_runs(tmp_path):

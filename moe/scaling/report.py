@@ -477,7 +477,32 @@ def _compare(f) -> list[str]:
     md += [f"| {c['run']} | {_fmt(c['loss'], 5)} | {_fmt(c['maxvio'], 3)} | "
            f"{'not measured' if c['tokens_per_s'] is None else format(c['tokens_per_s'], '.0f')}"
            " |" for c in f["compare"]]
-    return md + [""]
+    md.append("")
+    variants = f.get("compare_variants")  # absent from fits.json files before it existed
+    if variants:
+        def ms(x, d):
+            return "-" if x["mean"] is None else (
+                f"{x['mean']:.{d}f}" + ("" if x["se"] is None else f" ± {x['se']:.{d}f}"))
+
+        def pt(p):
+            if p is None:
+                return "no paired test (< 2 common seeds)"
+            return (f"{fmt_iv(p['mean'], p['lo'], p['hi'])}, p = {_fmt(p['p'], 2)} "
+                    f"(n {p['n']})")
+
+        md += ["Over seeds (mean ± standard error; each variant paired by seed with the "
+               f"first, {variants[0]['variant']}: difference = this variant - it, "
+               f"{f['settings']['level'] * 100:.0f}% t interval, two-sided paired t-test):\n",
+               "| variant | runs | eval loss | MaxVio | loss difference | MaxVio difference |",
+               "| --- | --- | --- | --- | --- | --- |"]
+        for v in variants:
+            first = v["vs"] is None
+            md.append(f"| {v['variant']} | {v['loss']['n']} | {ms(v['loss'], 4)} | "
+                      f"{ms(v['maxvio'], 3)} | "
+                      f"{'-' if first else pt(v['paired_loss'])} | "
+                      f"{'-' if first else pt(v['paired_maxvio'])} |")
+        md.append("")
+    return md
 
 
 def _maxvio(f) -> list[str]:

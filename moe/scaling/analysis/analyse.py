@@ -12,8 +12,9 @@ from typing import Sequence
 from moe.scaling.analysis.kinds import (CHIN, COMPUTE, DOWNSTREAM, JOINT, JOINT_LABELS,
                                         OVERTRAIN, POWER)
 from moe.scaling.analysis.leverage import efficiency_leverage_section
-from moe.scaling.analysis.runs import (compare_runs, epoch_notes, holdout_predictions,
-                                       run_record, seed_noise, sparsity_comparison)
+from moe.scaling.analysis.runs import (compare_runs, compare_variants, epoch_notes,
+                                       holdout_predictions, run_record, seed_noise,
+                                       sparsity_comparison)
 from moe.scaling.analysis.schema import SCHEMA_VERSION
 from moe.scaling.analysis.sections import (chinchilla_section, downstream_section,
                                            isoflop_section, joint_laws, one_d_laws,
@@ -66,6 +67,7 @@ def analyse(rows: Sequence[dict], *, n_boot: int = 200, holdout: str | None = No
     a["seed_noise"] = seed_noise(rows, side.get("seed"))
     a["sparsity_comparison"] = sparsity_comparison(rows, side.get("seed"), level)
     a["compare"] = compare_runs(side.get("compare"))
+    a["compare_variants"] = compare_variants(side.get("compare"), level)
     return a
 
 

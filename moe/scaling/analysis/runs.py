@@ -198,9 +198,57 @@ def sparsity_comparison(rows, seed_rows=(), level=0.95) -> list[dict]:
 def compare_runs(compare_rows):
     if not compare_rows:
         return None
-    return [{"run": r["name"], "loss": num(r["final_eval_loss"]),
+    return [{"run": r["name"], "variant": _variant(r), "seed": _seed_key(r),
+             "loss": num(r["final_eval_loss"]),
              "maxvio": num(r.get("maxvio")), "tokens_per_s": num(_maybe(r, "tokens_per_s")),
              "flops": num(r["flops"])} for r in compare_rows]
+
+
+def _variant(r) -> str:
+    """A comparison run's variant: its `repeat_of` (cmp-<variant> for seeded variants), else
+    its own name."""
+    return str(r.get("repeat_of") or "").strip() or str(r["name"])
+
+
+def compare_variants(compare_rows, level=0.95) -> list[dict] | None:
+    """The comparison variants over their seeds: per variant n, mean and standard error of
+    the loss and of MaxVio; and for every variant after the first, the PAIRED difference to
+    the first (runs with the same seed paired; `_paired`'s fields, null with fewer than two
+    common seeds) in loss and in MaxVio. Null when no variant has two runs."""
+    if not compare_rows:
+        return None
+    by: dict[str, dict] = {}
+    for r in compare_rows:
+        k = _seed_key(r)
+        by.setdefault(_variant(r), {})[k if k is not None else r["name"]] = r
+    if all(len(v) < 2 for v in by.values()):
+        return None
+
+    def stats(vals):
+        a = np.array([v for v in vals if v is not None and math.isfinite(v)], float)
+        if not len(a):
+            return {"n": 0, "mean": None, "se": None}
+        se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else None
+        return {"n": int(len(a)), "mean": float(a.mean()), "se": se}
+
+    def column(runs, key):
+        return {k: float(v) for k, r in runs.items() if (v := num(r.get(key))) is not None}
+
+    names = list(by)
+    first = by[names[0]]
+    out = []
+    for name in names:
+        runs = by[name]
+        e = {"variant": name, "runs": sorted(r["name"] for r in runs.values()),
+             "loss": stats([num(r["final_eval_loss"]) for r in runs.values()]),
+             "maxvio": stats([num(r.get("maxvio")) for r in runs.values()]),
+             "vs": None if name == names[0] else names[0]}
+        if name != names[0]:
+            e["paired_loss"] = _paired(column(first, "final_eval_loss"),
+                                       column(runs, "final_eval_loss"), level)
+            e["paired_maxvio"] = _paired(column(first, "maxvio"), column(runs, "maxvio"), level)
+        out.append(e)
+    return out
 
 
 def _maybe(r, k):

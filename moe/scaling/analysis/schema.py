@@ -69,8 +69,14 @@ unless marked "v2": those are absent from version-1 files, which read_fits still
                     with fewer than two common seeds; `test` says which in words ("one run
                     per level: no paired test"). (Replaces within_noise, which judged the
                     gap of two single runs against the pooled seed std.)
-    compare         [{run, loss, maxvio, tokens_per_s, flops}] or null (the ladder's
-                    fixed-size comparison variants)
+    compare         [{run, variant, seed, loss, maxvio, tokens_per_s, flops}] or null (the
+                    ladder's fixed-size comparison runs; variant: the run's repeat_of, or
+                    its name)
+    compare_variants  [{variant, runs, loss {n, mean, se}, maxvio {n, mean, se}, vs,
+                    paired_loss, paired_maxvio}] or null (no variant with two runs): each
+                    variant over its seeds; every variant after the first is paired with
+                    the first (`vs`) by seed, in loss and in MaxVio (`paired` as in
+                    sparsity_comparison: value of this variant - value of `vs`)
 
 A LAW entry: `law` (formula), `status`, `reason`, each parameter as {value, lo, hi,
 median} (95% percentile bootstrap over whole runs by default), `n_runs`, `n_boot`,

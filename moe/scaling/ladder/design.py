@@ -35,7 +35,7 @@ class SizeSpec:
     name: str
     d_model: int
     n_layers: int
-    n_heads: int
+    n_heads: int = 0  # 0: d_model / the ladder's head_dim
 
 
 @dataclass
@@ -64,27 +64,40 @@ class TokenSpec:
     min_ratio: float = 2.0  # isoflop: tokens per active non-embedding param kept per budget
     max_ratio: float = 200.0
     min_tokens: int = 0  # floor so the smallest runs see enough data to leave warm-up
+    # every level at a size (and budget) trains on the FLOPs of the first level in
+    # `sparsities` (tokens = those FLOPs / the level's own FLOPs per token), so a sparsity
+    # gap is never a compute gap; off: each level its own `value` tokens per param
+    equal_compute: bool = False
 
 
 @dataclass
 class LRSpec:
     """Learning rate per run: lr = base * (base_width / d_model) ** exponent, times
-    moe_multiplier for MoE levels. exponent 0 is one LR for every width; 1 is the
-    muP-style 1/width of Adam's hidden-layer LR (the constants come from a sweep; see the
-    ladder config's comments). base None: the train config's train.lr."""
+    moe_multiplier for MoE levels, times (micro_batch / base_batch) ** batch_exponent when
+    base_batch is set (a run whose batch schedule.min_steps shrank; 0.5 is the square-root
+    rule for Adam). exponent 0 is one LR for every width; 1 is the muP-style 1/width of
+    Adam's hidden-layer LR (the constants come from a sweep; see the ladder config's
+    comments). base None: the train config's train.lr."""
     base: Optional[float] = None
     base_width: int = 64
     exponent: float = 0.0
     moe_multiplier: float = 1.0
+    base_batch: int = 0  # the micro-batch `base` was tuned at; 0: no batch scaling
+    batch_exponent: float = 0.5
 
 
 @dataclass
 class ScheduleSpec:
     """Warm-up as a fraction of each run's own steps (at least min_warmup steps); the
     cosine decays to min_lr_ratio at the end of EACH run's budget (the trainer plans the
-    schedule over the run's token budget)."""
+    schedule over the run's token budget). min_steps: the fewest optimizer steps a run may
+    take, reached by shrinking its micro-batch."""
     warmup_fraction: float = 0.05
     min_warmup: int = 5
+    # at least this many optimizer steps per run: a run whose budget gives fewer at the
+    # train config's micro-batch trains with the largest smaller micro-batch that gives
+    # them (1 at the least; every level at a size shares it). 0: the config's batch always
+    min_steps: int = 0
 
 
 @dataclass
@@ -104,9 +117,14 @@ class VariantSpec:
 
 @dataclass
 class CompareSpec:
+    """Variants of one grid cell (balancing, ...), each trained once per seed in `seeds`
+    (run cmp-<variant>-seed<k>, `repeat_of` cmp-<variant>); no seeds: once, at the train
+    config's seed. Pick seeds the grid does not use, so no comparison run is a grid run
+    again; the report pairs the variants' runs by seed."""
     size: str
     sparsity: str
     variants: list[VariantSpec] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -120,6 +138,9 @@ class LadderConfig:
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     seeds: SeedSpec = field(default_factory=SeedSpec)
     ffn_ratio: float = 4.0
+    # one attention head width for every size (sizes then leave n_heads out, or give
+    # d_model / head_dim): a head width that changes between sizes bends the loss curve
+    head_dim: Optional[int] = None
     overrides: list[str] = field(default_factory=list)  # applied to every run
     holdout: list[str] = field(default_factory=list)  # run names, or ["largest"]
     compare: Optional[CompareSpec] = None
@@ -152,6 +173,7 @@ class Run:
     lr: float = 0.0
     warmup_steps: int = 0
     steps: int = 0
+    micro_batch: int = 0  # the run's train.micro_batch_size (schedule.min_steps may shrink it)
     seed: int = 0
     flop_budget: Optional[float] = None  # isoflop ladders: the nominal budget
     repeat_of: str = ""  # seed repeats: the grid run repeated
@@ -184,6 +206,7 @@ def load_ladder(path: str | os.PathLike) -> tuple[LadderConfig, Path]:
     if not cfg.sparsities:
         raise ConfigError("sparsities=[] is invalid: allowed at least one sparsity level")
     _check_names(cfg)
+    _check_heads(cfg)
     _check_running(cfg)
     _check_grid(cfg)
     _check_rules(cfg)
@@ -203,6 +226,26 @@ def _check_names(cfg: LadderConfig) -> None:
             raise ConfigError(f"{where}={nm!r} is invalid: allowed a plain file name (letters, "
                               "digits, '_', '.', '+', '-'; not starting with '.' or '-'): it "
                               "names run directories")
+
+
+def _check_heads(cfg: LadderConfig) -> None:
+    """n_heads from head_dim (or given with every size), consistent with it."""
+    hd = cfg.head_dim
+    if hd is not None and hd < 1:
+        raise ConfigError(f"head_dim={hd} is invalid: allowed an integer >= 1")
+    for i, s in enumerate(cfg.sizes):
+        if hd is None:
+            if s.n_heads < 1:
+                raise ConfigError(f"sizes[{i}].n_heads={s.n_heads} is invalid: allowed an "
+                                  "integer >= 1 (or set the ladder's head_dim)")
+            continue
+        if s.d_model % hd:
+            raise ConfigError(f"sizes[{i}].d_model={s.d_model} is invalid with head_dim={hd}: "
+                              "allowed a multiple of head_dim")
+        if s.n_heads and s.n_heads * hd != s.d_model:
+            raise ConfigError(f"sizes[{i}].n_heads={s.n_heads} is invalid with head_dim={hd}: "
+                              f"allowed {s.d_model // hd} (d_model / head_dim) or left out")
+        s.n_heads = s.d_model // hd
 
 
 def _check_running(cfg: LadderConfig) -> None:
@@ -251,12 +294,18 @@ def _check_rules(cfg: LadderConfig) -> None:
                               f"0 < min_ratio < max_ratio={cfg.tokens.max_ratio}")
     if cfg.lr.base is not None and cfg.lr.base <= 0:
         raise ConfigError(f"lr.base={cfg.lr.base} is invalid: allowed a value > 0")
+    if cfg.lr.base_batch < 0:
+        raise ConfigError(f"lr.base_batch={cfg.lr.base_batch} is invalid: allowed an integer "
+                          ">= 0 (0: no batch scaling)")
     if cfg.lr.base_width <= 0 or cfg.lr.moe_multiplier <= 0:
         raise ConfigError(f"lr.base_width={cfg.lr.base_width}, lr.moe_multiplier="
                           f"{cfg.lr.moe_multiplier} are invalid: allowed values > 0")
     if not 0 <= cfg.schedule.warmup_fraction < 1:
         raise ConfigError(f"schedule.warmup_fraction={cfg.schedule.warmup_fraction} is "
                           "invalid: allowed [0, 1)")
+    if cfg.schedule.min_steps < 0:
+        raise ConfigError(f"schedule.min_steps={cfg.schedule.min_steps} is invalid: allowed "
+                          "an integer >= 0")
     if cfg.compare is not None:
         if cfg.compare.size not in {s.name for s in cfg.sizes}:
             raise ConfigError(f"compare.size={cfg.compare.size!r} is invalid: allowed one of "
@@ -264,6 +313,9 @@ def _check_rules(cfg: LadderConfig) -> None:
         if cfg.compare.sparsity not in {s.name for s in cfg.sparsities}:
             raise ConfigError(f"compare.sparsity={cfg.compare.sparsity!r} is invalid: allowed one "
                               f"of {[s.name for s in cfg.sparsities]}")
+        if len(set(cfg.compare.seeds)) != len(cfg.compare.seeds):
+            raise ConfigError(f"compare.seeds={cfg.compare.seeds} is invalid: allowed distinct "
+                              "seeds")
 
 
 def size_overrides(size: SizeSpec, sp: SparsitySpec, ratio: float) -> list[str]:
@@ -284,9 +336,13 @@ def size_overrides(size: SizeSpec, sp: SparsitySpec, ratio: float) -> list[str]:
     return ov
 
 
-def run_lr(cfg: LadderConfig, base_lr: float, d_model: int, moe: bool) -> float:
-    """The ladder's LR rule (LRSpec): base * (base_width / d_model) ** exponent [* moe]."""
+def run_lr(cfg: LadderConfig, base_lr: float, d_model: int, moe: bool,
+           micro_batch: Optional[int] = None) -> float:
+    """The ladder's LR rule (LRSpec): base * (base_width / d_model) ** exponent [* moe]
+    [* (micro_batch / base_batch) ** batch_exponent]."""
     lr = (cfg.lr.base or base_lr) * (cfg.lr.base_width / d_model) ** cfg.lr.exponent
+    if cfg.lr.base_batch and micro_batch:
+        lr *= (micro_batch / cfg.lr.base_batch) ** cfg.lr.batch_exponent
     return lr * (cfg.lr.moe_multiplier if moe else 1.0)
 
 
@@ -296,9 +352,14 @@ def warmup_for(cfg: LadderConfig, steps: int) -> int:
     return max(0, min(w, steps - 1))
 
 
-def _token_budgets(cfg: LadderConfig, c) -> list[tuple[float, Optional[float]]]:
-    """(tokens, nominal FLOP budget or None) for one size x sparsity, before rounding."""
+def _token_budgets(cfg: LadderConfig, c, ref=None) -> list[tuple[float, Optional[float]]]:
+    """(tokens, nominal FLOP budget or None) for one size x sparsity, before rounding.
+    ``ref``: the counts of the size's reference level (the first in `sparsities`); with
+    tokens.equal_compute every level gets the reference's FLOPs, in its own tokens."""
     t = cfg.tokens
+    if t.equal_compute and ref is not None and t.mode in ("fixed", "per_active_param"):
+        return [(tok * ref.flops_per_token_train / c.flops_per_token_train, b)
+                for tok, b in _token_budgets(cfg, ref)]
     if t.mode == "fixed":
         return [(t.value, None)]
     if t.mode == "per_active_param":
@@ -306,37 +367,62 @@ def _token_budgets(cfg: LadderConfig, c) -> list[tuple[float, Optional[float]]]:
     if t.mode == "flops":
         return [(t.value / c.flops_per_token_train, None)]
     out = []
+    r = ref or c  # the reference level decides which budgets a size trains at, for all levels
     for b in t.budgets:  # isoflop: this size at every budget where its ratio is in range
-        tokens = b / c.flops_per_token_train
-        if t.min_ratio <= tokens / c.active_nonembed <= t.max_ratio:
-            out.append((tokens, b))
+        if t.min_ratio <= b / r.flops_per_token_train / r.active_nonembed <= t.max_ratio:
+            out.append((b / c.flops_per_token_train, b))
     return out
+
+
+def micro_batch_for(cfg: LadderConfig, tokens: float, micro_batch: int, seq_len: int,
+                    grad_accum: int) -> int:
+    """The micro-batch of a run of `tokens` tokens: the train config's, or the largest
+    smaller one that still gives schedule.min_steps optimizer steps (at least 1)."""
+    need = cfg.schedule.min_steps
+    if need <= 0 or tokens / (micro_batch * seq_len * grad_accum) >= need:
+        return micro_batch
+    return max(1, min(micro_batch, int(tokens // (need * seq_len * grad_accum))))
 
 
 def _runs_of(cfg: LadderConfig, base: Path, base_cfg, base_ov: list[str], name: str,
              size: SizeSpec, sp: SparsitySpec, extra, group: str, seed=None,
              repeat_of="") -> list[Run]:
     """The runs of one size x sparsity (one per token budget), each with its exact config
-    validated, its tokens rounded to whole steps, its LR, warm-up and seed. ``base_ov``:
-    the ladder's overrides with its precision pinned (:func:`ladder_precision`)."""
+    validated, its tokens rounded to whole steps of its micro-batch, its LR, warm-up and
+    seed. ``base_ov``: the ladder's overrides with its precision pinned
+    (:func:`ladder_precision`). The size's reference level (the first sparsity) sets the
+    FLOPs of every level with tokens.equal_compute; the level with the fewest tokens sets
+    the micro-batch every level at the size shares (schedule.min_steps)."""
     isoflop = cfg.tokens.mode == "isoflop"
     out: list[Run] = []
     ov = list(base_ov) + size_overrides(size, sp, cfg.ffn_ratio) + list(extra)
     probe = load_config(base, ov + [f"name={name}"])
     c = count_params(probe)
-    tok_per_step = probe.train.micro_batch_size * probe.train.seq_len * probe.train.grad_accum
-    budgets = _token_budgets(cfg, c)
-    for tokens, flop_budget in budgets:
+    cell = [count_params(load_config(base, list(base_ov) + size_overrides(size, p, cfg.ffn_ratio)
+                                     + [f"name={name}"])) for p in cfg.sparsities]
+    ref = cell[0]
+    # the fewest tokens any level at this size trains on, per budget: it sets their batch
+    fewest: dict = {}
+    for cc in cell:
+        for tok, b in _token_budgets(cfg, cc, ref):
+            fewest[b] = min(tok, fewest.get(b, tok))
+    t = probe.train
+    for tokens, flop_budget in _token_budgets(cfg, c, ref):
         rname = f"{name}-c{cfg.tokens.budgets.index(flop_budget)}" if isoflop else name
+        mb = t.micro_batch_size if any(o.startswith("train.micro_batch_size=") for o in extra) \
+            else micro_batch_for(cfg, fewest.get(flop_budget, tokens), t.micro_batch_size,
+                                 t.seq_len, t.grad_accum)  # a variant's own batch wins
+        tok_per_step = mb * t.seq_len * t.grad_accum
         tokens = max(int(tokens), cfg.tokens.min_tokens, tok_per_step)
         tokens = int(math.ceil(tokens / tok_per_step) * tok_per_step)  # whole steps
         steps = tokens // tok_per_step
-        lr = run_lr(cfg, base_cfg.train.lr, size.d_model, sp.n_routed > 0)
+        lr = run_lr(cfg, base_cfg.train.lr, size.d_model, sp.n_routed > 0, mb)
         warm = warmup_for(cfg, steps)
         rseed = probe.train.seed if seed is None else seed
         rov = ov + [f"name={rname}", "train.max_steps=null", f"train.token_budget={tokens}",
                     "train.flop_budget=null", f"train.lr={lr:.6g}",
-                    f"train.warmup_steps={warm}", f"train.seed={rseed}"]
+                    f"train.warmup_steps={warm}", f"train.seed={rseed}",
+                    f"train.micro_batch_size={mb}"]
         rov += [o for o in extra if o.startswith("train.lr=") or o.startswith(
             "train.warmup_steps=")]  # a variant's own LR/warm-up wins over the rule
         exact = load_config(base, rov)  # the exact config the run will use must be valid too
@@ -349,7 +435,7 @@ def _runs_of(cfg: LadderConfig, base: Path, base_cfg, base_ov: list[str], name: 
                        flops=tokens * c.flops_per_token_train,
                        n_experts=sp.n_routed, top_k=sp.top_k if sp.n_routed else 0,
                        lr=float(f"{lr:.6g}"), warmup_steps=warm, steps=steps,
-                       seed=rseed, flop_budget=flop_budget,
+                       micro_batch=mb, seed=rseed, flop_budget=flop_budget,
                        repeat_of=(f"{repeat_of}-c{cfg.tokens.budgets.index(flop_budget)}"
                                   if repeat_of and isoflop else repeat_of),
                        fingerprint=config_fingerprint(exact), data_key=dkey,
@@ -420,7 +506,11 @@ def plan(cfg: LadderConfig, base: Path) -> list[Run]:
         sp = next(s for s in cfg.sparsities if s.name == cfg.compare.sparsity)
         for v in cfg.compare.variants:
             try:
-                make(f"cmp-{v.name}", size, sp, v.overrides, "compare")
+                if not cfg.compare.seeds:
+                    make(f"cmp-{v.name}", size, sp, v.overrides, "compare")
+                for sd in cfg.compare.seeds:
+                    make(f"cmp-{v.name}-seed{sd}", size, sp, v.overrides, "compare", seed=sd,
+                         repeat_of=f"cmp-{v.name}")
             except ConfigError as exc:
                 raise ConfigError(f"ladder compare variant {v.name}: {exc}") from None
     _check_one_precision(runs)
@@ -453,12 +543,34 @@ def design_notes(cfg: LadderConfig, runs: list[Run]) -> list[str]:
                       f"with {t.min_ratio:g}-{t.max_ratio:g} tokens per active non-embedding "
                       "parameter at each"}[t.mode]
     rule = (f"lr = {lr.base or 'train.lr'} x ({lr.base_width} / d_model)^{lr.exponent:g}"
+            + (f" x (micro-batch / {lr.base_batch})^{lr.batch_exponent:g}" if lr.base_batch
+               else "")
             + (f", x {lr.moe_multiplier:g} for MoE" if lr.moe_multiplier != 1 else ""))
     lrs = sorted({(r.size, r.lr) for r in runs if r.group == "grid"}, key=lambda x: -x[1])
     notes = [f"ladder {cfg.name}: tokens: {tok}",
              f"learning rate: {rule} ({', '.join(f'{s} {v:.3g}' for s, v in lrs)})",
              f"schedule: linear warm-up over {sc.warmup_fraction:.0%} of each run's steps (at "
              f"least {sc.min_warmup}), cosine decay to the end of each run's own budget"]
+    if cfg.head_dim:
+        notes.append(f"attention: head width {cfg.head_dim} at every size (n_heads = d_model / "
+                     f"{cfg.head_dim})")
+    grid = [r for r in runs if r.group == "grid"]
+    if grid:
+        lo = min(grid, key=lambda r: r.steps)
+        mbs = sorted({r.micro_batch for r in grid})
+        notes.append(f"batch: micro-batch {', '.join(map(str, mbs))} (at least "
+                     f"{cfg.schedule.min_steps} steps per run); steps {lo.steps} ({lo.name}).."
+                     f"{max(r.steps for r in grid)}")
+    cells: dict = {}
+    for r in grid:
+        cells.setdefault((r.size, r.flop_budget), []).append(r.flops)
+    spread = max((max(f) / min(f) - 1 for f in cells.values() if len(f) > 1), default=None)
+    if spread is not None:
+        notes.append(f"compute: the levels at a size differ in training FLOPs by at most "
+                     f"{spread:.2%}" + (" (tokens.equal_compute; whole-step rounding)"
+                                         if cfg.tokens.equal_compute else
+                                         " (each level its own token rule: the gaps include "
+                                         "this compute difference)"))
     seeds = [r for r in runs if r.group == "seed"]
     if seeds:
         notes.append("seed repeats: " + ", ".join(f"{r.repeat_of} (seed {r.seed})" for r in seeds))

@@ -19,7 +19,8 @@ def format_plan(cfg: LadderConfig, runs: list[Run], sizes: Optional[list] = None
     """The --dry-run table; ``sizes`` (attach_epochs' CorpusSize list) adds the data lines.
     The epochs column is ``?`` when the corpus size is unknown, ``~x`` when estimated."""
     head = (f"{'run':20s} {'d':>4s} {'L':>2s} {'E':>3s} {'k':>2s} {'total':>10s} {'active':>10s} "
-            f"{'act-nonemb':>10s} {'tokens':>10s} {'tok/p':>6s} {'epochs':>7s} {'lr':>8s} "
+            f"{'act-nonemb':>10s} {'tokens':>10s} {'tok/p':>6s} {'mb':>3s} {'steps':>6s} "
+            f"{'epochs':>7s} {'lr':>8s} "
             f"{'FLOPs':>9s} {'est':>7s}  note")
     lines = [f"ladder {cfg.name}: {len(runs)} runs", head, "-" * len(head)]
     tot_s = 0.0
@@ -32,6 +33,7 @@ def format_plan(cfg: LadderConfig, runs: list[Run], sizes: Optional[list] = None
         lines.append(f"{r.name:20s} {d.d_model:4d} {d.n_layers:2d} {r.n_experts:3d} {r.top_k:2d} "
                      f"{c['total']:10.3e} {c['active']:10.3e} {c['active_nonembed']:10.3e} "
                      f"{r.tokens:10.3e} {r.tokens / c['active_nonembed']:6.1f} "
+                     f"{r.micro_batch:3d} {r.steps:6d} "
                      f"{_fmt_epochs(r):>7s} {r.lr:8.2e} "
                      f"{r.flops:9.2e} {_hms(est):>7s}  {note.strip()}")
     lines.append(f"estimated training time {_hms(tot_s)} at {cfg.est_flops_per_s:.2e} FLOP/s "

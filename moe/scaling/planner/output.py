@@ -25,7 +25,7 @@ def _train_overrides(fam: Family, cfg: Config, tokens: float, experts: int, name
         from moe.scaling.ladder.design import run_lr, warmup_for
 
         lr = run_lr(fam.ladder, float(fam.base.get("train", {}).get("lr", t.lr)),
-                    cfg.model.d_model, experts > 0)
+                    cfg.model.d_model, experts > 0, t.micro_batch_size)
         ov += [f"train.lr={lr:.6g}", f"train.warmup_steps={warmup_for(fam.ladder, budget // step_tokens)}"]
     return ov
 
