@@ -470,6 +470,29 @@ def test_head_width_steps_and_equal_compute_rules(tmp_path):
     assert by["s-moe16"].flops > by["s-dense"].flops * 1.005
 
 
+def test_equal_steps_rule(tmp_path):
+    """schedule.steps sizes every run's micro-batch to its tokens (nearest integer, above
+    the config's where needed), so every run takes about that many steps; the LR follows
+    the batch by the square-root rule."""
+    body = DESIGN.replace("schedule: {warmup_fraction: 0.1, min_steps: 400}",
+                          "schedule: {warmup_fraction: 0.1, min_steps: 100, steps: 150}\n"
+                          "lr: {base: 1.0e-2, base_width: 16, exponent: 1.0, base_batch: 16}")
+    cfg, base = load_ladder(_ladder(tmp_path, body))
+    grid = [r for r in plan(cfg, base) if r.group == "grid"]
+    for r in grid:
+        dense = next(x for x in grid if x.size == r.size and x.n_experts == 0)
+        assert r.micro_batch == dense.micro_batch  # shared at a size
+    for r in (x for x in grid if x.n_experts == 0):
+        # before whole-step rounding; the level with the fewest tokens (moe16: its router
+        # costs FLOPs, so equal compute gives it < 2% fewer) sets the size's batch
+        ideal = 20 * r.counts["active_nonembed"] / (150 * 32)
+        assert ideal * 0.98 - 0.5 <= r.micro_batch <= ideal + 0.5
+        d = {"xs": 16, "s": 32}[r.size]
+        assert r.lr == pytest.approx(1e-2 * (16 / d) * (r.micro_batch / 16) ** 0.5, rel=1e-5)
+    assert max(r.micro_batch for r in grid) > 16  # s: above the config's 16
+    assert all(abs(r.steps / 150 - 1) < 0.25 for r in grid)
+
+
 def test_isoflop_levels_share_their_budgets(tmp_path):
     """At a size every level trains at the same budgets (the reference level's ratio window
     decides), so no budget compares a size's dense run with nothing."""
@@ -494,9 +517,9 @@ def test_compare_variants_are_paired_by_seed():
     for seed, (la, lf, ma, mf) in {11: (3.00, 3.01, 0.30, 0.10), 12: (3.10, 3.12, 0.32, 0.11),
                                    13: (2.95, 2.95, 0.28, 0.12)}.items():
         rows += [{"name": f"cmp-aux-seed{seed}", "repeat_of": "cmp-aux", "seed": seed,
-                  "final_eval_loss": la, "maxvio": ma},
+                  "final_eval_loss": la, "maxvio": ma, "flops": 1e12},
                  {"name": f"cmp-free-seed{seed}", "repeat_of": "cmp-free", "seed": seed,
-                  "final_eval_loss": lf, "maxvio": mf}]
+                  "final_eval_loss": lf, "maxvio": mf, "flops": 1e12}]
     v = compare_variants(rows)
     assert [x["variant"] for x in v] == ["cmp-aux", "cmp-free"] and v[0]["vs"] is None
     assert v[0]["loss"]["mean"] == pytest.approx((3.00 + 3.10 + 2.95) / 3)
@@ -508,6 +531,14 @@ def test_compare_variants_are_paired_by_seed():
     assert pl["diffs"] == pytest.approx([0.01, 0.02, 0.0]) and pl["lo"] < 0 < pl["hi"]
     # one run per variant: nothing to average, no summary
     assert compare_variants([r for r in rows if r["seed"] == 11]) is None
+    # the report prints mean ± SE and the paired differences
+    from moe.scaling.analysis.runs import compare_runs
+    from moe.scaling.report import _compare
+
+    md = "\n".join(_compare({"compare": compare_runs(rows), "compare_variants": v,
+                              "settings": {"level": 0.95}}))
+    assert "| cmp-free | 3 | 3.0267 ± 0.0498 | 0.110 ± 0.006 |" in md
+    assert f"p = {pm['p']:.2g} (n 3)" in md
 
 
 def test_seed_runs_must_be_grid_runs(tmp_path):

@@ -91,13 +91,19 @@ class ScheduleSpec:
     """Warm-up as a fraction of each run's own steps (at least min_warmup steps); the
     cosine decays to min_lr_ratio at the end of EACH run's budget (the trainer plans the
     schedule over the run's token budget). min_steps: the fewest optimizer steps a run may
-    take, reached by shrinking its micro-batch."""
+    take, reached by shrinking its micro-batch; steps: about this many steps for EVERY run,
+    each run's micro-batch sized to its tokens (so a loss gap between sizes is not a gap
+    in the number of updates)."""
     warmup_fraction: float = 0.05
     min_warmup: int = 5
     # at least this many optimizer steps per run: a run whose budget gives fewer at the
     # train config's micro-batch trains with the largest smaller micro-batch that gives
     # them (1 at the least; every level at a size shares it). 0: the config's batch always
     min_steps: int = 0
+    # about this many optimizer steps for every run: micro-batch = tokens / (steps x seq_len
+    # x grad_accum), rounded to the nearest integer (>= 1; may exceed the config's, and
+    # min_steps still floors the steps). 0: off (the config's micro-batch, min_steps)
+    steps: int = 0
 
 
 @dataclass
@@ -306,6 +312,9 @@ def _check_rules(cfg: LadderConfig) -> None:
     if cfg.schedule.min_steps < 0:
         raise ConfigError(f"schedule.min_steps={cfg.schedule.min_steps} is invalid: allowed "
                           "an integer >= 0")
+    if cfg.schedule.steps < 0:
+        raise ConfigError(f"schedule.steps={cfg.schedule.steps} is invalid: allowed an "
+                          "integer >= 0 (0: the config's micro-batch)")
     if cfg.compare is not None:
         if cfg.compare.size not in {s.name for s in cfg.sizes}:
             raise ConfigError(f"compare.size={cfg.compare.size!r} is invalid: allowed one of "
@@ -376,12 +385,16 @@ def _token_budgets(cfg: LadderConfig, c, ref=None) -> list[tuple[float, Optional
 
 def micro_batch_for(cfg: LadderConfig, tokens: float, micro_batch: int, seq_len: int,
                     grad_accum: int) -> int:
-    """The micro-batch of a run of `tokens` tokens: the train config's, or the largest
-    smaller one that still gives schedule.min_steps optimizer steps (at least 1)."""
+    """The micro-batch of a run of `tokens` tokens: with schedule.steps the one that gives
+    about that many steps, else the train config's; either way the largest smaller one
+    that still gives schedule.min_steps optimizer steps where it gives fewer (at least 1)."""
+    per = seq_len * grad_accum
+    if cfg.schedule.steps > 0:
+        micro_batch = max(1, int(round(tokens / (cfg.schedule.steps * per))))
     need = cfg.schedule.min_steps
-    if need <= 0 or tokens / (micro_batch * seq_len * grad_accum) >= need:
+    if need <= 0 or tokens / (micro_batch * per) >= need:
         return micro_batch
-    return max(1, min(micro_batch, int(tokens // (need * seq_len * grad_accum))))
+    return max(1, min(micro_batch, int(tokens // (need * per))))
 
 
 def _runs_of(cfg: LadderConfig, base: Path, base_cfg, base_ov: list[str], name: str,
@@ -558,9 +571,10 @@ def design_notes(cfg: LadderConfig, runs: list[Run]) -> list[str]:
     if grid:
         lo = min(grid, key=lambda r: r.steps)
         mbs = sorted({r.micro_batch for r in grid})
-        notes.append(f"batch: micro-batch {', '.join(map(str, mbs))} (at least "
-                     f"{cfg.schedule.min_steps} steps per run); steps {lo.steps} ({lo.name}).."
-                     f"{max(r.steps for r in grid)}")
+        rule = (f"about {cfg.schedule.steps} steps per run" if cfg.schedule.steps else
+                f"at least {cfg.schedule.min_steps} steps per run")
+        notes.append(f"batch: micro-batch {', '.join(map(str, mbs))} ({rule}); steps "
+                     f"{lo.steps} ({lo.name})..{max(r.steps for r in grid)}")
     cells: dict = {}
     for r in grid:
         cells.setdefault((r.size, r.flop_budget), []).append(r.flops)
