@@ -112,8 +112,9 @@ def target_d(iso) -> dict:
                    "Kaplan-like (0.73 inside, 0.5 outside)" if 0.5 < lo <= 0.73 <= hi else
                    "neither 0.5 nor 0.73 inside" if not (lo <= 0.5 <= hi or lo <= 0.73 <= hi)
                    else "both inside: undecided")
-    text = (f"approach 2 a {_iv(e.get('exponent'), lo, hi)} (width "
-            f"{'-' if width is None else f'{width:.3f}'}; {decides}); approach 3 a "
+    how = (f"width {width:.3f}; {decides}" if width is not None else
+           (e.get("interval_note") or e.get("reason") or "no interval: not fitted"))
+    text = (f"approach 2 a {_iv(e.get('exponent'), lo, hi)} ({how}); approach 3 a "
             f"{_iv(a3.get('value'), a3.get('lo'), a3.get('hi'))} ({ch.get('status')}); "
             f"{e.get('n_budgets')} budgets kept, dropped: "
             + (", ".join(f"{d.get('flops', 0):.3g} ({d.get('reason', '')})" for d in dropped)

@@ -23,8 +23,9 @@ from moe.scaling.report import render_report
 from moe.scaling.table import load_results
 
 REPO = Path(__file__).resolve().parents[1]
-LADDER = REPO / "benchmarks/results/ladder_cpu/results.csv"
-ISOFLOP = REPO / "benchmarks/results/ladder_cpu_isoflop/results.csv"
+# the CPU ladders as committed at 128aea6 (before issue 25's redesign), kept as fixtures
+LADDER = REPO / "tests/data/ladder_cpu_128aea6/results.csv"
+ISOFLOP = REPO / "tests/data/ladder_cpu_isoflop_128aea6/results.csv"
 
 
 def _dense_grid(path=LADDER):
