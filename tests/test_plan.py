@@ -244,7 +244,10 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, says):
 
 def test_fits_without_a_plannable_law(tmp_path, capsys):
     # the fixed-ratio CPU ladder: every run at 20 tokens per parameter
-    rc = cli_main(["plan", str(LADDER_CPU), "--flops", "1e13", "--out", str(tmp_path / "p")])
+    import shutil
+
+    d = shutil.copytree(LADDER_CPU, tmp_path / "ladder_cpu")  # named as the ladder's results
+    rc = cli_main(["plan", str(d), "--flops", "1e13", "--out", str(tmp_path / "p")])
     err = capsys.readouterr().err
     assert rc == 2 and "no token variation" in err and "cannot be planned" in err
     fits = _chinchilla_fits()
