@@ -307,9 +307,11 @@ def test_seed_repeats_and_compare_rows_are_reported_not_fitted(tmp_path):
     sn = fits["seed_noise"]
     assert sn["runs"][0]["run"] == "dense_1e+07" and sn["runs"][0]["n"] == 3
     assert sn["std"] == pytest.approx(np.std(losses, ddof=1))
-    assert fits["compare"] == [{"run": "cmp-aux", "loss": pytest.approx(base["final_eval_loss"]),
+    assert fits["compare"] == [{"run": "cmp-aux", "variant": "cmp-aux", "seed": base.get("seed"),
+                                "loss": pytest.approx(base["final_eval_loss"]),
                                 "maxvio": None, "tokens_per_s": 1234.0,
                                 "flops": pytest.approx(base["flops"])}]
+    assert fits["compare_variants"] is None  # one run: no variant averaged over seeds
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Pooled std of the final loss over seed repeats" in text and "| cmp-aux |" in text
     # per-size comparison of the levels; only dense was repeated, so no gap has a paired
